@@ -1,0 +1,83 @@
+# memsnap: build, test, demo and install.
+#   make            the release library and include/MemorySnapshot.h
+#   make test       installs GoogleTest if missing, runs the Rust and C++ suites
+#   make demo       runs the checkpoint/rewind demo with a timeline
+#   make install PREFIX=/usr/local
+
+CARGO    ?= cargo
+CXX      ?= c++
+PREFIX   ?= /usr/local
+BUILD    := build
+LIBDIR   := target/release
+UNAME    := $(shell uname -s)
+
+ifeq ($(UNAME),Darwin)
+  LIBFILE  := libmemsnap.dylib
+  RPATH    := -Wl,-rpath,$(abspath $(LIBDIR))
+  GTEST_PREFIX := $(shell brew --prefix googletest 2>/dev/null)
+  GTEST_CFLAGS := $(if $(GTEST_PREFIX),-I$(GTEST_PREFIX)/include)
+  GTEST_LIBS   := $(if $(GTEST_PREFIX),-L$(GTEST_PREFIX)/lib) -lgtest -lgtest_main
+else
+  LIBFILE  := libmemsnap.so
+  # Hosts must bind eagerly: lazy PLT binding writes the dynamic linker's tracked data,
+  # which is forbidden while memory changes are disallowed (see README, Hazards).
+  RPATH    := -Wl,-rpath,$(abspath $(LIBDIR)) -Wl,-z,now
+  GTEST_CFLAGS :=
+  GTEST_LIBS   := -lgtest -lgtest_main
+endif
+
+CXXFLAGS ?= -O2 -g
+CXXFLAGS += -std=c++17 -Wall -Wextra -Werror -Iinclude -pthread
+HOST_LDFLAGS := -L$(LIBDIR) -lmemsnap $(RPATH) -pthread
+
+CPP_TESTS := $(wildcard cpp-tests/*.cpp)
+DEMO_SRCS := $(wildcard demo/*.cpp)
+
+.PHONY: all lib test rust-test cpp-test gtest demo install clean header-check
+
+all: lib
+
+lib:
+	$(CARGO) build --release
+
+# GoogleTest: Debian's libgtest-dev, or Homebrew's googletest on macOS.
+gtest:
+ifeq ($(UNAME),Darwin)
+	@brew list googletest >/dev/null 2>&1 || brew install googletest
+else
+	@if [ ! -f /usr/include/gtest/gtest.h ]; then \
+	  echo "Installing GoogleTest (libgtest-dev)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libgtest-dev >/dev/null; \
+	fi
+endif
+
+rust-test:
+	$(CARGO) test --release
+
+$(BUILD)/memsnap-tests: $(CPP_TESTS) include/MemorySnapshot.h include/MemorySnapshotHelpers.h lib gtest
+	@mkdir -p $(BUILD)
+	$(CXX) $(CXXFLAGS) $(GTEST_CFLAGS) $(CPP_TESTS) -o $@ $(HOST_LDFLAGS) $(GTEST_LIBS)
+
+cpp-test: $(BUILD)/memsnap-tests
+	./$(BUILD)/memsnap-tests
+
+test: lib gtest rust-test cpp-test
+
+$(BUILD)/memsnap-demo: $(DEMO_SRCS) include/MemorySnapshot.h include/MemorySnapshotHelpers.h lib
+	@mkdir -p $(BUILD)
+	$(CXX) $(CXXFLAGS) $(DEMO_SRCS) -o $@ $(HOST_LDFLAGS)
+
+demo: $(BUILD)/memsnap-demo
+	./$(BUILD)/memsnap-demo
+
+install: lib
+	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include/memsnap $(DESTDIR)$(PREFIX)/lib/pkgconfig
+	install -m 0755 $(LIBDIR)/$(LIBFILE) $(DESTDIR)$(PREFIX)/lib/
+	install -m 0644 include/MemorySnapshot.h include/MemorySnapshotHelpers.h $(DESTDIR)$(PREFIX)/include/memsnap/
+	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)|g' \
+	  memsnap.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/memsnap.pc
+
+clean:
+	$(CARGO) clean
+	rm -rf $(BUILD)

@@ -1,0 +1,22 @@
+//! Generates include/MemorySnapshot.h from the C ABI with cbindgen (see cbindgen.toml).
+
+use std::path::PathBuf;
+
+fn main() {
+    let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    println!("cargo:rerun-if-changed=cbindgen.toml");
+    println!("cargo:rerun-if-changed=src/ffi");
+    let config = cbindgen::Config::from_file(dir.join("cbindgen.toml")).expect("cbindgen.toml is valid");
+    let out = dir.join("include").join("MemorySnapshot.h");
+    match cbindgen::Builder::new()
+        .with_crate(&dir)
+        .with_config(config)
+        .generate()
+    {
+        Ok(bindings) => {
+            // Only rewrite on change, so builds do not dirty the tree needlessly.
+            bindings.write_to_file(&out);
+        }
+        Err(e) => panic!("cbindgen could not generate {}: {e}", out.display()),
+    }
+}

@@ -1,0 +1,213 @@
+//! Memory the host obtains or returns through the library (`AllocateMemory` and friends),
+//! the host's declarations of tracked and untracked ranges, and the range queries.
+//!
+//! Arguments arrive validated by the C ABI layer (aligned where required, no wrap-around).
+
+use core::sync::atomic::Ordering;
+
+use super::free::FreeSet;
+use super::ranges::{Range, RangeSet};
+use super::{Engine, Meta, Phase, TrackedRegion, KIND_TRACKED};
+use crate::sys::{self, Access};
+
+impl Engine {
+    fn kind_index(kind: usize) -> usize {
+        kind.min(super::MEMORY_KINDS - 1)
+    }
+
+    /// `AllocateMemoryTryAddress`: zeroed memory of `size` bytes (page multiple), at
+    /// `hint` if possible. Tracked memory comes from the free set first once armed.
+    pub fn allocate(&self, function: &str, hint: usize, size: usize, kind: usize) -> *mut u8 {
+        self.balance[Self::kind_index(kind)].fetch_add(size as isize, Ordering::Relaxed);
+        if kind == KIND_TRACKED && self.armed() {
+            let got = FreeSet::extract(&mut self.meta.lock().free, hint, size);
+            if let Some(p) = got {
+                // Tracked writes: they fault and are captured like any other.
+                // SAFETY: the range was free tracked memory, now owned by the caller.
+                unsafe { core::ptr::write_bytes(p as *mut u8, 0, size) };
+                return p as *mut u8;
+            }
+        }
+        let Some(p) = sys::map_with_hint(hint, size) else {
+            crate::fatal!(function, "out of memory mapping {} bytes", size)
+        };
+        self.register_allocated(function, p as usize, size, kind);
+        p
+    }
+
+    /// `RegisterAllocatedMemory`: records memory the host just obtained from the system.
+    pub fn register_allocated(&self, function: &str, base: usize, size: usize, kind: usize) {
+        let r = Range::new(base, base + size);
+        if r.is_empty() {
+            return;
+        }
+        if kind != KIND_TRACKED {
+            let mut m = self.meta.lock();
+            if !RangeSet::insert(&mut m.untracked, r) {
+                crate::fatal!(function, "out of room for untracked ranges");
+            }
+            return;
+        }
+        match self.phase() {
+            Phase::Failed => {}
+            Phase::Initialized => {
+                let mut m = self.meta.lock();
+                let region = TrackedRegion {
+                    range: r,
+                    exec: false,
+                    born: 0,
+                    allocated: true,
+                };
+                if m.registered.push(region).is_err() || m.allocated.push(r).is_err() {
+                    crate::fatal!(function, "out of room for tracked ranges");
+                }
+            }
+            Phase::Armed => {
+                self.wait_allowed(function, base);
+                let mut m = self.meta.lock();
+                let born = m.checkpoints.len();
+                m.work.clear();
+                {
+                    let Meta { regions, work, .. } = &mut *m;
+                    let mut cursor = r.start;
+                    let mut i = regions.partition_point(|x| x.range.end <= r.start);
+                    while cursor < r.end {
+                        let next = if i < regions.len() && regions[i].range.start < r.end {
+                            regions[i].range
+                        } else {
+                            Range::new(r.end, r.end)
+                        };
+                        if next.start > cursor {
+                            let _ = work.push(Range::new(cursor, next.start));
+                        }
+                        cursor = cursor.max(next.end);
+                        i += 1;
+                    }
+                }
+                for j in 0..m.work.len() {
+                    let piece = m.work[j];
+                    self.track(
+                        function,
+                        &mut m,
+                        TrackedRegion {
+                            range: piece,
+                            exec: false,
+                            born,
+                            allocated: true,
+                        },
+                    );
+                }
+                if m.allocated.push(r).is_err() {
+                    crate::fatal!(function, "out of room for tracked ranges");
+                }
+            }
+        }
+    }
+
+    /// `DeallocateMemory`: before the first snapshot memory returns to the system; after
+    /// it, tracked memory joins the free set (it may still be needed by a rewind) and
+    /// untracked memory is unmapped.
+    pub fn deallocate(&self, start: usize, end: usize, kind: usize) {
+        let r = Range::new(start, end);
+        if start == 0 || r.is_empty() {
+            return;
+        }
+        self.balance[Self::kind_index(kind)].fetch_sub(r.len() as isize, Ordering::Relaxed);
+        if kind == KIND_TRACKED && self.phase() != Phase::Initialized {
+            let mut p = start;
+            while p < end {
+                if !self.table.get(p).tracked() {
+                    return;
+                }
+                p += self.page;
+            }
+            let mut m = self.meta.lock();
+            FreeSet::insert(&mut m.free, r);
+            return;
+        }
+        {
+            let mut m = self.meta.lock();
+            if kind == KIND_TRACKED {
+                let mut i = 0;
+                while i < m.registered.len() {
+                    if m.registered[i].range.intersects(&r) {
+                        m.registered.remove(i);
+                    } else {
+                        i += 1;
+                    }
+                }
+            } else {
+                RangeSet::remove(&mut m.untracked, r);
+            }
+        }
+        // SAFETY: the host hands this memory back; it obtained it from the system.
+        unsafe { sys::release(start as *mut u8, r.len()) };
+    }
+
+    /// `AddInitialUntrackedMemoryRegion` (before the first snapshot).
+    pub fn add_untracked(&self, function: &str, r: Range) {
+        let mut m = self.meta.lock();
+        if !RangeSet::insert(&mut m.untracked, r) {
+            crate::fatal!(function, "out of room for untracked ranges");
+        }
+    }
+
+    /// `AddInitialTrackedMemoryRegions` (before the first snapshot).
+    pub fn add_tracked(&self, function: &str, r: Range, exec: bool) {
+        let mut m = self.meta.lock();
+        let region = TrackedRegion {
+            range: r,
+            exec,
+            born: 0,
+            allocated: false,
+        };
+        if m.registered.push(region).is_err() {
+            crate::fatal!(function, "out of room for tracked ranges");
+        }
+    }
+
+    /// Whether every page of `[page_base(addr), addr + size)` is tracked.
+    pub fn range_is_tracked(&self, addr: usize, end: usize) -> bool {
+        let mut p = self.page_base(addr);
+        while p < end {
+            if !self.table.get(p).tracked() {
+                return false;
+            }
+            p += self.page;
+        }
+        true
+    }
+
+    /// `CheckFixedMemory`.
+    pub fn check_fixed(&self, function: &str, start: usize, end: usize) {
+        if !self.armed() {
+            return;
+        }
+        let mut p = start;
+        while p < end {
+            if !self.table.get(p).tracked() {
+                crate::fatal!(function, "fixed memory {:#x}-{:#x} is not tracked (page {:#x})", start, end, p);
+            }
+            p += self.page;
+        }
+        if FreeSet::intersects(&self.meta.lock().free, Range::new(start, end)) {
+            crate::fatal!(function, "fixed memory {:#x}-{:#x} is currently free", start, end);
+        }
+    }
+
+    /// `RestoreWritableFixedMemory`: dirty pages of the range become writable again.
+    pub fn restore_writable_fixed(&self, start: usize, end: usize) {
+        if !self.armed() {
+            return;
+        }
+        let mut p = start;
+        while p < end {
+            let st = self.table.get(p);
+            if st.tracked() && st.slot().is_some() {
+                // SAFETY: a dirty tracked page, writable by design.
+                let _ = unsafe { sys::protect(p, self.page, Access::ReadWrite { exec: st.exec() }) };
+            }
+            p += self.page;
+        }
+    }
+}

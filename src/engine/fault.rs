@@ -1,0 +1,172 @@
+//! The write-fault path and the "memory changes allowed" gate.
+//!
+//! A fault on a clean tracked page is claimed with one compare-and-swap on the page's
+//! state word; the winner copies the page into a slot, logs it, makes it writable and
+//! publishes the slot. Losers wait for the winner (a bounded copy on another thread) and
+//! retry the instruction. Nothing here allocates, locks, formats (except on the fatal
+//! path) or writes tracked memory.
+
+use core::sync::atomic::Ordering;
+
+use super::Engine;
+use crate::mem::PageState;
+use crate::sys::{self, Access};
+
+impl Engine {
+    pub fn changes_allowed(&self) -> bool {
+        self.allowed.load(Ordering::SeqCst)
+    }
+
+    /// `SetMemoryChangesAllowed`: calls must alternate. Disallowing waits until no fault
+    /// handler is in flight, so the caller then owns the page table and the dirty log.
+    pub fn set_allowed(&self, function: &str, allowed: bool) {
+        if allowed {
+            if self
+                .allowed
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                crate::fatal!(
+                    function,
+                    "memory changes are already allowed (SetMemoryChangesAllowed calls must alternate)"
+                );
+            }
+            self.disallower.store(0, Ordering::SeqCst);
+            return;
+        }
+        let me = sys::tid();
+        if self
+            .allowed
+            .compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            crate::fatal!(
+                function,
+                "memory changes are already disallowed (SetMemoryChangesAllowed calls must alternate; AutoDisallowMemoryChanges cannot nest)"
+            );
+        }
+        self.disallower.store(me, Ordering::SeqCst);
+        while self.in_flight.load(Ordering::SeqCst) != 0 {
+            sys::yield_now();
+        }
+    }
+
+    /// Waits until memory changes are allowed; aborts if the caller is the thread that
+    /// disallowed them (it would wait forever: the original hangs here).
+    pub(crate) fn wait_allowed(&self, function: &str, addr: usize) {
+        while !self.allowed.load(Ordering::SeqCst) {
+            if self.disallower.load(Ordering::SeqCst) == sys::tid() {
+                crate::fatal!(
+                    function,
+                    "the thread that disallowed memory changes wrote tracked memory at {:#x} (writes to tracked memory are forbidden inside AutoDisallowMemoryChanges)",
+                    addr
+                );
+            }
+            sys::yield_now();
+        }
+    }
+
+    /// Enters the section that `set_allowed(false)` waits to drain.
+    fn enter(&self, function: &str, addr: usize) {
+        loop {
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
+            if self.allowed.load(Ordering::SeqCst) {
+                return;
+            }
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.wait_allowed(function, addr);
+        }
+    }
+
+    fn leave(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Resolves a write to `addr`: `true` when the address is tracked and the page is now
+    /// writable with its pre-image saved, `false` when the fault is not ours.
+    pub fn handle_fault(&self, function: &str, addr: usize) -> bool {
+        let Some(word) = self.table.word(addr) else {
+            return false;
+        };
+        if word.load(Ordering::Acquire) & PageState::TRACKED == 0 || !self.armed() {
+            return false;
+        }
+        self.enter(function, addr);
+        let page = self.page_base(addr);
+        let handled = loop {
+            let cur = PageState(word.load(Ordering::Acquire));
+            if !cur.tracked() {
+                break false;
+            }
+            if cur.busy() {
+                sys::yield_now();
+                continue;
+            }
+            if cur.slot().is_some() {
+                // Already captured by another thread (or made read-only behind our back):
+                // make sure it is writable and let the instruction retry.
+                // SAFETY: a tracked page of the host's; restoring its writable protection.
+                let _ = unsafe { sys::protect(page, self.page, Access::ReadWrite { exec: cur.exec() }) };
+                break true;
+            }
+            if word
+                .compare_exchange(cur.0, cur.0 | PageState::BUSY, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                continue;
+            }
+            let Some(slot) = self.pool.alloc() else {
+                crate::fatal!(
+                    function,
+                    "out of page-copy slots ({} pages saved); erase or rewind checkpoints to free some",
+                    self.pool.capacity()
+                )
+            };
+            // SAFETY: this thread holds `slot`; the tracked page is readable (protected
+            // pages are read-only, never inaccessible) and `page` bytes long.
+            unsafe {
+                let copy = self.pool.bytes(slot);
+                core::ptr::copy_nonoverlapping(page as *const u8, copy.as_mut_ptr(), self.page);
+            }
+            if !self.log.push(page) {
+                crate::fatal!(function, "the dirty-page log is full");
+            }
+            // SAFETY: as above.
+            if let Err(errno) = unsafe { sys::protect(page, self.page, Access::ReadWrite { exec: cur.exec() }) } {
+                if errno == libc::ENOMEM {
+                    crate::fatal!(
+                        function,
+                        "mprotect of {:#x} failed with ENOMEM: the process hit vm.max_map_count (each isolated dirty page splits a mapping); raise it or dirty fewer scattered pages per checkpoint",
+                        page
+                    );
+                }
+                crate::fatal!(function, "unprotecting tracked page {:#x} failed (errno {})", page, errno);
+            }
+            word.store(cur.with_slot(slot).0, Ordering::Release);
+            self.faults.fetch_add(1, Ordering::Relaxed);
+            break true;
+        };
+        self.leave();
+        handled
+    }
+
+    /// `memsnap_prepare_write`: captures every clean tracked page of `[start, end)` now, so
+    /// that a system call may write the range (the kernel cannot fault into our handler).
+    pub fn prepare_write(&self, start: usize, end: usize) {
+        let mut page = self.page_base(start);
+        while page < end {
+            if self.table.get(page).tracked() {
+                self.handle_fault("memsnap_prepare_write", page);
+            }
+            page += self.page;
+        }
+    }
+}
+
+/// The callback handed to the platform's fault capture.
+pub fn on_write_fault(addr: usize) -> bool {
+    match super::get() {
+        Some(e) => e.handle_fault("HandleDirtyMemoryFault", addr),
+        None => false,
+    }
+}

@@ -1,0 +1,413 @@
+//! Checkpoints and rewinds: the first snapshot, diff snapshots, the two restore steps,
+//! folding a diff into its predecessor, and giving up (`UnrecoverableSnapshotFailure`).
+//!
+//! The saved-checkpoint stack is kept here, not by the host: position `i` of
+//! `Meta::checkpoints` is the `i`-th saved checkpoint still reachable, and its diff (the
+//! pre-images of the pages written between it and position `i + 1`) sits in the diff stack.
+
+use core::sync::atomic::Ordering;
+
+use super::dirty::{fold_into_predecessor, for_each_run, DiffEntry};
+use super::free::FreeSet;
+use super::{Checkpoint, Engine, FloorReason, Meta, Mode, Phase};
+use crate::mem::PageState;
+use crate::sys::{self, Access};
+
+impl Engine {
+    fn require_armed(&self, function: &str) {
+        match self.phase() {
+            Phase::Armed => {}
+            Phase::Initialized => crate::fatal!(function, "no checkpoint has been saved (call TakeFirstMemorySnapshot first)"),
+            Phase::Failed => crate::fatal!(function, "snapshots were abandoned by UnrecoverableSnapshotFailure"),
+        }
+    }
+
+    /// Records the free set and allocation count for the checkpoint being pushed.
+    fn push_checkpoint(&self, function: &str, m: &mut Meta) {
+        let free_start = m.free_snapshots.len();
+        for i in 0..m.free.len() {
+            let r = m.free[i];
+            if m.free_snapshots.push(r).is_err() {
+                crate::fatal!(function, "out of room for free-set snapshots");
+            }
+        }
+        let c = Checkpoint {
+            diff_start: m.diffs.len(),
+            diff_len: 0,
+            free_start,
+            free_len: m.free.len(),
+            allocated: m.allocated.len(),
+        };
+        if m.checkpoints.push(c).is_err() {
+            crate::fatal!(function, "out of room for checkpoints");
+        }
+    }
+
+    /// `TakeFirstMemorySnapshot`.
+    pub fn take_first(&self) {
+        const F: &str = "TakeFirstMemorySnapshot";
+        match self.phase() {
+            Phase::Initialized => {}
+            Phase::Armed => crate::fatal!(F, "a first snapshot was already taken (use TakeDiffMemorySnapshot)"),
+            Phase::Failed => crate::fatal!(F, "snapshots were abandoned by UnrecoverableSnapshotFailure"),
+        }
+        if !self.changes_allowed() {
+            crate::fatal!(F, "memory changes are disallowed (the snapshot disallows them itself)");
+        }
+        let t0 = sys::now_us();
+        self.controller.store(sys::tid(), Ordering::Relaxed);
+        self.owner_pid.store(sys::pid(), Ordering::Relaxed);
+        self.spawn_workers(F);
+        if let Err(e) = sys::install_fault_handler(super::fault::on_write_fault) {
+            crate::fatal!(F, "cannot install the write-fault handler (error {})", e);
+        }
+        if self.mode() == Mode::WholeProcess && self.pin_allocator.load(Ordering::Relaxed) {
+            sys::pin_allocator();
+        }
+        self.set_allowed(F, false);
+        {
+            let mut m = self.meta.lock();
+            self.scan_first(F, &mut m);
+            self.push_checkpoint(F, &mut m);
+        }
+        self.set_phase(Phase::Armed);
+        self.checkpoints_taken.fetch_add(1, Ordering::Relaxed);
+        self.record(t0, &self.last_snapshot_ns, &self.snapshot_ns);
+        self.set_allowed(F, true);
+    }
+
+    /// `TakeDiffMemorySnapshot`: the pages written since the newest checkpoint become its
+    /// diff (pages whose bytes did not change are dropped) and a new checkpoint is pushed.
+    pub fn take_diff(&self) {
+        const F: &str = "TakeDiffMemorySnapshot";
+        self.require_armed(F);
+        self.check_controller(F);
+        if !self.changes_allowed() {
+            crate::fatal!(F, "memory changes are disallowed (the snapshot disallows them itself)");
+        }
+        let t0 = sys::now_us();
+        if !sys::fault_handler_installed() {
+            crate::fatal!(F, "memsnap's SIGSEGV handler was replaced by another; writes are no longer tracked");
+        }
+        self.set_allowed(F, false);
+        {
+            let mut m = self.meta.lock();
+            let newest = m.checkpoints.len() - 1;
+            self.scan_checkpoint(F, &mut m, newest + 1);
+            // SAFETY: memory changes are disallowed and no handler is in flight.
+            let pages = unsafe { self.log.quiescent_slice() };
+            pages.sort_unstable();
+            let diff_start = m.diffs.len();
+            for &page in pages.iter() {
+                let st = self.table.get(page);
+                let Some(slot) = st.slot() else { continue };
+                if !st.tracked() {
+                    // The page vanished (see the scan): its pre-image is of no use.
+                    self.table.set(page, PageState(0));
+                    self.pool.free(slot);
+                    continue;
+                }
+                // SAFETY: the slot belongs to this dirty page; the page is mapped (the
+                // scan checked) and readable.
+                let same = unsafe {
+                    let copy = self.pool.bytes(slot);
+                    core::slice::from_raw_parts(page as *const u8, self.page) == &copy[..]
+                };
+                if same {
+                    self.pool.free(slot);
+                } else if m.diffs.push(DiffEntry { page, slot }).is_err() {
+                    crate::fatal!(F, "out of room for saved pages");
+                }
+                self.table.set(page, st.clean());
+            }
+            self.protect_pages(F, pages);
+            // SAFETY: as above.
+            unsafe { self.log.clear() };
+            let diff_len = m.diffs.len() - diff_start;
+            let c = &mut m.checkpoints[newest];
+            c.diff_start = diff_start;
+            c.diff_len = diff_len;
+            self.push_checkpoint(F, &mut m);
+        }
+        self.checkpoints_taken.fetch_add(1, Ordering::Relaxed);
+        self.record(t0, &self.last_snapshot_ns, &self.snapshot_ns);
+        self.set_allowed(F, true);
+    }
+
+    /// Write-protects every still-tracked page of a sorted list, one call per run.
+    fn protect_pages(&self, function: &str, pages: &[usize]) {
+        for_each_run(
+            pages.len(),
+            self.page,
+            |i| pages[i],
+            |i| {
+                let st = self.table.get(pages[i]);
+                (st.tracked(), st.exec())
+            },
+            |first, count| {
+                let st = self.table.get(pages[first]);
+                if !st.tracked() {
+                    return;
+                }
+                // SAFETY: tracked host pages; the engine owns their protection.
+                if let Err(e) = unsafe { sys::protect(pages[first], count * self.page, Access::Read { exec: st.exec() }) } {
+                    crate::fatal!(function, "cannot write-protect {:#x}+{:#x} (errno {})", pages[first], count * self.page, e);
+                }
+            },
+        );
+    }
+
+    fn require_disallowed(&self, function: &str) {
+        if self.changes_allowed() {
+            crate::fatal!(
+                function,
+                "memory changes are allowed (restores must run inside AutoDisallowMemoryChanges)"
+            );
+        }
+    }
+
+    /// After memory equals checkpoint `target`: regions the walk found after it are zeroed
+    /// and untracked, and the tracked free set becomes what it was then plus every region
+    /// allocated since (FixupFreeRegionsAfterRewind's work, done here).
+    fn settle_after_rewind(&self, m: &mut Meta, target: usize) {
+        let mut i = 0;
+        while i < m.regions.len() {
+            let r = m.regions[i];
+            if r.born <= target {
+                i += 1;
+                continue;
+            }
+            if r.allocated {
+                i += 1;
+                continue;
+            }
+            m.regions.remove(i);
+            let mut p = r.range.start;
+            while p < r.range.end {
+                self.table.set(p, PageState(0));
+                p += self.page;
+            }
+            // SAFETY: memory the program obtained after `target`; the rewound program
+            // holds no reference to it. It is made writable again, as it was mapped.
+            unsafe {
+                let _ = sys::discard(r.range.start, r.range.len());
+                let _ = sys::protect(r.range.start, r.range.len(), Access::ReadWrite { exec: r.exec });
+            }
+        }
+        for r in m.regions.iter_mut() {
+            if r.allocated && r.born > target {
+                r.born = target + 1;
+            }
+        }
+        let c = m.checkpoints[target];
+        m.free.clear();
+        for j in c.free_start..c.free_start + c.free_len {
+            let r = m.free_snapshots[j];
+            let _ = m.free.push(r);
+        }
+        for j in c.allocated..m.allocated.len() {
+            let r = m.allocated[j];
+            FreeSet::insert(&mut m.free, r);
+        }
+    }
+
+    /// `RestoreMemoryToLastSavedCheckpoint`: undoes every write since the newest checkpoint.
+    pub fn restore_last(&self) {
+        const F: &str = "RestoreMemoryToLastSavedCheckpoint";
+        self.require_armed(F);
+        self.check_controller(F);
+        self.require_disallowed(F);
+        let t0 = sys::now_us();
+        let mut m = self.meta.lock();
+        let newest = m.checkpoints.len() - 1;
+        self.scan_rewind(F, &mut m, newest);
+        // SAFETY: changes are disallowed; no handler is in flight.
+        let pages = unsafe { self.log.quiescent_slice() };
+        m.entries.clear();
+        for &page in pages.iter() {
+            let st = self.table.get(page);
+            if let Some(slot) = st.slot() {
+                let _ = m.entries.push(DiffEntry { page, slot });
+            }
+        }
+        // SAFETY: as above.
+        unsafe { self.log.clear() };
+        m.entries.sort_unstable_by_key(|e| e.page);
+        self.restore_entries(&m.entries);
+        m.entries.clear();
+        self.settle_after_rewind(&mut m, newest);
+        drop(m);
+        self.rewinds.fetch_add(1, Ordering::Relaxed);
+        self.record(t0, &self.last_restore_ns, &self.restore_ns);
+    }
+
+    fn floor_message(&self, function: &str, m: &Meta, target: usize) -> ! {
+        let f = m.floor;
+        crate::fatal!(
+            function,
+            "checkpoint {} cannot be restored: tracked memory {:#x}-{:#x} was {} before checkpoint {} was saved",
+            target + 1,
+            f.range.start,
+            f.range.end,
+            if f.what == FloorReason::Unmapped {
+                "unmapped"
+            } else {
+                "unprotected by the program"
+            },
+            f.position + 1
+        )
+    }
+
+    /// `RestoreMemoryToLastSavedDiffCheckpoint`: drops the newest checkpoint and restores
+    /// the one before it from its diff.
+    pub fn restore_diff(&self) {
+        const F: &str = "RestoreMemoryToLastSavedDiffCheckpoint";
+        self.require_armed(F);
+        self.check_controller(F);
+        self.require_disallowed(F);
+        if !self.log.is_empty() {
+            crate::fatal!(
+                F,
+                "pages were written since the newest checkpoint (call RestoreMemoryToLastSavedCheckpoint first)"
+            );
+        }
+        let t0 = sys::now_us();
+        let mut m = self.meta.lock();
+        if m.checkpoints.len() < 2 {
+            crate::fatal!(F, "no saved diff: only one checkpoint is saved");
+        }
+        let target = m.checkpoints.len() - 2;
+        if m.floor.position > target {
+            self.floor_message(F, &m, target);
+        }
+        self.scan_rewind(F, &mut m, target + 1);
+        let c = m.checkpoints[target];
+        {
+            let diff = &m.diffs[c.diff_start..c.diff_start + c.diff_len];
+            self.restore_entries(diff);
+        }
+        m.diffs.truncate(c.diff_start);
+        let newest = m.checkpoints.pop().unwrap_or_default();
+        m.free_snapshots.truncate(newest.free_start);
+        let top = m.diffs.len();
+        let c = &mut m.checkpoints[target];
+        c.diff_start = c.diff_start.min(top);
+        c.diff_len = 0;
+        self.settle_after_rewind(&mut m, target);
+        drop(m);
+        self.rewinds.fetch_add(1, Ordering::Relaxed);
+        self.record(t0, &self.last_restore_ns, &self.restore_ns);
+    }
+
+    /// `EraseLastSavedDiffMemorySnapshot`: forgets the second-newest checkpoint by folding
+    /// its diff into the one before (or discarding it when it is the oldest). Rewinds can
+    /// then still reach every other checkpoint, and the memory of the dropped pre-images
+    /// is released.
+    pub fn erase_last_diff(&self) {
+        const F: &str = "EraseLastSavedDiffMemorySnapshot";
+        self.require_armed(F);
+        self.check_controller(F);
+        let mut m = self.meta.lock();
+        let n = m.checkpoints.len();
+        if n < 2 {
+            crate::fatal!(F, "no saved diff: only one checkpoint is saved");
+        }
+        let dropped = n - 2;
+        let newer = m.checkpoints[dropped];
+        if dropped == 0 {
+            for j in newer.diff_start..newer.diff_start + newer.diff_len {
+                let slot = m.diffs[j].slot;
+                self.pool.free(slot);
+            }
+            // The surviving checkpoint's diff is empty (it is the newest): shrink the stack.
+            m.diffs.truncate(newer.diff_start);
+        } else {
+            let older = m.checkpoints[dropped - 1];
+            let base = older.diff_start;
+            let end = newer.diff_start + newer.diff_len;
+            // Merge both into the free space above the stack, then move the result down.
+            let scratch = m.diffs.len();
+            let Meta { diffs, .. } = &mut *m;
+            // SAFETY: DiffEntry is plain data; the spare capacity is written before read.
+            let all = unsafe { diffs.spare() };
+            let (live, spare) = all.split_at_mut(scratch);
+            let (older_s, newer_s) = live[base..end].split_at(older.diff_len);
+            let mut k = 0usize;
+            let ok = fold_into_predecessor(
+                older_s,
+                newer_s,
+                |e| {
+                    if k < spare.len() {
+                        spare[k] = e;
+                        k += 1;
+                        true
+                    } else {
+                        false
+                    }
+                },
+                |slot| self.pool.free(slot),
+            );
+            if !ok {
+                crate::fatal!(F, "out of room folding diffs");
+            }
+            all.copy_within(scratch..scratch + k, base);
+            diffs.truncate(base + k);
+            m.checkpoints[dropped - 1].diff_len = k;
+        }
+        // Drop the checkpoint record; the newest moves down one position.
+        let newest = m.checkpoints.pop().unwrap_or_default();
+        let removed = m.checkpoints.pop().unwrap_or_default();
+        let keep = m.free_snapshots.len();
+        // Free-set snapshots: drop the removed one's, keep the newest's (moved down).
+        let (rs, rl) = (removed.free_start, removed.free_len);
+        let (ns, nl) = (newest.free_start, newest.free_len);
+        {
+            // SAFETY: Range is plain data.
+            let all = unsafe { m.free_snapshots.spare() };
+            all.copy_within(ns..ns + nl, rs);
+        }
+        debug_assert_eq!(rs + rl, ns);
+        m.free_snapshots.truncate(keep.min(rs + nl));
+        let moved = Checkpoint {
+            diff_start: m.diffs.len(),
+            diff_len: 0,
+            free_start: rs,
+            free_len: nl,
+            allocated: newest.allocated,
+        };
+        let _ = m.checkpoints.push(moved);
+        for r in m.regions.iter_mut() {
+            if r.born > dropped {
+                r.born -= 1;
+            }
+        }
+        if m.floor.position > dropped {
+            m.floor.position -= 1;
+        }
+    }
+
+    /// `UnrecoverableSnapshotFailure`: makes all tracked memory writable so crash
+    /// reporting can run; no rewind is possible afterwards.
+    pub fn fail(&self) {
+        self.set_phase(Phase::Failed);
+        let mut guard = None;
+        for _ in 0..1000 {
+            if let Some(g) = self.meta.try_lock() {
+                guard = Some(g);
+                break;
+            }
+            sys::yield_now();
+        }
+        let Some(m) = guard else { return };
+        for r in m.regions.iter() {
+            // SAFETY: host memory; making it writable is the point of this call.
+            let _ = unsafe { sys::protect(r.range.start, r.range.len(), Access::ReadWrite { exec: r.exec }) };
+        }
+    }
+
+    fn record(&self, t0: f64, last: &core::sync::atomic::AtomicU64, total: &core::sync::atomic::AtomicU64) {
+        let ns = ((sys::now_us() - t0) * 1000.0).max(0.0) as u64;
+        last.store(ns, Ordering::Relaxed);
+        total.fetch_add(ns, Ordering::Relaxed);
+    }
+}

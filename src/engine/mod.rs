@@ -1,0 +1,467 @@
+//! The snapshot engine: everything between the C ABI and the platform boundary.
+//!
+//! The engine owns one [`Engine`] value, placed in memory the library maps for itself, and
+//! drives the lifecycle `initialized -> first snapshot -> (diff | rewind)*`. It makes no
+//! system calls of its own: protection, the region walk, threads and fault capture go
+//! through [`crate::sys`]. Its pure parts (range sets, the free set, diff folding) live in
+//! submodules with no platform dependency and are unit-tested on plain vectors.
+//!
+//! Concurrency model, in one paragraph: the fault handler touches only the page-state
+//! table, the slot pool and the dirty log, all lock-free. Everything else (regions, diffs,
+//! checkpoints, free sets) sits behind one `spin::Mutex` the handler never takes. While
+//! memory changes are disallowed no handler is in flight (`set_allowed(false)` waits for the
+//! in-flight count to drain and new faults wait at the door), which is what lets the
+//! controller thread rewrite the page table and consume the dirty log without races.
+
+pub mod dirty;
+pub mod free;
+pub mod ranges;
+
+mod alloc;
+mod countdown;
+mod fault;
+mod lifecycle;
+mod scan;
+mod stats;
+mod workers;
+
+use core::sync::atomic::{AtomicBool, AtomicIsize, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use crate::mem::{DirtyLog, PageTable, RawVec, Reservation, SlotPool};
+use dirty::DiffEntry;
+use ranges::{Range, RangeSet};
+
+pub use stats::Stats;
+pub use workers::Workers;
+
+/// Number of `MemoryKind` values the balance counters cover.
+pub const MEMORY_KINDS: usize = 9;
+/// `MemoryKind::Tracked`.
+pub const KIND_TRACKED: usize = 0;
+/// Number of timer kinds (`TimerKind::Count`).
+pub const TIMER_KINDS: usize = 1;
+
+/// How much of the process the first snapshot tracks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Every private writable mapping, minus stacks, library memory and registered
+    /// exclusions (the original's behaviour).
+    WholeProcess,
+    /// Only ranges registered with `AddInitialTrackedMemoryRegions`,
+    /// `RegisterAllocatedMemory(Tracked)` or `AllocateMemory(Tracked)`.
+    Registered,
+}
+
+/// The lifecycle phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Phase {
+    Initialized = 0,
+    Armed = 1,
+    Failed = 2,
+}
+
+/// A tracked region: memory whose pages are write-protected at every checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrackedRegion {
+    pub range: Range,
+    pub exec: bool,
+    /// Position in the checkpoint stack at which the region became tracked; a region
+    /// registered while running after checkpoint `k` is born at `k + 1`.
+    pub born: usize,
+    /// Obtained through `AllocateMemory`/`RegisterAllocatedMemory(Tracked)`: such regions
+    /// stay tracked forever and return to the free set after a rewind (the original's
+    /// rule); regions found by the region walk are untracked and zeroed instead.
+    pub allocated: bool,
+}
+
+/// One saved checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Checkpoint {
+    /// Where this checkpoint's diff sits in the diff stack (empty for the newest).
+    pub diff_start: usize,
+    pub diff_len: usize,
+    /// The tracked free set as it was at this checkpoint.
+    pub free_start: usize,
+    pub free_len: usize,
+    /// How many allocated tracked regions existed at this checkpoint.
+    pub allocated: usize,
+}
+
+/// Why rewinding before some checkpoint has become impossible.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Floor {
+    /// Rewinds to positions below this one are refused.
+    pub position: usize,
+    pub range: Range,
+    pub what: FloorReason,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FloorReason {
+    #[default]
+    None,
+    Unmapped,
+    Unprotected,
+}
+
+/// The state behind the metadata lock.
+pub struct Meta {
+    /// Memory this library mapped for itself.
+    pub own: RawVec<Range>,
+    /// Memory the host declared untracked.
+    pub untracked: RawVec<Range>,
+    /// Ranges registered for tracking before the first snapshot.
+    pub registered: RawVec<TrackedRegion>,
+    /// Tracked regions, sorted and disjoint.
+    pub regions: RawVec<TrackedRegion>,
+    /// Allocated tracked regions, in allocation order.
+    pub allocated: RawVec<Range>,
+    /// The tracked free set (sorted, coalesced).
+    pub free: RawVec<Range>,
+    pub checkpoints: RawVec<Checkpoint>,
+    pub diffs: RawVec<DiffEntry>,
+    pub free_snapshots: RawVec<Range>,
+    /// Thread stacks found by the last walk: `(tid, range)`.
+    pub stacks: RawVec<(u64, Range)>,
+    pub scratch: RawVec<u8>,
+    pub vmas: RawVec<crate::sys::Region>,
+    pub work: RawVec<Range>,
+    pub work2: RawVec<Range>,
+    pub entries: RawVec<DiffEntry>,
+    /// Stack pointers of other threads, then their stack ranges (scan scratch).
+    pub sps: RawVec<(u64, Range)>,
+    /// Regions found by a scan, before they are applied (scan scratch).
+    pub found: RawVec<TrackedRegion>,
+    pub floor: Floor,
+}
+
+/// The one engine of the process.
+pub struct Engine {
+    pub page: usize,
+    pub page_shift: u32,
+    pub table: PageTable,
+    pub pool: SlotPool,
+    pub log: DirtyLog,
+    pub workers: Workers,
+    pub meta: spin::Mutex<Meta>,
+
+    phase: AtomicU32,
+    allowed: AtomicBool,
+    disallower: AtomicU64,
+    in_flight: AtomicU32,
+    controller: AtomicU64,
+    owner_pid: AtomicU64,
+
+    mode: AtomicU32,
+    restore_threads: AtomicUsize,
+    pin_allocator: AtomicBool,
+
+    pub faults: AtomicU64,
+    pub checkpoints_taken: AtomicU64,
+    pub rewinds: AtomicU64,
+    pub snapshot_ns: AtomicU64,
+    pub last_snapshot_ns: AtomicU64,
+    pub restore_ns: AtomicU64,
+    pub last_restore_ns: AtomicU64,
+    pub balance: [AtomicIsize; MEMORY_KINDS],
+    pub timer_hits: [AtomicU64; TIMER_KINDS],
+    pub timer_ns: [AtomicU64; TIMER_KINDS],
+    pub start_us: f64,
+    pub countdown: AtomicUsize,
+    pub countdown_started: AtomicBool,
+    /// glibc's rseq layout, looked up at initialization.
+    pub rseq: Option<(isize, usize)>,
+}
+
+static ENGINE: AtomicPtr<Engine> = AtomicPtr::new(core::ptr::null_mut());
+
+/// The engine, if `InitializeMemorySnapshots` has run.
+pub fn get() -> Option<&'static Engine> {
+    let p = ENGINE.load(Ordering::Acquire);
+    // SAFETY: ENGINE is set once to a leaked, never-freed Engine.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+
+/// The engine, or a fatal misuse report naming `function`.
+pub fn expect(function: &str) -> &'static Engine {
+    match get() {
+        Some(e) => e,
+        None => crate::fatal!(function, "called before InitializeMemorySnapshots"),
+    }
+}
+
+/// The largest user address the page table covers.
+#[cfg(target_arch = "x86_64")]
+const ADDRESS_LIMIT: usize = 1 << 47;
+#[cfg(not(target_arch = "x86_64"))]
+const ADDRESS_LIMIT: usize = 1 << 48;
+
+/// Copy space the slot pool reserves (address space only; committed as used).
+const POOL_BYTES: usize = 1 << 40;
+
+fn vec<T: Copy>(cap: usize, what: &str) -> RawVec<T> {
+    match RawVec::with_capacity(cap) {
+        Some(v) => v,
+        None => crate::fatal!(
+            "InitializeMemorySnapshots",
+            "cannot reserve address space for the {} table",
+            what
+        ),
+    }
+}
+
+impl Engine {
+    /// Creates the process's engine. Aborts when called twice.
+    pub fn initialize() -> &'static Engine {
+        const F: &str = "InitializeMemorySnapshots";
+        if get().is_some() {
+            crate::fatal!(F, "called twice (the library is already initialized)");
+        }
+        let page = crate::sys::os_page_size();
+        let page_shift = page.trailing_zeros();
+        let Some(table) = PageTable::new(ADDRESS_LIMIT, page_shift) else {
+            crate::fatal!(
+                F,
+                "cannot reserve {} GiB of address space for the page-state table (vm.overcommit_memory=2 or a low RLIMIT_AS?)",
+                (ADDRESS_LIMIT >> page_shift) * 4 >> 30
+            )
+        };
+        let Some(pool) = SlotPool::new(page, POOL_BYTES) else {
+            crate::fatal!(F, "cannot reserve address space for page copies")
+        };
+        let Some(log) = DirtyLog::with_capacity(pool.capacity() as usize) else {
+            crate::fatal!(F, "cannot reserve address space for the dirty-page log")
+        };
+        let slots = pool.capacity() as usize;
+        let meta = Meta {
+            own: vec(4096, "library memory"),
+            untracked: vec(1 << 20, "untracked region"),
+            registered: vec(1 << 20, "registered region"),
+            regions: vec(1 << 20, "tracked region"),
+            allocated: vec(1 << 22, "allocated region"),
+            free: vec(1 << 22, "free region"),
+            checkpoints: vec(1 << 22, "checkpoint"),
+            diffs: vec(slots + 1, "diff"),
+            free_snapshots: vec(1 << 26, "free-set snapshot"),
+            stacks: vec(1 << 16, "thread stack"),
+            scratch: vec(1 << 26, "scratch"),
+            vmas: vec(1 << 21, "mapping"),
+            work: vec(1 << 21, "work"),
+            work2: vec(1 << 21, "work"),
+            entries: vec(slots + 1, "restore"),
+            sps: vec(1 << 16, "thread"),
+            found: vec(1 << 20, "found region"),
+            floor: Floor::default(),
+        };
+        let engine = Engine {
+            page,
+            page_shift,
+            table,
+            pool,
+            log,
+            workers: Workers::new(),
+            meta: spin::Mutex::new(meta),
+            phase: AtomicU32::new(Phase::Initialized as u32),
+            allowed: AtomicBool::new(true),
+            disallower: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            controller: AtomicU64::new(0),
+            owner_pid: AtomicU64::new(crate::sys::pid()),
+            mode: AtomicU32::new(0),
+            restore_threads: AtomicUsize::new(crate::sys::cpu_count().clamp(1, 8)),
+            pin_allocator: AtomicBool::new(true),
+            faults: AtomicU64::new(0),
+            checkpoints_taken: AtomicU64::new(0),
+            rewinds: AtomicU64::new(0),
+            snapshot_ns: AtomicU64::new(0),
+            last_snapshot_ns: AtomicU64::new(0),
+            restore_ns: AtomicU64::new(0),
+            last_restore_ns: AtomicU64::new(0),
+            balance: Default::default(),
+            timer_hits: Default::default(),
+            timer_ns: Default::default(),
+            start_us: crate::sys::now_us(),
+            countdown: AtomicUsize::new(0),
+            countdown_started: AtomicBool::new(false),
+            rseq: crate::sys::rseq_layout(),
+        };
+        let bytes = core::mem::size_of::<Engine>();
+        let Some(block) = crate::sys::reserve(bytes) else {
+            crate::fatal!(F, "cannot map the engine's state block")
+        };
+        let block = block as *mut Engine;
+        // SAFETY: a fresh, suitably aligned (page-aligned) mapping of the right size.
+        unsafe { block.write(engine) };
+        // SAFETY: just written; never freed.
+        let e: &'static Engine = unsafe { &*block };
+        {
+            let mut m = e.meta.lock();
+            let mut own = [Reservation { base: 0, len: 0 }; 32];
+            own[0] = Reservation {
+                base: block as usize,
+                len: bytes,
+            };
+            own[1] = e.table.reservation();
+            own[2..4].copy_from_slice(&e.pool.reservations());
+            own[4] = e.log.reservation();
+            let vecs = [
+                m.own.reservation(),
+                m.untracked.reservation(),
+                m.registered.reservation(),
+                m.regions.reservation(),
+                m.allocated.reservation(),
+                m.free.reservation(),
+                m.checkpoints.reservation(),
+                m.diffs.reservation(),
+                m.free_snapshots.reservation(),
+                m.stacks.reservation(),
+                m.scratch.reservation(),
+                m.vmas.reservation(),
+                m.work.reservation(),
+                m.work2.reservation(),
+                m.entries.reservation(),
+                m.sps.reservation(),
+                m.found.reservation(),
+            ];
+            own[5..5 + vecs.len()].copy_from_slice(&vecs);
+            for r in own.iter().filter(|r| r.len > 0) {
+                m.add_own(*r);
+            }
+        }
+        e.balance[1].fetch_add(bytes as isize, Ordering::Relaxed);
+        ENGINE.store(block, Ordering::Release);
+        e
+    }
+
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            0 => Phase::Initialized,
+            1 => Phase::Armed,
+            _ => Phase::Failed,
+        }
+    }
+
+    fn set_phase(&self, p: Phase) {
+        self.phase.store(p as u32, Ordering::Release);
+    }
+
+    pub fn armed(&self) -> bool {
+        self.phase() == Phase::Armed
+    }
+
+    pub fn mode(&self) -> Mode {
+        if self.mode.load(Ordering::Relaxed) == 0 {
+            Mode::WholeProcess
+        } else {
+            Mode::Registered
+        }
+    }
+
+    /// Settings may change only before the first snapshot.
+    pub fn set_mode(&self, mode: Mode) -> bool {
+        if self.phase() != Phase::Initialized {
+            return false;
+        }
+        self.mode.store(
+            match mode {
+                Mode::WholeProcess => 0,
+                Mode::Registered => 1,
+            },
+            Ordering::Relaxed,
+        );
+        true
+    }
+
+    pub fn set_restore_threads(&self, n: usize) -> bool {
+        if self.phase() != Phase::Initialized || n > 64 {
+            return false;
+        }
+        self.restore_threads.store(n, Ordering::Relaxed);
+        true
+    }
+
+    pub fn restore_threads(&self) -> usize {
+        self.restore_threads.load(Ordering::Relaxed)
+    }
+
+    pub fn set_pin_allocator(&self, on: bool) -> bool {
+        if self.phase() != Phase::Initialized {
+            return false;
+        }
+        self.pin_allocator.store(on, Ordering::Relaxed);
+        true
+    }
+
+    pub fn page_base(&self, addr: usize) -> usize {
+        addr & !(self.page - 1)
+    }
+
+    pub fn is_aligned(&self, addr: usize) -> bool {
+        addr & (self.page - 1) == 0
+    }
+
+    /// Rounds `size` up to whole pages; `None` on overflow.
+    pub fn round_pages(&self, size: usize) -> Option<usize> {
+        crate::mem::round_up(size, self.page)
+    }
+
+    /// The checking done by every snapshot or restore call: the caller must be the thread
+    /// that took the first snapshot (in a forked child, its only thread takes over).
+    fn check_controller(&self, function: &str) {
+        let me = crate::sys::tid();
+        let pid = crate::sys::pid();
+        if self.owner_pid.load(Ordering::Relaxed) != pid {
+            self.owner_pid.store(pid, Ordering::Relaxed);
+            self.controller.store(me, Ordering::Relaxed);
+            return;
+        }
+        let c = self.controller.load(Ordering::Relaxed);
+        if c != 0 && c != me {
+            crate::fatal!(
+                function,
+                "must be called on the thread that took the first snapshot (thread {}), not thread {}",
+                c,
+                me
+            );
+        }
+    }
+
+    /// Whether restore work may be handed to the worker threads (they do not survive fork).
+    fn workers_usable(&self) -> bool {
+        self.owner_pid.load(Ordering::Relaxed) == self.workers.pid()
+    }
+}
+
+impl Meta {
+    pub fn add_own(&mut self, r: Reservation) {
+        if !RangeSet::insert(&mut self.own, Range::new(r.base, r.base + r.len)) {
+            crate::fatal!("memsnap", "out of room for library memory ranges");
+        }
+    }
+
+    /// Memory the region walk must never track: the library's own and the host's untracked.
+    pub fn excluded(&self, addr: usize) -> bool {
+        RangeSet::contains(&self.own, addr) || RangeSet::contains(&self.untracked, addr)
+    }
+
+    /// The index of the region containing `addr`.
+    pub fn region_index(&self, addr: usize) -> Option<usize> {
+        let i = self.regions.partition_point(|r| r.range.end <= addr);
+        (i < self.regions.len() && self.regions[i].range.contains(addr)).then_some(i)
+    }
+
+    /// Inserts a region (which must not overlap an existing one).
+    pub fn insert_region(&mut self, region: TrackedRegion) {
+        let i = self
+            .regions
+            .partition_point(|r| r.range.start < region.range.start);
+        if self.regions.insert(i, region).is_err() {
+            crate::fatal!("memsnap", "out of room for tracked regions");
+        }
+    }
+
+    pub fn tracked_bytes(&self) -> usize {
+        self.regions.iter().map(|r| r.range.len()).sum()
+    }
+}

@@ -1,0 +1,379 @@
+//! Reconciling the tracked set with the process's real mappings.
+//!
+//! At every checkpoint and every rewind the region walk is compared with what the engine
+//! believes: a tracked page that is no longer mapped (the host unmapped it) or that is
+//! writable while clean (the host changed its protection behind our back) means its
+//! contents at earlier checkpoints can no longer be vouched for; writable memory nobody
+//! tracks yet is memory the program obtained since the last checkpoint.
+
+use super::ranges::{Range, RangeSet};
+use super::{Engine, FloorReason, Meta, Mode, TrackedRegion};
+use crate::mem::PageState;
+use crate::sys::{self, Access, RegionKind};
+
+/// A discrepancy between the tracked set and the mappings.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Problem {
+    pub range: Range,
+    pub what: FloorReason,
+}
+
+impl Engine {
+    /// Fills `m.vmas` from the region walk.
+    pub(super) fn walk(&self, function: &str, m: &mut Meta) {
+        let Meta { scratch, vmas, .. } = m;
+        vmas.clear();
+        // SAFETY: u8 accepts any bit pattern.
+        let buf = unsafe { scratch.spare() };
+        let mut overflow = false;
+        let r = sys::walk_regions(buf, |r| {
+            if vmas.push(r).is_err() {
+                overflow = true;
+            }
+        });
+        match r {
+            Ok(()) if !overflow => {}
+            Ok(()) => crate::fatal!(function, "the process has more mappings than memsnap can list"),
+            Err(e) => crate::fatal!(function, "cannot walk the process's memory regions ({:?})", e),
+        }
+    }
+
+    fn vma_containing(m: &Meta, addr: usize) -> Option<Range> {
+        let i = m.vmas.partition_point(|v| v.end <= addr);
+        (i < m.vmas.len() && m.vmas[i].start <= addr).then(|| Range::new(m.vmas[i].start, m.vmas[i].end))
+    }
+
+    fn widen(&self, r: Range) -> Range {
+        r.widen_to_pages(self.page).unwrap_or(r)
+    }
+
+    /// Builds, in `m.work2`, every range a scan must never track: library and host
+    /// untracked memory, the stack of every live thread, and the controller's
+    /// kernel-written areas (signal stack, rseq area, errno).
+    fn build_exclusions(&self, function: &str, m: &mut Meta) {
+        m.sps.clear();
+        {
+            let Meta { scratch, sps, .. } = &mut *m;
+            // SAFETY: u8 accepts any bit pattern.
+            let buf = unsafe { scratch.spare() };
+            sys::for_each_thread_sp(&mut buf[..1 << 16], sys::tid(), |tid, sp| {
+                let _ = sps.push((tid, Range::new(sp, sp)));
+            });
+        }
+        self.walk(function, m);
+        for i in 0..m.sps.len() {
+            let (tid, r) = m.sps[i];
+            let found = if r.start != 0 {
+                Self::vma_containing(m, r.start)
+            } else {
+                m.stacks.iter().find(|s| s.0 == tid).map(|s| s.1)
+            };
+            m.sps[i].1 = found.unwrap_or_default();
+        }
+        m.stacks.clear();
+        for i in 0..m.sps.len() {
+            if !m.sps[i].1.is_empty() {
+                let _ = m.stacks.push(m.sps[i]);
+            }
+        }
+
+        m.work2.clear();
+        let add = |m: &mut Meta, r: Range| {
+            if !RangeSet::insert(&mut m.work2, self.widen(r)) {
+                crate::fatal!(function, "too many excluded ranges");
+            }
+        };
+        for i in 0..m.own.len() {
+            let r = m.own[i];
+            add(m, r);
+        }
+        for i in 0..m.untracked.len() {
+            let r = m.untracked[i];
+            add(m, r);
+        }
+        for i in 0..m.stacks.len() {
+            let r = m.stacks[i].1;
+            add(m, r);
+        }
+        if let Some(r) = Self::vma_containing(m, sys::current_sp()) {
+            add(m, r);
+        }
+        if let Some((base, len)) = sys::current_signal_stack() {
+            add(m, Range::new(base, base.saturating_add(len)));
+        }
+        if let Some((base, len)) = sys::current_rseq_area(self.rseq) {
+            add(m, Range::new(base, base.saturating_add(len)));
+        }
+        let errno = sys::current_errno_location();
+        add(m, Range::new(errno, errno + 4));
+    }
+
+    /// Compares the tracked regions with `m.vmas` and reports each discrepancy.
+    fn check_regions(
+        &self,
+        regions: &[TrackedRegion],
+        vmas: &[sys::Region],
+        mut report: impl FnMut(Problem),
+    ) {
+        for region in regions.iter() {
+            let rr = region.range;
+            let mut cursor = rr.start;
+            let mut i = vmas.partition_point(|v| v.end <= rr.start);
+            while i < vmas.len() && vmas[i].start < rr.end {
+                let v = vmas[i];
+                i += 1;
+                if v.start > cursor {
+                    report(Problem {
+                        range: Range::new(cursor, v.start),
+                        what: FloorReason::Unmapped,
+                    });
+                }
+                let piece = Range::new(v.start.max(rr.start), v.end.min(rr.end));
+                cursor = piece.end;
+                if !v.private || !v.read {
+                    report(Problem {
+                        range: piece,
+                        what: FloorReason::Unmapped,
+                    });
+                } else if v.write {
+                    let mut p = piece.start;
+                    while p < piece.end {
+                        if self.table.get(p).slot().is_none() {
+                            let start = p;
+                            while p < piece.end && self.table.get(p).slot().is_none() {
+                                p += self.page;
+                            }
+                            report(Problem {
+                                range: Range::new(start, p),
+                                what: FloorReason::Unprotected,
+                            });
+                        } else {
+                            p += self.page;
+                        }
+                    }
+                }
+            }
+            if cursor < rr.end {
+                report(Problem {
+                    range: Range::new(cursor, rr.end),
+                    what: FloorReason::Unmapped,
+                });
+            }
+        }
+    }
+
+    /// Collects into `m.found` every piece of writable private memory that is neither
+    /// tracked nor excluded (expects `build_exclusions` to have run).
+    fn find_new(&self, m: &mut Meta) {
+        m.found.clear();
+        m.work.clear();
+        for i in 0..m.regions.len() {
+            let r = m.regions[i].range;
+            RangeSet::insert(&mut m.work, r);
+        }
+        let Meta {
+            vmas,
+            work,
+            work2,
+            found,
+            ..
+        } = &mut *m;
+        for v in vmas.iter() {
+            if !(v.write && v.read && v.private) || v.kind == RegionKind::Kernel {
+                continue;
+            }
+            let start = crate::mem::round_up(v.start, self.page).unwrap_or(v.end);
+            let end = v.end & !(self.page - 1);
+            if start >= end || end > self.table.limit() {
+                continue;
+            }
+            RangeSet::for_each_gap(work, Range::new(start, end), |gap| {
+                RangeSet::for_each_gap(work2, gap, |piece| {
+                    let _ = found.push(TrackedRegion {
+                        range: piece,
+                        exec: v.exec,
+                        born: 0,
+                        allocated: false,
+                    });
+                });
+            });
+        }
+    }
+
+    /// Starts tracking `region`: marks its pages and write-protects it.
+    pub(super) fn track(&self, function: &str, m: &mut Meta, region: TrackedRegion) {
+        let bits = PageState::TRACKED | if region.exec { PageState::EXEC } else { 0 };
+        let mut p = region.range.start;
+        while p < region.range.end {
+            self.table.set(p, PageState(bits));
+            p += self.page;
+        }
+        m.insert_region(region);
+        // SAFETY: host memory the engine now owns the protection of.
+        if let Err(e) = unsafe { sys::protect(region.range.start, region.range.len(), Access::Read { exec: region.exec }) } {
+            crate::fatal!(
+                function,
+                "cannot write-protect tracked memory {:#x}-{:#x} (errno {})",
+                region.range.start,
+                region.range.end,
+                e
+            );
+        }
+    }
+
+    /// Stops tracking the pages of `r` (they are gone): clears their state, keeping any
+    /// slot so the dirty-log pass can release it, and removes them from the region table.
+    fn untrack(&self, m: &mut Meta, r: Range) {
+        let mut p = r.start;
+        while p < r.end {
+            let st = self.table.get(p);
+            self.table.set(p, PageState(st.0 & PageState::SLOT_MASK));
+            p += self.page;
+        }
+        let mut i = m.regions.partition_point(|x| x.range.end <= r.start);
+        while i < m.regions.len() && m.regions[i].range.start < r.end {
+            let x = m.regions[i];
+            let head = Range::new(x.range.start, r.start.max(x.range.start));
+            let tail = Range::new(r.end.min(x.range.end), x.range.end);
+            m.regions.remove(i);
+            if !tail.is_empty() {
+                m.insert_region(TrackedRegion { range: tail, ..x });
+            }
+            if !head.is_empty() {
+                m.insert_region(TrackedRegion { range: head, ..x });
+                i += 1;
+            }
+            if !tail.is_empty() {
+                i += 1;
+            }
+        }
+    }
+
+    /// The first snapshot's scan: tracks registered ranges and (whole-process mode) every
+    /// other writable private mapping.
+    pub(super) fn scan_first(&self, function: &str, m: &mut Meta) {
+        m.found.clear();
+        for i in 0..m.registered.len() {
+            let r = m.registered[i];
+            let _ = m.found.push(r);
+        }
+        self.build_exclusions(function, m);
+        // Registered ranges are carved by the exclusions too (the original's rule).
+        let registered = m.found.len();
+        m.work.clear();
+        for i in 0..registered {
+            let r = m.found[i];
+            let Meta {
+                work2,
+                regions,
+                work,
+                ..
+            } = &mut *m;
+            RangeSet::for_each_gap(work2, r.range, |piece| {
+                if !regions.iter().any(|x| x.range.intersects(&piece)) {
+                    let _ = work.push(piece);
+                }
+            });
+            for j in 0..m.work.len() {
+                let piece = m.work[j];
+                self.track(function, m, TrackedRegion { range: piece, ..r });
+            }
+            m.work.clear();
+        }
+        if self.mode() == Mode::WholeProcess {
+            self.find_new(m);
+            for i in 0..m.found.len() {
+                let r = m.found[i];
+                self.track(function, m, r);
+            }
+        }
+    }
+
+    /// A checkpoint's scan: drops vanished memory (raising the rewind floor), re-protects
+    /// memory whose protection was changed behind our back, and tracks new memory.
+    pub(super) fn scan_checkpoint(&self, function: &str, m: &mut Meta, position: usize) {
+        if self.mode() == Mode::WholeProcess {
+            self.build_exclusions(function, m);
+        } else {
+            self.walk(function, m);
+        }
+        let mut first: Option<Problem> = None;
+        {
+            let Meta {
+                regions,
+                vmas,
+                work,
+                ..
+            } = &mut *m;
+            work.clear();
+            self.check_regions(regions, vmas, |p| {
+                first.get_or_insert(p);
+                // The reason rides in the low bit of the page-aligned start.
+                let tag = usize::from(p.what == FloorReason::Unmapped);
+                if work.push(Range::new(p.range.start | tag, p.range.end)).is_err() {
+                    crate::fatal!(function, "too many vanished tracked ranges");
+                }
+            });
+        }
+        for i in 0..m.work.len() {
+            let r = m.work[i];
+            let range = Range::new(r.start & !1, r.end);
+            if r.start & 1 == 1 {
+                self.untrack(m, range);
+            } else {
+                let exec = self.table.get(range.start).exec();
+                // SAFETY: tracked, clean pages of the host, protected again.
+                let _ = unsafe { sys::protect(range.start, range.len(), Access::Read { exec }) };
+            }
+        }
+        if let Some(p) = first {
+            m.floor = super::Floor {
+                position,
+                range: p.range,
+                what: p.what,
+            };
+        }
+        if self.mode() == Mode::WholeProcess {
+            self.find_new(m);
+            for i in 0..m.found.len() {
+                let r = TrackedRegion {
+                    born: position,
+                    ..m.found[i]
+                };
+                self.track(function, m, r);
+            }
+        }
+    }
+
+    /// A rewind's scan: aborts if tracked memory vanished or was unprotected since the
+    /// newest checkpoint, and returns memory obtained since then to the kernel (zeroed).
+    pub(super) fn scan_rewind(&self, function: &str, m: &mut Meta, newest: usize) {
+        if self.mode() == Mode::WholeProcess {
+            self.build_exclusions(function, m);
+        } else {
+            self.walk(function, m);
+        }
+        self.check_regions(&m.regions, &m.vmas, |p| {
+            crate::fatal!(
+                function,
+                "tracked memory {:#x}-{:#x} was {} after checkpoint {}; its saved contents can no longer be restored",
+                p.range.start,
+                p.range.end,
+                match p.what {
+                    FloorReason::Unmapped => "unmapped (or remapped shared/unreadable)",
+                    _ => "made writable by the program without memsnap's knowledge",
+                },
+                newest + 1
+            );
+        });
+        if self.mode() == Mode::WholeProcess {
+            self.find_new(m);
+            for i in 0..m.found.len() {
+                let r = m.found[i].range;
+                // SAFETY: memory the program obtained after the checkpoint being restored;
+                // the rewound program holds no reference to it.
+                let _ = unsafe { sys::discard(r.start, r.len()) };
+            }
+        }
+    }
+}

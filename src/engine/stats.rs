@@ -1,0 +1,78 @@
+//! Numbers about the engine: the extension's stats record, `GetMemoryUsage`, timers.
+
+use core::sync::atomic::Ordering;
+
+use super::Engine;
+
+/// A consistent-enough reading of the engine's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub page_size: usize,
+    pub tracked_bytes: usize,
+    pub tracked_regions: usize,
+    pub active_dirty_pages: usize,
+    pub saved_checkpoints: usize,
+    pub saved_diffs: usize,
+    pub saved_diff_pages: usize,
+    pub faults_handled: u64,
+    pub checkpoints_taken: u64,
+    pub rewinds: u64,
+    pub restore_threads: usize,
+    pub copy_slots_in_use: usize,
+    pub oldest_reachable_checkpoint: usize,
+    pub last_snapshot_ns: u64,
+    pub last_restore_ns: u64,
+    pub total_snapshot_ns: u64,
+    pub total_restore_ns: u64,
+}
+
+impl Engine {
+    pub fn stats(&self) -> Stats {
+        let m = self.meta.lock();
+        let saved_diffs = m.checkpoints.iter().filter(|c| c.diff_len > 0).count();
+        Stats {
+            page_size: self.page,
+            tracked_bytes: m.tracked_bytes(),
+            tracked_regions: m.regions.len(),
+            active_dirty_pages: self.log.len(),
+            saved_checkpoints: m.checkpoints.len(),
+            saved_diffs,
+            saved_diff_pages: m.diffs.len(),
+            faults_handled: self.faults.load(Ordering::Relaxed),
+            checkpoints_taken: self.checkpoints_taken.load(Ordering::Relaxed),
+            rewinds: self.rewinds.load(Ordering::Relaxed),
+            restore_threads: self.workers.count(),
+            copy_slots_in_use: self.pool.in_use(),
+            oldest_reachable_checkpoint: m.floor.position,
+            last_snapshot_ns: self.last_snapshot_ns.load(Ordering::Relaxed),
+            last_restore_ns: self.last_restore_ns.load(Ordering::Relaxed),
+            total_snapshot_ns: self.snapshot_ns.load(Ordering::Relaxed),
+            total_restore_ns: self.restore_ns.load(Ordering::Relaxed),
+        }
+    }
+
+    /// `GetMemoryUsage`: bytes the host obtained for `kind` through `AllocateMemory`, plus,
+    /// for the kinds naming the library's own structures, what those structures use.
+    pub fn memory_usage(&self, kind: usize) -> usize {
+        let balance = self.balance[kind.min(super::MEMORY_KINDS - 1)]
+            .load(Ordering::Relaxed)
+            .max(0) as usize;
+        let internal = match kind {
+            // TrackedRegions, FreeRegions, DirtyPageSet, SortedDirtyPageSet, PageCopy
+            3 => self.meta.lock().regions.len() * core::mem::size_of::<super::TrackedRegion>(),
+            4 => self.meta.lock().free.len() * core::mem::size_of::<super::ranges::Range>(),
+            5 => self.meta.lock().diffs.len() * core::mem::size_of::<super::dirty::DiffEntry>(),
+            6 => self.log.len() * core::mem::size_of::<usize>(),
+            7 => self.pool.in_use() * self.page,
+            _ => 0,
+        };
+        balance + internal
+    }
+
+    pub fn timer_record(&self, kind: usize, start_us: f64) {
+        let k = kind.min(super::TIMER_KINDS - 1);
+        let ns = ((crate::sys::now_us() - start_us) * 1000.0).max(0.0) as u64;
+        self.timer_hits[k].fetch_add(1, Ordering::Relaxed);
+        self.timer_ns[k].fetch_add(ns, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,200 @@
+//! Restore workers: library threads that copy saved pages back in parallel.
+//!
+//! They run on stacks the library mapped, with every signal blocked, and touch only
+//! untracked memory: the job description, the slot pool and the page-state table. The
+//! controller publishes a job, bumps `generation` and works on chunk 0 itself; worker `i`
+//! takes chunk `i + 1`; the controller waits for `done` to reach the worker count.
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use super::dirty::{chunk_bounds, for_each_run, DiffEntry};
+use super::Engine;
+use crate::sys::{self, Access};
+
+const STACK_BYTES: usize = 256 << 10;
+
+#[derive(Clone, Copy)]
+struct Job {
+    entries: *const DiffEntry,
+    len: usize,
+    parts: usize,
+}
+
+pub struct Workers {
+    count: AtomicUsize,
+    pid: AtomicU64,
+    generation: AtomicU32,
+    done: AtomicU32,
+    job: UnsafeCell<Job>,
+}
+
+// SAFETY: `job` is written only by the controller while every worker waits on `generation`
+// and read by workers only after the Release/Acquire pair on `generation`.
+unsafe impl Sync for Workers {}
+
+struct Start {
+    engine: *const Engine,
+    index: usize,
+    generation: u32,
+}
+
+impl Workers {
+    pub const fn new() -> Self {
+        Workers {
+            count: AtomicUsize::new(0),
+            pid: AtomicU64::new(0),
+            generation: AtomicU32::new(0),
+            done: AtomicU32::new(0),
+            job: UnsafeCell::new(Job {
+                entries: core::ptr::null(),
+                len: 0,
+                parts: 0,
+            }),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn pid(&self) -> u64 {
+        self.pid.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for Workers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+extern "C" fn worker_main(arg: *mut libc::c_void) -> *mut libc::c_void {
+    // SAFETY: `arg` points at a Start in the worker's own stack reservation, written before
+    // the thread was created and never freed.
+    let start = unsafe { &*(arg as *const Start) };
+    // SAFETY: the engine is never freed.
+    let engine = unsafe { &*start.engine };
+    let w = &engine.workers;
+    let mut seen = start.generation;
+    loop {
+        let g = w.generation.load(Ordering::Acquire);
+        if g == seen {
+            sys::futex_wait(&w.generation, seen);
+            continue;
+        }
+        seen = g;
+        // SAFETY: published before the generation bump (see `Workers`).
+        let job = unsafe { *w.job.get() };
+        if start.index + 1 < job.parts {
+            // SAFETY: the controller keeps the entries alive until every part is done.
+            let entries = unsafe { core::slice::from_raw_parts(job.entries, job.len) };
+            engine.restore_chunk(entries, job.parts, start.index + 1);
+        }
+        w.done.fetch_add(1, Ordering::AcqRel);
+        sys::futex_wake(&w.done, 1);
+    }
+}
+
+impl Engine {
+    /// Starts the configured number of restore workers (once per process).
+    pub(super) fn spawn_workers(&self, function: &str) {
+        let w = &self.workers;
+        if w.count() > 0 || self.restore_threads() == 0 {
+            return;
+        }
+        let n = self.restore_threads();
+        let Some(stacks) = sys::reserve(n * STACK_BYTES) else {
+            crate::fatal!(function, "cannot map stacks for {} restore threads", n)
+        };
+        self.meta.lock().add_own(crate::mem::Reservation {
+            base: stacks as usize,
+            len: n * STACK_BYTES,
+        });
+        for i in 0..n {
+            // SAFETY: each worker owns one STACK_BYTES slice of the reservation; its Start
+            // record sits at the slice's low end, below anything the stack will reach.
+            unsafe {
+                let base = stacks.add(i * STACK_BYTES);
+                let start = base as *mut Start;
+                start.write(Start {
+                    engine: self,
+                    index: i,
+                    generation: w.generation.load(Ordering::Acquire),
+                });
+                let stack = base.add(4096);
+                if let Err(e) = sys::spawn(stack, STACK_BYTES - 4096, worker_main, start as *mut _) {
+                    crate::fatal!(function, "cannot start restore thread {} (error {})", i, e);
+                }
+            }
+        }
+        w.pid.store(sys::pid(), Ordering::Relaxed);
+        w.count.store(n, Ordering::Release);
+    }
+
+    /// Restores `entries` (sorted by page): every page gets its saved bytes back, becomes
+    /// clean and write-protected, and its slot returns to the pool.
+    pub(super) fn restore_entries(&self, entries: &[DiffEntry]) {
+        let w = &self.workers;
+        let workers = if self.workers_usable() { w.count() } else { 0 };
+        if workers == 0 || entries.len() < 64 {
+            self.restore_chunk(entries, 1, 0);
+            return;
+        }
+        let parts = workers + 1;
+        // SAFETY: every worker is parked waiting for the next generation.
+        unsafe {
+            *w.job.get() = Job {
+                entries: entries.as_ptr(),
+                len: entries.len(),
+                parts,
+            };
+        }
+        w.done.store(0, Ordering::Release);
+        w.generation.fetch_add(1, Ordering::AcqRel);
+        sys::futex_wake(&w.generation, u32::MAX);
+        self.restore_chunk(entries, parts, 0);
+        loop {
+            let d = w.done.load(Ordering::Acquire);
+            if d as usize >= workers {
+                break;
+            }
+            sys::futex_wait(&w.done, d);
+        }
+    }
+
+    /// One thread's share of a restore.
+    fn restore_chunk(&self, entries: &[DiffEntry], parts: usize, k: usize) {
+        let (a, b) = (chunk_bounds(entries.len(), parts, k), chunk_bounds(entries.len(), parts, k + 1));
+        let mine = &entries[a..b];
+        let mut freed = self.pool.chain();
+        for_each_run(
+            mine.len(),
+            self.page,
+            |i| mine[i].page,
+            |i| self.table.get(mine[i].page).exec(),
+            |first, count| {
+                let start = mine[first].page;
+                let len = count * self.page;
+                let exec = self.table.get(start).exec();
+                // SAFETY: tracked pages of the host; nothing runs on them while the
+                // controller holds memory changes disallowed.
+                unsafe {
+                    if let Err(e) = sys::protect(start, len, Access::ReadWrite { exec }) {
+                        crate::fatal!("RestoreMemory", "cannot unprotect {:#x}+{:#x} (errno {})", start, len, e);
+                    }
+                    for e in &mine[first..first + count] {
+                        let copy = self.pool.bytes(e.slot);
+                        core::ptr::copy_nonoverlapping(copy.as_ptr(), e.page as *mut u8, self.page);
+                        let st = self.table.get(e.page);
+                        self.table.set(e.page, st.clean());
+                        freed.add(e.slot);
+                    }
+                    if let Err(e) = sys::protect(start, len, Access::Read { exec }) {
+                        crate::fatal!("RestoreMemory", "cannot protect {:#x}+{:#x} (errno {})", start, len, e);
+                    }
+                }
+            },
+        );
+    }
+}

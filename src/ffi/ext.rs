@@ -1,0 +1,281 @@
+//! Extensions beyond the original interface, all prefixed `memsnap_`. Unlike the original
+//! functions, these report failure with a status instead of aborting.
+
+use core::ffi::{c_char, c_void};
+
+use crate::engine::{self, Mode, Phase};
+use crate::sys::Backend;
+
+/// The result of an extension call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemsnapStatus {
+    /// Done.
+    Ok = 0,
+    /// InitializeMemorySnapshots has not run.
+    NotInitialized = 1,
+    /// The setting can only change before the first snapshot.
+    AlreadyStarted = 2,
+    /// An argument is null, unaligned, out of range or wraps around the address space.
+    InvalidArgument = 3,
+    /// Part of the range is not tracked.
+    NotTracked = 4,
+}
+
+/// A `MemsnapStatus` as received from C.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemsnapStatusArg(pub libc::c_int);
+
+/// A `MemsnapTrackingMode` as received from C.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemsnapTrackingModeArg(pub libc::c_int);
+
+/// Which write-tracking mechanism is active.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemsnapBackend {
+    /// No snapshot taken yet: nothing is tracked.
+    Inactive = 0,
+    /// Linux: mprotect write protection, SIGSEGV fault capture.
+    LinuxMprotect = 1,
+    /// macOS: Mach exception port fault capture.
+    MacExceptionPort = 2,
+    /// macOS: SIGBUS/SIGSEGV fault capture.
+    MacSignal = 3,
+}
+
+/// What the first snapshot tracks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemsnapTrackingMode {
+    /// Every private writable mapping of the process, less thread stacks, library
+    /// memory and untracked ranges (the original's behaviour; the default).
+    WholeProcess = 0,
+    /// Only ranges registered with AddInitialTrackedMemoryRegions, memsnap_track_region,
+    /// RegisterAllocatedMemory(Tracked) and AllocateMemory(Tracked).
+    RegisteredOnly = 1,
+}
+
+/// A statistics record filled by memsnap_get_stats.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MemsnapStats {
+    /// Set to sizeof(MemsnapStats) before the call.
+    pub struct_size: usize,
+    /// The active write-tracking mechanism.
+    pub backend: MemsnapBackend,
+    /// What the first snapshot tracked (or will track).
+    pub tracking_mode: MemsnapTrackingMode,
+    /// Snapshot granularity in bytes (the OS page size).
+    pub page_size: usize,
+    /// Bytes and regions currently tracked.
+    pub tracked_bytes: usize,
+    pub tracked_regions: usize,
+    /// Pages written since the newest checkpoint.
+    pub active_dirty_pages: usize,
+    /// Checkpoints that can still be restored, and how many of them hold a diff.
+    pub saved_checkpoints: usize,
+    pub saved_diffs: usize,
+    /// Pages (and bytes) held by saved diffs.
+    pub saved_diff_pages: usize,
+    pub saved_diff_bytes: usize,
+    /// Page copies held in total (saved diffs plus the active dirty set).
+    pub copy_bytes: usize,
+    /// Write faults resolved since initialization.
+    pub faults_handled: u64,
+    /// Snapshots taken and rewinds (restore calls) performed since initialization.
+    pub checkpoints_taken: u64,
+    pub rewinds: u64,
+    /// Restore worker threads running.
+    pub restore_threads: usize,
+    /// The oldest saved checkpoint (0-based position) that can still be restored; above 0
+    /// when tracked memory vanished or was unprotected by the program.
+    pub oldest_restorable: usize,
+    /// Duration of the last snapshot and last restore call, and totals, in nanoseconds.
+    pub last_snapshot_ns: u64,
+    pub last_restore_ns: u64,
+    pub total_snapshot_ns: u64,
+    pub total_restore_ns: u64,
+}
+
+fn engine_before_start() -> Result<&'static engine::Engine, MemsnapStatus> {
+    let e = engine::get().ok_or(MemsnapStatus::NotInitialized)?;
+    if e.phase() != Phase::Initialized {
+        return Err(MemsnapStatus::AlreadyStarted);
+    }
+    Ok(e)
+}
+
+fn status(r: Result<(), MemsnapStatus>) -> MemsnapStatus {
+    r.err().unwrap_or(MemsnapStatus::Ok)
+}
+
+/// Chooses what the first snapshot tracks. Only before the first snapshot.
+#[no_mangle]
+pub extern "C" fn memsnap_set_tracking_mode(mode: MemsnapTrackingModeArg) -> MemsnapStatus {
+    status((|| {
+        let e = engine_before_start()?;
+        let mode = match mode.0 {
+            0 => Mode::WholeProcess,
+            1 => Mode::Registered,
+            _ => return Err(MemsnapStatus::InvalidArgument),
+        };
+        e.set_mode(mode);
+        Ok(())
+    })())
+}
+
+/// Registers [addr, addr + size) for tracking (widened to whole pages). Only before the
+/// first snapshot; the way to build a registered-only tracking set.
+#[no_mangle]
+pub extern "C" fn memsnap_track_region(addr: *mut c_void, size: usize) -> MemsnapStatus {
+    status((|| {
+        let e = engine_before_start()?;
+        let r = crate::engine::ranges::Range::from_len(addr as usize, size)
+            .and_then(|r| r.widen_to_pages(e.page))
+            .filter(|r| !r.is_empty() && r.start != 0)
+            .ok_or(MemsnapStatus::InvalidArgument)?;
+        e.add_tracked("memsnap_track_region", r, false);
+        Ok(())
+    })())
+}
+
+/// Declares [addr, addr + size) untracked (widened to whole pages): the first snapshot
+/// and later scans leave it alone and no rewind writes or zeroes it. Only before the
+/// first snapshot (afterwards, use RegisterAllocatedMemory with an untracked kind for
+/// memory obtained later).
+#[no_mangle]
+pub extern "C" fn memsnap_untrack_region(addr: *mut c_void, size: usize) -> MemsnapStatus {
+    status((|| {
+        let e = engine_before_start()?;
+        let r = crate::engine::ranges::Range::from_len(addr as usize, size)
+            .and_then(|r| r.widen_to_pages(e.page))
+            .filter(|r| !r.is_empty())
+            .ok_or(MemsnapStatus::InvalidArgument)?;
+        e.add_untracked("memsnap_untrack_region", r);
+        Ok(())
+    })())
+}
+
+/// Sets how many worker threads restore diffs (0 to 64; 0 restores on the calling
+/// thread; default min(8, CPUs)). Only before the first snapshot.
+#[no_mangle]
+pub extern "C" fn memsnap_set_restore_threads(count: usize) -> MemsnapStatus {
+    status((|| {
+        let e = engine_before_start()?;
+        if !e.set_restore_threads(count) {
+            return Err(MemsnapStatus::InvalidArgument);
+        }
+        Ok(())
+    })())
+}
+
+/// Whether the first snapshot in whole-process mode tells glibc malloc never to return
+/// memory to the kernel (no mmap'd chunks, no trimming, one arena; default on), so that
+/// tracked memory is still mapped at every rewind. Only before the first snapshot.
+#[no_mangle]
+pub extern "C" fn memsnap_set_pin_allocator(enabled: bool) -> MemsnapStatus {
+    status((|| {
+        let e = engine_before_start()?;
+        e.set_pin_allocator(enabled);
+        Ok(())
+    })())
+}
+
+/// Makes the tracked pages of [addr, addr + size) writable now, saving their contents as
+/// a first write would, so that a system call (read, recv, ...) may write into them: the
+/// kernel's own writes to write-protected memory fail with EFAULT instead of faulting.
+/// Returns NotTracked if some page of the range is not tracked (the others are still
+/// prepared).
+#[no_mangle]
+pub extern "C" fn memsnap_prepare_write(addr: *mut c_void, size: usize) -> MemsnapStatus {
+    status((|| {
+        let e = engine::get().ok_or(MemsnapStatus::NotInitialized)?;
+        let end = (addr as usize)
+            .checked_add(size)
+            .ok_or(MemsnapStatus::InvalidArgument)?;
+        if addr.is_null() && size != 0 {
+            return Err(MemsnapStatus::InvalidArgument);
+        }
+        e.prepare_write(addr as usize, end);
+        if e.armed() && !e.range_is_tracked(addr as usize, end) {
+            return Err(MemsnapStatus::NotTracked);
+        }
+        Ok(())
+    })())
+}
+
+/// Fills *out (whose struct_size must be set to sizeof(MemsnapStats)).
+///
+/// # Safety
+/// `out` is null or points to a writable MemsnapStats.
+#[no_mangle]
+pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapStatus {
+    status((|| {
+        if out.is_null() {
+            return Err(MemsnapStatus::InvalidArgument);
+        }
+        // SAFETY: non-null, and the caller promises a writable MemsnapStats.
+        let out = unsafe { &mut *out };
+        if out.struct_size < core::mem::size_of::<MemsnapStats>() {
+            return Err(MemsnapStatus::InvalidArgument);
+        }
+        let e = engine::get().ok_or(MemsnapStatus::NotInitialized)?;
+        let s = e.stats();
+        let backend = match if e.armed() { crate::sys::BACKEND } else { Backend::None } {
+            Backend::None => MemsnapBackend::Inactive,
+            Backend::LinuxMprotect => MemsnapBackend::LinuxMprotect,
+            Backend::MacExceptionPort => MemsnapBackend::MacExceptionPort,
+            Backend::MacSignal => MemsnapBackend::MacSignal,
+        };
+        *out = MemsnapStats {
+            struct_size: core::mem::size_of::<MemsnapStats>(),
+            backend,
+            tracking_mode: match e.mode() {
+                Mode::WholeProcess => MemsnapTrackingMode::WholeProcess,
+                Mode::Registered => MemsnapTrackingMode::RegisteredOnly,
+            },
+            page_size: s.page_size,
+            tracked_bytes: s.tracked_bytes,
+            tracked_regions: s.tracked_regions,
+            active_dirty_pages: s.active_dirty_pages,
+            saved_checkpoints: s.saved_checkpoints,
+            saved_diffs: s.saved_diffs,
+            saved_diff_pages: s.saved_diff_pages,
+            saved_diff_bytes: s.saved_diff_pages * s.page_size,
+            copy_bytes: s.copy_slots_in_use * s.page_size,
+            faults_handled: s.faults_handled,
+            checkpoints_taken: s.checkpoints_taken,
+            rewinds: s.rewinds,
+            restore_threads: s.restore_threads,
+            oldest_restorable: s.oldest_reachable_checkpoint,
+            last_snapshot_ns: s.last_snapshot_ns,
+            last_restore_ns: s.last_restore_ns,
+            total_snapshot_ns: s.total_snapshot_ns,
+            total_restore_ns: s.total_restore_ns,
+        };
+        Ok(())
+    })())
+}
+
+/// A static, NUL-terminated description of a status.
+#[no_mangle]
+pub extern "C" fn memsnap_status_string(status: MemsnapStatusArg) -> *const c_char {
+    let s: &'static core::ffi::CStr = match status.0 {
+        0 => c"ok",
+        1 => c"InitializeMemorySnapshots has not run",
+        2 => c"only allowed before the first snapshot",
+        3 => c"invalid argument",
+        4 => c"part of the range is not tracked",
+        _ => c"unknown status",
+    };
+    s.as_ptr()
+}
+
+/// The snapshot granularity in bytes (the OS page size), or 0 before initialization.
+#[no_mangle]
+pub extern "C" fn memsnap_page_size() -> usize {
+    engine::get().map(|e| e.page).unwrap_or(0)
+}

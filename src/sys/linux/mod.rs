@@ -1,0 +1,238 @@
+//! The Linux side of the platform boundary: `/proc/self/maps` for the region walk, `mprotect`
+//! for protection, SIGSEGV for fault capture, `/proc/self/task/*/syscall` for thread stacks.
+
+pub mod maps;
+pub mod raw;
+pub mod signals;
+pub mod threads;
+
+pub use signals::FaultCallback;
+pub use threads::{
+    current_errno_location, current_rseq_area, current_signal_stack, current_sp,
+    for_each_thread_sp, rseq_layout, spawn,
+};
+
+use super::{Access, Region, RegionKind};
+
+/// The name of the write-tracking mechanism this backend provides.
+pub const BACKEND: super::Backend = super::Backend::LinuxMprotect;
+
+pub fn os_page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if v <= 0 {
+        4096
+    } else {
+        v as usize
+    }
+}
+
+pub fn cpu_count() -> usize {
+    // SAFETY: a zeroed cpu_set_t is a valid output buffer for sched_getaffinity.
+    unsafe {
+        let mut set: libc::cpu_set_t = core::mem::zeroed();
+        if libc::sched_getaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            let n = libc::CPU_COUNT(&set);
+            if n > 0 {
+                return n as usize;
+            }
+        }
+    }
+    1
+}
+
+/// Reserves `len` bytes of zeroed, readable and writable memory that the kernel commits
+/// lazily (MAP_NORESERVE), for the library's own state.
+pub fn reserve(len: usize) -> Option<*mut u8> {
+    // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing.
+    let r = unsafe {
+        raw::mmap(
+            0,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    raw::check(r).ok().map(|a| a as *mut u8)
+}
+
+/// Maps `len` bytes of ordinary anonymous read-write memory, preferably at `hint`.
+pub fn map_with_hint(hint: usize, len: usize) -> Option<*mut u8> {
+    // SAFETY: without MAP_FIXED the hint never replaces an existing mapping.
+    let r = unsafe {
+        raw::mmap(
+            hint,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    raw::check(r).ok().map(|a| a as *mut u8)
+}
+
+/// Unmaps a range this library mapped.
+///
+/// # Safety
+/// Nothing may use `[addr, addr + len)` afterwards.
+pub unsafe fn release(addr: *mut u8, len: usize) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        raw::munmap(addr as usize, len);
+    }
+}
+
+fn prot_bits(access: Access) -> i32 {
+    match access {
+        Access::Read { exec } => libc::PROT_READ | if exec { libc::PROT_EXEC } else { 0 },
+        Access::ReadWrite { exec } => {
+            libc::PROT_READ | libc::PROT_WRITE | if exec { libc::PROT_EXEC } else { 0 }
+        }
+    }
+}
+
+/// Changes the protection of page-aligned `[addr, addr + len)`.
+///
+/// # Safety
+/// The range holds no memory whose protection the Rust program relies on.
+pub unsafe fn protect(addr: usize, len: usize, access: Access) -> Result<(), i32> {
+    // SAFETY: forwarded contract.
+    raw::check(unsafe { raw::mprotect(addr, len, prot_bits(access)) }).map(|_| ())
+}
+
+/// Returns private pages to their pristine state: zero for anonymous memory, the file's
+/// contents for private file mappings.
+///
+/// # Safety
+/// Nothing relies on the current contents of `[addr, addr + len)`.
+pub unsafe fn discard(addr: usize, len: usize) -> Result<(), i32> {
+    // SAFETY: forwarded contract.
+    raw::check(unsafe { raw::madvise(addr, len, libc::MADV_DONTNEED) }).map(|_| ())
+}
+
+pub fn write_stderr(bytes: &[u8]) {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let n = raw::write(2, rest);
+        if n <= 0 {
+            break;
+        }
+        rest = &rest[n as usize..];
+    }
+}
+
+/// Kills the process with SIGABRT without running any libc code: glibc's `abort` takes
+/// a lock in its own (possibly write-protected) data, which from a fault handler would
+/// fault again.
+pub fn abort() -> ! {
+    raw::abort()
+}
+
+pub fn tid() -> u64 {
+    raw::gettid()
+}
+
+pub fn pid() -> u64 {
+    raw::getpid()
+}
+
+pub fn yield_now() {
+    raw::sched_yield()
+}
+
+pub fn futex_wait(word: &core::sync::atomic::AtomicU32, expected: u32) {
+    raw::futex_wait(word, expected)
+}
+
+pub fn futex_wake(word: &core::sync::atomic::AtomicU32, n: u32) {
+    raw::futex_wake(word, n)
+}
+
+pub fn sleep_ns(ns: u64) {
+    raw::sleep_ns(ns)
+}
+
+/// Microseconds on the monotonic clock.
+pub fn now_us() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec on this frame; CLOCK_MONOTONIC is always
+    // valid, so errno is never written.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 * 1e6 + ts.tv_nsec as f64 / 1e3
+}
+
+/// Why the region walk could not produce a listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalkError {
+    /// The scratch buffer could not hold the listing; the walk needs a larger one.
+    ScratchTooSmall,
+    /// The listing could not be read; carries errno.
+    Io(i32),
+}
+
+/// Calls `f` for every mapping of the process in ascending address order. `scratch` is
+/// library-owned memory that receives the raw listing.
+pub fn walk_regions(scratch: &mut [u8], mut f: impl FnMut(Region)) -> Result<(), WalkError> {
+    let fd = raw::check(raw::open_read(b"/proc/self/maps\0")).map_err(WalkError::Io)? as i32;
+    let mut len = 0usize;
+    loop {
+        if len == scratch.len() {
+            raw::close(fd);
+            return Err(WalkError::ScratchTooSmall);
+        }
+        match raw::check(raw::read(fd, &mut scratch[len..])) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(libc::EINTR) => continue,
+            Err(e) => {
+                raw::close(fd);
+                return Err(WalkError::Io(e));
+            }
+        }
+    }
+    raw::close(fd);
+    for vma in maps::MapsIter::new(&scratch[..len]) {
+        f(Region {
+            start: vma.start,
+            end: vma.end,
+            read: vma.read,
+            write: vma.write,
+            exec: vma.exec,
+            private: vma.private,
+            kind: match vma.backing {
+                maps::Backing::Heap => RegionKind::Heap,
+                maps::Backing::Stack => RegionKind::MainStack,
+                maps::Backing::Kernel => RegionKind::Kernel,
+                maps::Backing::File => RegionKind::File,
+                maps::Backing::Anonymous | maps::Backing::OtherNamed => RegionKind::Anonymous,
+            },
+        });
+    }
+    Ok(())
+}
+
+pub fn install_fault_handler(callback: FaultCallback) -> Result<(), i32> {
+    signals::install(callback)
+}
+
+pub fn fault_handler_installed() -> bool {
+    signals::still_installed()
+}
+
+/// Keeps glibc malloc from returning memory to the kernel (no mmap'd chunks, no trimming,
+/// one arena), so that memory tracked at a checkpoint is still mapped at every rewind.
+pub fn pin_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only adjusts glibc malloc tunables.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}

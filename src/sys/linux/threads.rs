@@ -1,0 +1,226 @@
+//! Threads as the snapshot policy sees them: where each live thread's stack is, the
+//! controller thread's kernel-written areas (rseq, errno, signal stack), and spawning the
+//! library's own threads on stacks it mapped itself.
+
+use super::raw;
+
+/// The current stack pointer (approximately: the address of a local).
+#[inline(never)]
+pub fn current_sp() -> usize {
+    let marker = 0u8;
+    core::hint::black_box(&marker) as *const u8 as usize
+}
+
+/// The thread pointer (TCB address) of the calling thread.
+#[cfg(target_arch = "x86_64")]
+fn thread_pointer() -> usize {
+    let tp: usize;
+    // SAFETY: on x86_64 Linux %fs:0 holds the TCB's self pointer (glibc and musl).
+    unsafe { core::arch::asm!("mov {}, qword ptr fs:0", out(reg) tp, options(nostack, readonly)) };
+    tp
+}
+
+#[cfg(target_arch = "aarch64")]
+fn thread_pointer() -> usize {
+    let tp: usize;
+    // SAFETY: reading TPIDR_EL0 has no side effects.
+    unsafe { core::arch::asm!("mrs {}, tpidr_el0", out(reg) tp, options(nostack, nomem)) };
+    tp
+}
+
+/// Where glibc (2.35 and later) keeps each thread's restartable-sequences area:
+/// `(offset from the thread pointer, size)`, or `None` when it registers none. Looked up
+/// once at initialization: `dlsym` takes loader locks and must not run on snapshot paths.
+pub fn rseq_layout() -> Option<(isize, usize)> {
+    // SAFETY: dlsym with NUL-terminated names; the symbols, when present, are glibc's
+    // exported `ptrdiff_t __rseq_offset` and `unsigned int __rseq_size`.
+    unsafe {
+        let off = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr());
+        let size = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr());
+        if off.is_null() || size.is_null() {
+            return None;
+        }
+        let size = *(size as *const u32) as usize;
+        if size == 0 {
+            return None;
+        }
+        Some((*(off as *const isize), size.max(32)))
+    }
+}
+
+/// The calling thread's rseq area, given [`rseq_layout`]. The kernel writes it on every
+/// return to user space, so it must never be write-protected.
+pub fn current_rseq_area(layout: Option<(isize, usize)>) -> Option<(usize, usize)> {
+    let (off, size) = layout?;
+    Some(((thread_pointer() as isize + off) as usize, size))
+}
+
+/// The address of the calling thread's `errno`.
+pub fn current_errno_location() -> usize {
+    // SAFETY: __errno_location has no preconditions.
+    unsafe { libc::__errno_location() as usize }
+}
+
+/// The calling thread's alternate signal stack, if one is installed.
+pub fn current_signal_stack() -> Option<(usize, usize)> {
+    raw::current_sigaltstack()
+}
+
+fn parse_decimal(s: &[u8]) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    let mut v = 0u64;
+    for &c in s {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add((c - b'0') as u64)?;
+    }
+    Some(v)
+}
+
+/// Parses `/proc/self/task/TID/syscall`: `NR a1..a6 SP PC`, `-1 SP PC` when blocked outside
+/// a system call, or `running`. Returns the stack pointer of a blocked thread.
+pub fn parse_syscall_sp(text: &[u8]) -> Option<usize> {
+    let mut fields = text
+        .split(|&c| c == b' ' || c == b'\n')
+        .filter(|f| !f.is_empty());
+    let first = fields.next()?;
+    if first == b"running" {
+        return None;
+    }
+    let rest: [Option<&[u8]>; 8] = core::array::from_fn(|_| fields.next());
+    let count = rest.iter().filter(|f| f.is_some()).count();
+    if count < 2 {
+        return None;
+    }
+    let sp = rest[count - 2]?;
+    let sp = sp.strip_prefix(b"0x")?;
+    let mut v = 0usize;
+    for &c in sp {
+        v = (v << 4)
+            | match c {
+                b'0'..=b'9' => (c - b'0') as usize,
+                b'a'..=b'f' => (c - b'a' + 10) as usize,
+                _ => return None,
+            };
+    }
+    Some(v)
+}
+
+/// Calls `f(tid, sp)` for every other live thread of this process whose stack pointer the
+/// kernel can tell (threads blocked in or outside a system call). Threads that stay
+/// `running` through a few retries are reported with `sp == 0`.
+///
+/// `scratch` is library-owned memory for directory entries (at least 4 KiB).
+pub fn for_each_thread_sp(scratch: &mut [u8], self_tid: u64, mut f: impl FnMut(u64, usize)) {
+    let dir = raw::open_dir(b"/proc/self/task\0");
+    let Ok(dir) = raw::check(dir) else { return };
+    let dir = dir as i32;
+    let (dents, text) = scratch.split_at_mut(scratch.len() - 512);
+    loop {
+        let n = raw::getdents64(dir, dents);
+        let Ok(n) = raw::check(n) else { break };
+        if n == 0 {
+            break;
+        }
+        let mut off = 0usize;
+        while off + 19 < n {
+            // struct linux_dirent64 { u64 ino; i64 off; u16 reclen; u8 type; char name[]; }
+            let reclen = u16::from_ne_bytes([dents[off + 16], dents[off + 17]]) as usize;
+            if reclen == 0 {
+                break;
+            }
+            let name = &dents[off + 19..off + reclen];
+            let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
+            off += reclen;
+            let Some(tid) = parse_decimal(name) else { continue };
+            if tid == self_tid {
+                continue;
+            }
+            let mut path = [0u8; 64];
+            let prefix = b"/proc/self/task/";
+            path[..prefix.len()].copy_from_slice(prefix);
+            let mut p = prefix.len();
+            path[p..p + name.len()].copy_from_slice(name);
+            p += name.len();
+            path[p..p + 9].copy_from_slice(b"/syscall\0");
+            let mut sp = 0usize;
+            for _attempt in 0..50 {
+                let fd = raw::open_read(&path[..p + 9]);
+                let Ok(fd) = raw::check(fd) else { break };
+                let got = raw::read(fd as i32, text);
+                raw::close(fd as i32);
+                let Ok(got) = raw::check(got) else { break };
+                if let Some(found) = parse_syscall_sp(&text[..got]) {
+                    sp = found;
+                    break;
+                }
+                raw::sched_yield();
+            }
+            f(tid, sp);
+        }
+    }
+    raw::close(dir);
+}
+
+/// Starts a library thread running `entry(arg)` on `[stack, stack + size)`, memory the
+/// library mapped itself (glibc also places the thread's TCB, TLS and rseq area there, so
+/// none of the thread's state is tracked). Every signal is blocked in the new thread so no
+/// application signal handler ever runs on it.
+pub fn spawn(
+    stack: *mut u8,
+    size: usize,
+    entry: extern "C" fn(*mut libc::c_void) -> *mut libc::c_void,
+    arg: *mut libc::c_void,
+) -> Result<(), i32> {
+    // SAFETY: plain pthread calls on attribute and signal-set objects on this stack frame;
+    // the stack range is owned by the library for the life of the process.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
+        libc::pthread_attr_init(&mut attr);
+        let r = libc::pthread_attr_setstack(&mut attr, stack as *mut libc::c_void, size);
+        if r != 0 {
+            libc::pthread_attr_destroy(&mut attr);
+            return Err(r);
+        }
+        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        let mut all: libc::sigset_t = core::mem::zeroed();
+        let mut old: libc::sigset_t = core::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let mut thread: libc::pthread_t = core::mem::zeroed();
+        let r = libc::pthread_create(&mut thread, &attr, entry, arg);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
+        libc::pthread_attr_destroy(&mut attr);
+        if r != 0 {
+            return Err(r);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syscall_file_formats() {
+        assert_eq!(
+            parse_syscall_sp(b"202 0x7f 0x80 0x0 0x0 0x0 0x0 0x7ffc1000 0x7f00aa\n"),
+            Some(0x7ffc1000)
+        );
+        assert_eq!(parse_syscall_sp(b"-1 0x7ffd2000 0x401000\n"), Some(0x7ffd2000));
+        assert_eq!(parse_syscall_sp(b"running\n"), None);
+        assert_eq!(parse_syscall_sp(b""), None);
+        assert_eq!(parse_syscall_sp(b"-1 zz 0x1\n"), None);
+    }
+
+    #[test]
+    fn decimal_names() {
+        assert_eq!(parse_decimal(b"1234"), Some(1234));
+        assert_eq!(parse_decimal(b"."), None);
+        assert_eq!(parse_decimal(b""), None);
+    }
+}

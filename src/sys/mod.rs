@@ -1,0 +1,59 @@
+//! The platform boundary: region walk, protect/unprotect, fault capture, thread stacks,
+//! page size, and the few primitives (futex, clock, raw stderr) the engine needs. One file
+//! per platform below this module; nothing here knows about checkpoints.
+
+#[cfg(target_os = "linux")]
+mod linux;
+#[cfg(target_os = "linux")]
+pub use linux::*;
+
+#[cfg(target_os = "macos")]
+mod macos;
+#[cfg(target_os = "macos")]
+pub use macos::*;
+
+/// Which write-tracking mechanism is active; reported by the stats call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Tracking is not armed yet (no snapshot taken).
+    None = 0,
+    /// Linux: pages write-protected with `mprotect`, faults caught as SIGSEGV.
+    LinuxMprotect = 1,
+    /// macOS: pages protected with `mach_vm_protect`, faults caught on a Mach exception port.
+    MacExceptionPort = 2,
+    /// macOS: pages protected with `mach_vm_protect`, faults caught as SIGBUS/SIGSEGV.
+    MacSignal = 3,
+}
+
+/// A page protection the engine asks for; `exec` carries the region's original execute bit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read { exec: bool },
+    ReadWrite { exec: bool },
+}
+
+/// What backs a mapping, as far as the snapshot policy cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegionKind {
+    Anonymous,
+    /// The brk heap.
+    Heap,
+    /// The initial thread's stack.
+    MainStack,
+    /// Pages the kernel provides (vdso and friends): never tracked.
+    Kernel,
+    File,
+}
+
+/// One mapping reported by the region walk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    pub start: usize,
+    pub end: usize,
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+    pub private: bool,
+    pub kind: RegionKind,
+}
