@@ -186,12 +186,23 @@ impl Engine {
         let mut p = start;
         while p < end {
             if !self.table.get(p).tracked() {
-                crate::fatal!(function, "fixed memory {:#x}-{:#x} is not tracked (page {:#x})", start, end, p);
+                crate::fatal!(
+                    function,
+                    "fixed memory {:#x}-{:#x} is not tracked (page {:#x})",
+                    start,
+                    end,
+                    p
+                );
             }
             p += self.page;
         }
         if FreeSet::intersects(&self.meta.lock().free, Range::new(start, end)) {
-            crate::fatal!(function, "fixed memory {:#x}-{:#x} is currently free", start, end);
+            crate::fatal!(
+                function,
+                "fixed memory {:#x}-{:#x} is currently free",
+                start,
+                end
+            );
         }
     }
 
@@ -205,7 +216,8 @@ impl Engine {
             let st = self.table.get(p);
             if st.tracked() && st.slot().is_some() {
                 // SAFETY: a dirty tracked page, writable by design.
-                let _ = unsafe { sys::protect(p, self.page, Access::ReadWrite { exec: st.exec() }) };
+                let _ =
+                    unsafe { sys::protect(p, self.page, Access::ReadWrite { exec: st.exec() }) };
             }
             p += self.page;
         }

@@ -21,13 +21,15 @@ extern "C" fn countdown_main(arg: *mut libc::c_void) -> *mut libc::c_void {
             continue;
         }
         // A concurrent StartCountdown wins over this decrement (no wrap to SIZE_MAX).
-        if e
-            .countdown
+        if e.countdown
             .compare_exchange(c, c - 1, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
             && c == 1
         {
-            crate::fatal!("StartCountdown", "countdown expired: the watched operation did not finish in time");
+            crate::fatal!(
+                "StartCountdown",
+                "countdown expired: the watched operation did not finish in time"
+            );
         }
     }
 }
@@ -45,7 +47,17 @@ impl Engine {
             base: stack as usize,
             len: STACK_BYTES,
         });
-        if let Err(e) = sys::spawn(stack, STACK_BYTES, countdown_main, self as *const Engine as *mut _) {
+        // SAFETY: the stack reservation belongs to this thread forever; the engine it
+        // receives is never freed.
+        let r = unsafe {
+            sys::spawn(
+                stack,
+                STACK_BYTES,
+                countdown_main,
+                self as *const Engine as *mut _,
+            )
+        };
+        if let Err(e) = r {
             crate::fatal!(function, "cannot start the countdown thread (error {})", e);
         }
     }

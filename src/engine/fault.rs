@@ -106,11 +106,18 @@ impl Engine {
                 // Already captured by another thread (or made read-only behind our back):
                 // make sure it is writable and let the instruction retry.
                 // SAFETY: a tracked page of the host's; restoring its writable protection.
-                let _ = unsafe { sys::protect(page, self.page, Access::ReadWrite { exec: cur.exec() }) };
+                let _ = unsafe {
+                    sys::protect(page, self.page, Access::ReadWrite { exec: cur.exec() })
+                };
                 break true;
             }
             if word
-                .compare_exchange(cur.0, cur.0 | PageState::BUSY, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange(
+                    cur.0,
+                    cur.0 | PageState::BUSY,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
                 .is_err()
             {
                 continue;
@@ -132,7 +139,9 @@ impl Engine {
                 crate::fatal!(function, "the dirty-page log is full");
             }
             // SAFETY: as above.
-            if let Err(errno) = unsafe { sys::protect(page, self.page, Access::ReadWrite { exec: cur.exec() }) } {
+            if let Err(errno) =
+                unsafe { sys::protect(page, self.page, Access::ReadWrite { exec: cur.exec() }) }
+            {
                 if errno == libc::ENOMEM {
                     crate::fatal!(
                         function,
@@ -140,7 +149,12 @@ impl Engine {
                         page
                     );
                 }
-                crate::fatal!(function, "unprotecting tracked page {:#x} failed (errno {})", page, errno);
+                crate::fatal!(
+                    function,
+                    "unprotecting tracked page {:#x} failed (errno {})",
+                    page,
+                    errno
+                );
             }
             word.store(cur.with_slot(slot).0, Ordering::Release);
             self.faults.fetch_add(1, Ordering::Relaxed);

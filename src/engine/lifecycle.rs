@@ -17,8 +17,14 @@ impl Engine {
     fn require_armed(&self, function: &str) {
         match self.phase() {
             Phase::Armed => {}
-            Phase::Initialized => crate::fatal!(function, "no checkpoint has been saved (call TakeFirstMemorySnapshot first)"),
-            Phase::Failed => crate::fatal!(function, "snapshots were abandoned by UnrecoverableSnapshotFailure"),
+            Phase::Initialized => crate::fatal!(
+                function,
+                "no checkpoint has been saved (call TakeFirstMemorySnapshot first)"
+            ),
+            Phase::Failed => crate::fatal!(
+                function,
+                "snapshots were abandoned by UnrecoverableSnapshotFailure"
+            ),
         }
     }
 
@@ -48,11 +54,20 @@ impl Engine {
         const F: &str = "TakeFirstMemorySnapshot";
         match self.phase() {
             Phase::Initialized => {}
-            Phase::Armed => crate::fatal!(F, "a first snapshot was already taken (use TakeDiffMemorySnapshot)"),
-            Phase::Failed => crate::fatal!(F, "snapshots were abandoned by UnrecoverableSnapshotFailure"),
+            Phase::Armed => crate::fatal!(
+                F,
+                "a first snapshot was already taken (use TakeDiffMemorySnapshot)"
+            ),
+            Phase::Failed => crate::fatal!(
+                F,
+                "snapshots were abandoned by UnrecoverableSnapshotFailure"
+            ),
         }
         if !self.changes_allowed() {
-            crate::fatal!(F, "memory changes are disallowed (the snapshot disallows them itself)");
+            crate::fatal!(
+                F,
+                "memory changes are disallowed (the snapshot disallows them itself)"
+            );
         }
         let t0 = sys::now_us();
         self.controller.store(sys::tid(), Ordering::Relaxed);
@@ -83,11 +98,17 @@ impl Engine {
         self.require_armed(F);
         self.check_controller(F);
         if !self.changes_allowed() {
-            crate::fatal!(F, "memory changes are disallowed (the snapshot disallows them itself)");
+            crate::fatal!(
+                F,
+                "memory changes are disallowed (the snapshot disallows them itself)"
+            );
         }
         let t0 = sys::now_us();
         if !sys::fault_handler_installed() {
-            crate::fatal!(F, "memsnap's SIGSEGV handler was replaced by another; writes are no longer tracked");
+            crate::fatal!(
+                F,
+                "memsnap's SIGSEGV handler was replaced by another; writes are no longer tracked"
+            );
         }
         self.set_allowed(F, false);
         {
@@ -150,8 +171,20 @@ impl Engine {
                     return;
                 }
                 // SAFETY: tracked host pages; the engine owns their protection.
-                if let Err(e) = unsafe { sys::protect(pages[first], count * self.page, Access::Read { exec: st.exec() }) } {
-                    crate::fatal!(function, "cannot write-protect {:#x}+{:#x} (errno {})", pages[first], count * self.page, e);
+                if let Err(e) = unsafe {
+                    sys::protect(
+                        pages[first],
+                        count * self.page,
+                        Access::Read { exec: st.exec() },
+                    )
+                } {
+                    crate::fatal!(
+                        function,
+                        "cannot write-protect {:#x}+{:#x} (errno {})",
+                        pages[first],
+                        count * self.page,
+                        e
+                    );
                 }
             },
         );
@@ -191,7 +224,11 @@ impl Engine {
             // holds no reference to it. It is made writable again, as it was mapped.
             unsafe {
                 let _ = sys::discard(r.range.start, r.range.len());
-                let _ = sys::protect(r.range.start, r.range.len(), Access::ReadWrite { exec: r.exec });
+                let _ = sys::protect(
+                    r.range.start,
+                    r.range.len(),
+                    Access::ReadWrite { exec: r.exec },
+                );
             }
         }
         for r in m.regions.iter_mut() {
@@ -401,11 +438,22 @@ impl Engine {
         let Some(m) = guard else { return };
         for r in m.regions.iter() {
             // SAFETY: host memory; making it writable is the point of this call.
-            let _ = unsafe { sys::protect(r.range.start, r.range.len(), Access::ReadWrite { exec: r.exec }) };
+            let _ = unsafe {
+                sys::protect(
+                    r.range.start,
+                    r.range.len(),
+                    Access::ReadWrite { exec: r.exec },
+                )
+            };
         }
     }
 
-    fn record(&self, t0: f64, last: &core::sync::atomic::AtomicU64, total: &core::sync::atomic::AtomicU64) {
+    fn record(
+        &self,
+        t0: f64,
+        last: &core::sync::atomic::AtomicU64,
+        total: &core::sync::atomic::AtomicU64,
+    ) {
         let ns = ((sys::now_us() - t0) * 1000.0).max(0.0) as u64;
         last.store(ns, Ordering::Relaxed);
         total.fetch_add(ns, Ordering::Relaxed);

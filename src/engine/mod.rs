@@ -25,7 +25,9 @@ mod scan;
 mod stats;
 mod workers;
 
-use core::sync::atomic::{AtomicBool, AtomicIsize, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{
+    AtomicBool, AtomicIsize, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+};
 
 use crate::mem::{DirtyLog, PageTable, RawVec, Reservation, SlotPool};
 use dirty::DiffEntry;
@@ -224,7 +226,7 @@ impl Engine {
             crate::fatal!(
                 F,
                 "cannot reserve {} GiB of address space for the page-state table (vm.overcommit_memory=2 or a low RLIMIT_AS?)",
-                (ADDRESS_LIMIT >> page_shift) * 4 >> 30
+                ((ADDRESS_LIMIT >> page_shift) * 4) >> 30
             )
         };
         let Some(pool) = SlotPool::new(page, POOL_BYTES) else {

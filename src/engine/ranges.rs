@@ -58,6 +58,9 @@ pub fn is_aligned(v: usize, page: usize) -> bool {
 /// tests and on fixed-capacity library reservations in the product.
 pub trait VecLike<T: Copy> {
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     fn as_slice(&self) -> &[T];
     fn as_mut_slice(&mut self) -> &mut [T];
     /// Inserts at `index`; `false` when out of capacity.

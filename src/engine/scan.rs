@@ -33,14 +33,22 @@ impl Engine {
         });
         match r {
             Ok(()) if !overflow => {}
-            Ok(()) => crate::fatal!(function, "the process has more mappings than memsnap can list"),
-            Err(e) => crate::fatal!(function, "cannot walk the process's memory regions ({:?})", e),
+            Ok(()) => crate::fatal!(
+                function,
+                "the process has more mappings than memsnap can list"
+            ),
+            Err(e) => crate::fatal!(
+                function,
+                "cannot walk the process's memory regions ({:?})",
+                e
+            ),
         }
     }
 
     fn vma_containing(m: &Meta, addr: usize) -> Option<Range> {
         let i = m.vmas.partition_point(|v| v.end <= addr);
-        (i < m.vmas.len() && m.vmas[i].start <= addr).then(|| Range::new(m.vmas[i].start, m.vmas[i].end))
+        (i < m.vmas.len() && m.vmas[i].start <= addr)
+            .then(|| Range::new(m.vmas[i].start, m.vmas[i].end))
     }
 
     fn widen(&self, r: Range) -> Range {
@@ -97,6 +105,22 @@ impl Engine {
         }
         if let Some(r) = Self::vma_containing(m, sys::current_sp()) {
             add(m, r);
+        }
+        // Thread stacks the stack-pointer probe cannot see (threads that are running, or
+        // stacks glibc keeps cached for reuse by the next thread, TCB and rseq area
+        // included) have a recognizable shape: private read-write memory directly above
+        // an inaccessible guard mapping. The initial thread's stack is named.
+        for i in 0..m.vmas.len() {
+            let v = m.vmas[i];
+            let stack_shaped = i > 0 && {
+                let g = m.vmas[i - 1];
+                g.end == v.start && g.private && !g.read && !g.write && !g.exec
+            };
+            if v.kind == RegionKind::MainStack
+                || (stack_shaped && v.kind == RegionKind::Anonymous && v.write && v.private)
+            {
+                add(m, Range::new(v.start, v.end));
+            }
         }
         if let Some((base, len)) = sys::current_signal_stack() {
             add(m, Range::new(base, base.saturating_add(len)));
@@ -210,7 +234,13 @@ impl Engine {
         }
         m.insert_region(region);
         // SAFETY: host memory the engine now owns the protection of.
-        if let Err(e) = unsafe { sys::protect(region.range.start, region.range.len(), Access::Read { exec: region.exec }) } {
+        if let Err(e) = unsafe {
+            sys::protect(
+                region.range.start,
+                region.range.len(),
+                Access::Read { exec: region.exec },
+            )
+        } {
             crate::fatal!(
                 function,
                 "cannot write-protect tracked memory {:#x}-{:#x} (errno {})",
@@ -310,7 +340,10 @@ impl Engine {
                 first.get_or_insert(p);
                 // The reason rides in the low bit of the page-aligned start.
                 let tag = usize::from(p.what == FloorReason::Unmapped);
-                if work.push(Range::new(p.range.start | tag, p.range.end)).is_err() {
+                if work
+                    .push(Range::new(p.range.start | tag, p.range.end))
+                    .is_err()
+                {
                     crate::fatal!(function, "too many vanished tracked ranges");
                 }
             });

@@ -70,7 +70,7 @@ impl Engine {
     }
 
     pub fn timer_record(&self, kind: usize, start_us: f64) {
-        let k = kind.min(super::TIMER_KINDS - 1);
+        let k = if kind < super::TIMER_KINDS { kind } else { 0 };
         let ns = ((crate::sys::now_us() - start_us) * 1000.0).max(0.0) as u64;
         self.timer_hits[k].fetch_add(1, Ordering::Relaxed);
         self.timer_ns[k].fetch_add(ns, Ordering::Relaxed);

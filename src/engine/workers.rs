@@ -123,7 +123,8 @@ impl Engine {
                     generation: w.generation.load(Ordering::Acquire),
                 });
                 let stack = base.add(4096);
-                if let Err(e) = sys::spawn(stack, STACK_BYTES - 4096, worker_main, start as *mut _) {
+                if let Err(e) = sys::spawn(stack, STACK_BYTES - 4096, worker_main, start as *mut _)
+                {
                     crate::fatal!(function, "cannot start restore thread {} (error {})", i, e);
                 }
             }
@@ -165,7 +166,10 @@ impl Engine {
 
     /// One thread's share of a restore.
     fn restore_chunk(&self, entries: &[DiffEntry], parts: usize, k: usize) {
-        let (a, b) = (chunk_bounds(entries.len(), parts, k), chunk_bounds(entries.len(), parts, k + 1));
+        let (a, b) = (
+            chunk_bounds(entries.len(), parts, k),
+            chunk_bounds(entries.len(), parts, k + 1),
+        );
         let mine = &entries[a..b];
         let mut freed = self.pool.chain();
         for_each_run(
@@ -181,7 +185,13 @@ impl Engine {
                 // controller holds memory changes disallowed.
                 unsafe {
                     if let Err(e) = sys::protect(start, len, Access::ReadWrite { exec }) {
-                        crate::fatal!("RestoreMemory", "cannot unprotect {:#x}+{:#x} (errno {})", start, len, e);
+                        crate::fatal!(
+                            "RestoreMemory",
+                            "cannot unprotect {:#x}+{:#x} (errno {})",
+                            start,
+                            len,
+                            e
+                        );
                     }
                     for e in &mine[first..first + count] {
                         let copy = self.pool.bytes(e.slot);
@@ -191,7 +201,13 @@ impl Engine {
                         freed.add(e.slot);
                     }
                     if let Err(e) = sys::protect(start, len, Access::Read { exec }) {
-                        crate::fatal!("RestoreMemory", "cannot protect {:#x}+{:#x} (errno {})", start, len, e);
+                        crate::fatal!(
+                            "RestoreMemory",
+                            "cannot protect {:#x}+{:#x} (errno {})",
+                            start,
+                            len,
+                            e
+                        );
                     }
                 }
             },

@@ -224,7 +224,11 @@ pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapSta
         }
         let e = engine::get().ok_or(MemsnapStatus::NotInitialized)?;
         let s = e.stats();
-        let backend = match if e.armed() { crate::sys::BACKEND } else { Backend::None } {
+        let backend = match if e.armed() {
+            crate::sys::BACKEND
+        } else {
+            Backend::None
+        } {
             Backend::None => MemsnapBackend::Inactive,
             Backend::LinuxMprotect => MemsnapBackend::LinuxMprotect,
             Backend::MacExceptionPort => MemsnapBackend::MacExceptionPort,

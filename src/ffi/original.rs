@@ -68,7 +68,8 @@ pub extern "C" fn SetMemoryChangesAllowed(aAllowed: bool) {
 /// library's own fault handler calls this; hosts with their own handler may too.
 #[no_mangle]
 pub extern "C" fn HandleDirtyMemoryFault(aAddress: *mut u8) -> bool {
-    engine::expect("HandleDirtyMemoryFault").handle_fault("HandleDirtyMemoryFault", aAddress as usize)
+    engine::expect("HandleDirtyMemoryFault")
+        .handle_fault("HandleDirtyMemoryFault", aAddress as usize)
 }
 
 /// Gives up on snapshots before the process dies: makes all tracked memory writable so
@@ -87,7 +88,10 @@ pub extern "C" fn UnrecoverableSnapshotFailure() {
 pub extern "C" fn FixupFreeRegionsAfterRewind() {
     let e = engine::expect("FixupFreeRegionsAfterRewind");
     if e.phase() == Phase::Initialized {
-        crate::fatal!("FixupFreeRegionsAfterRewind", "no checkpoint has been saved");
+        crate::fatal!(
+            "FixupFreeRegionsAfterRewind",
+            "no checkpoint has been saved"
+        );
     }
 }
 
@@ -127,12 +131,20 @@ pub extern "C" fn RestoreWritableFixedMemory(aAddress: *mut c_void, aSize: usize
 /// aAddress if possible (a hint; null for none; must be page-aligned). After the first
 /// snapshot, tracked memory is taken from the free set first. Never returns null.
 #[no_mangle]
-pub extern "C" fn AllocateMemoryTryAddress(aAddress: *mut c_void, aSize: usize, aKind: MemoryKindArg) -> *mut c_void {
+pub extern "C" fn AllocateMemoryTryAddress(
+    aAddress: *mut c_void,
+    aSize: usize,
+    aKind: MemoryKindArg,
+) -> *mut c_void {
     const F: &str = "AllocateMemoryTryAddress";
     let e = engine::expect(F);
     let k = kind(F, aKind);
     if !e.is_aligned(aAddress as usize) {
-        crate::fatal!(F, "address hint {:#x} is not page-aligned", aAddress as usize);
+        crate::fatal!(
+            F,
+            "address hint {:#x} is not page-aligned",
+            aAddress as usize
+        );
     }
     allocate(e, F, aAddress as usize, aSize, k)
 }
@@ -168,7 +180,12 @@ pub extern "C" fn DeallocateMemory(aAddress: *mut c_void, aSize: usize, aKind: M
     }
     let r = range(F, aAddress as usize, aSize);
     let Some(w) = r.widen_to_pages(e.page) else {
-        crate::fatal!(F, "range {:#x} + {:#x} wraps around the address space", r.start, aSize)
+        crate::fatal!(
+            F,
+            "range {:#x} + {:#x} wraps around the address space",
+            r.start,
+            aSize
+        )
     };
     e.deallocate(w.start, w.end, k);
 }
@@ -177,7 +194,11 @@ pub extern "C" fn DeallocateMemory(aAddress: *mut c_void, aSize: usize, aKind: M
 /// Tracked memory registered after the first snapshot is write-protected and tracked
 /// from now on; untracked memory is never tracked or zeroed by a rewind.
 #[no_mangle]
-pub extern "C" fn RegisterAllocatedMemory(aBaseAddress: *mut c_void, aSize: usize, aKind: MemoryKindArg) {
+pub extern "C" fn RegisterAllocatedMemory(
+    aBaseAddress: *mut c_void,
+    aSize: usize,
+    aKind: MemoryKindArg,
+) {
     const F: &str = "RegisterAllocatedMemory";
     let e = engine::expect(F);
     let k = kind(F, aKind);
@@ -199,7 +220,12 @@ pub extern "C" fn AddInitialUntrackedMemoryRegion(aBase: *mut u8, aSize: usize) 
     }
     let r = range(F, aBase as usize, aSize);
     let Some(r) = r.widen_to_pages(e.page) else {
-        crate::fatal!(F, "range {:#x} + {:#x} wraps around the address space", r.start, aSize)
+        crate::fatal!(
+            F,
+            "range {:#x} + {:#x} wraps around the address space",
+            r.start,
+            aSize
+        )
     };
     e.add_untracked(F, r);
 }
@@ -209,7 +235,11 @@ pub extern "C" fn AddInitialUntrackedMemoryRegion(aBase: *mut u8, aSize: usize) 
 /// the pages are protected. Only before the first snapshot; in the registered-regions
 /// mode these (with tracked allocations) are all that is tracked.
 #[no_mangle]
-pub extern "C" fn AddInitialTrackedMemoryRegions(aAddress: *mut u8, aSize: usize, aExecutable: bool) {
+pub extern "C" fn AddInitialTrackedMemoryRegions(
+    aAddress: *mut u8,
+    aSize: usize,
+    aExecutable: bool,
+) {
     const F: &str = "AddInitialTrackedMemoryRegions";
     let e = engine::expect(F);
     if e.phase() != Phase::Initialized {
@@ -217,7 +247,12 @@ pub extern "C" fn AddInitialTrackedMemoryRegions(aAddress: *mut u8, aSize: usize
     }
     let r = range(F, aAddress as usize, aSize);
     let Some(r) = r.widen_to_pages(e.page) else {
-        crate::fatal!(F, "range {:#x} + {:#x} wraps around the address space", r.start, aSize)
+        crate::fatal!(
+            F,
+            "range {:#x} + {:#x} wraps around the address space",
+            r.start,
+            aSize
+        )
     };
     e.add_tracked(F, r, aExecutable);
 }
@@ -244,18 +279,29 @@ pub extern "C" fn InitializeCountdownThread() {
 pub extern "C" fn DumpTimers() {
     let Some(e) = engine::get() else { return };
     let now = crate::sys::now_us();
-    crate::fatal::print_line("DumpTimers", format_args!("Times {:.2}s", (now - e.start_us) / 1e6));
-    for (name, i) in [("Default", 0usize)] {
+    crate::fatal::print_line(
+        "DumpTimers",
+        format_args!("Times {:.2}s", (now - e.start_us) / 1e6),
+    );
+    {
+        let (name, i) = ("Default", 0usize);
         let hits = e.timer_hits[i].load(core::sync::atomic::Ordering::Relaxed);
         let ns = e.timer_ns[i].load(core::sync::atomic::Ordering::Relaxed);
-        crate::fatal::print_line("DumpTimers", format_args!("{}: {} hits, {:.2}s", name, hits, ns as f64 / 1e9));
+        crate::fatal::print_line(
+            "DumpTimers",
+            format_args!("{}: {} hits, {:.2}s", name, hits, ns as f64 / 1e9),
+        );
     }
     let s = e.stats();
     crate::fatal::print_line(
         "DumpTimers",
         format_args!(
             "backend {:?}, {} snapshots ({:.3}s), {} rewinds ({:.3}s), {} faults",
-            if e.armed() { crate::sys::BACKEND } else { crate::sys::Backend::None },
+            if e.armed() {
+                crate::sys::BACKEND
+            } else {
+                crate::sys::Backend::None
+            },
             s.checkpoints_taken,
             s.total_snapshot_ns as f64 / 1e9,
             s.rewinds,
@@ -289,7 +335,13 @@ pub extern "C" fn MemoryMove(aDst: *mut c_void, aSrc: *const c_void, aSize: usiz
     let (d, s) = (aDst as usize, aSrc as usize);
     check_word_aligned(F, d, s, aSize);
     if !(d <= s || d >= s.saturating_add(aSize)) {
-        crate::fatal!(F, "destination {:#x} starts inside the source {:#x}+{:#x}", d, s, aSize);
+        crate::fatal!(
+            F,
+            "destination {:#x} starts inside the source {:#x}+{:#x}",
+            d,
+            s,
+            aSize
+        );
     }
     range(F, d, aSize);
     range(F, s, aSize);

@@ -197,12 +197,14 @@ impl DirtyLog {
             return false;
         }
         // SAFETY: `index` was handed to this caller alone and lies within the capacity.
-        unsafe { (self.entries.ptr.add(index) as *mut usize).write_volatile(page) };
+        unsafe { self.entries.ptr.add(index).write_volatile(page) };
         true
     }
 
     pub fn len(&self) -> usize {
-        self.len.load(Ordering::Acquire).min(self.entries.capacity())
+        self.len
+            .load(Ordering::Acquire)
+            .min(self.entries.capacity())
     }
 
     pub fn is_empty(&self) -> bool {

@@ -158,7 +158,8 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
 
     #[test]
     fn skips_garbage_and_truncated_lines() {
-        let text = b"not a line\n10-20 rw-p 0 0:0 0\nzz-30 rw-p 0 0:0 0\n30-20 rw-p 0 0:0 0\n40-50 rw";
+        let text =
+            b"not a line\n10-20 rw-p 0 0:0 0\nzz-30 rw-p 0 0:0 0\n30-20 rw-p 0 0:0 0\n40-50 rw";
         let v: Vec<Vma> = MapsIter::new(text).collect();
         assert_eq!(v.len(), 1);
         assert_eq!((v[0].start, v[0].end), (0x10, 0x20));

@@ -59,12 +59,19 @@ pub unsafe fn syscall6(n: usize, a: [usize; 6]) -> Ret {
     ret
 }
 
+// The wrappers below share one contract.
+// # Safety (for every `unsafe fn` here)
+// The caller upholds the kernel's contract for the call: addresses name memory the caller
+// owns (or may change the mapping of) and lengths are exact.
+
 macro_rules! sys {
     ($name:ident) => {
         libc::$name as usize
     };
 }
 
+/// # Safety
+/// See the contract above.
 pub unsafe fn mmap(addr: usize, len: usize, prot: i32, flags: i32, fd: i32, off: usize) -> Ret {
     // SAFETY: forwarded contract.
     unsafe {
@@ -75,16 +82,22 @@ pub unsafe fn mmap(addr: usize, len: usize, prot: i32, flags: i32, fd: i32, off:
     }
 }
 
+/// # Safety
+/// See the contract above.
 pub unsafe fn munmap(addr: usize, len: usize) -> Ret {
     // SAFETY: forwarded contract.
     unsafe { syscall6(sys!(SYS_munmap), [addr, len, 0, 0, 0, 0]) }
 }
 
+/// # Safety
+/// See the contract above.
 pub unsafe fn mprotect(addr: usize, len: usize, prot: i32) -> Ret {
     // SAFETY: forwarded contract.
     unsafe { syscall6(sys!(SYS_mprotect), [addr, len, prot as usize, 0, 0, 0]) }
 }
 
+/// # Safety
+/// See the contract above.
 pub unsafe fn madvise(addr: usize, len: usize, advice: i32) -> Ret {
     // SAFETY: forwarded contract.
     unsafe { syscall6(sys!(SYS_madvise), [addr, len, advice as usize, 0, 0, 0]) }
@@ -273,11 +286,25 @@ pub fn abort() -> ! {
         );
         syscall6(
             sys!(SYS_rt_sigprocmask),
-            [libc::SIG_UNBLOCK as usize, set.as_ptr() as usize, 0, 8, 0, 0],
+            [
+                libc::SIG_UNBLOCK as usize,
+                set.as_ptr() as usize,
+                0,
+                8,
+                0,
+                0,
+            ],
         );
         syscall6(
             sys!(SYS_tgkill),
-            [getpid() as usize, gettid() as usize, libc::SIGABRT as usize, 0, 0, 0],
+            [
+                getpid() as usize,
+                gettid() as usize,
+                libc::SIGABRT as usize,
+                0,
+                0,
+                0,
+            ],
         );
         loop {
             syscall6(sys!(SYS_exit_group), [127, 0, 0, 0, 0, 0]);

@@ -41,7 +41,13 @@ pub fn install(callback: FaultCallback) -> Result<(), i32> {
         // Block asynchronous signals while a page is being claimed; leave the synchronous
         // ones deliverable so that a fault inside a chained handler is reported, not hidden.
         libc::sigfillset(&mut action.sa_mask);
-        for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP] {
+        for s in [
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+            libc::SIGTRAP,
+        ] {
             libc::sigdelset(&mut action.sa_mask, s);
         }
         let mut previous: libc::sigaction = core::mem::zeroed();
@@ -127,7 +133,8 @@ extern "C" fn on_sigsegv(signal: i32, info: *mut libc::siginfo_t, context: *mut 
         if code == SEGV_ACCERR && is_write_fault(context) {
             let callback = CALLBACK.load(Ordering::Acquire);
             if callback != 0 {
-                let callback: FaultCallback = core::mem::transmute::<usize, FaultCallback>(callback);
+                let callback: FaultCallback =
+                    core::mem::transmute::<usize, FaultCallback>(callback);
                 if callback(address) {
                     return;
                 }

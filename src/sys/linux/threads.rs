@@ -135,7 +135,9 @@ pub fn for_each_thread_sp(scratch: &mut [u8], self_tid: u64, mut f: impl FnMut(u
             let name = &dents[off + 19..off + reclen];
             let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
             off += reclen;
-            let Some(tid) = parse_decimal(name) else { continue };
+            let Some(tid) = parse_decimal(name) else {
+                continue;
+            };
             if tid == self_tid {
                 continue;
             }
@@ -165,11 +167,15 @@ pub fn for_each_thread_sp(scratch: &mut [u8], self_tid: u64, mut f: impl FnMut(u
     raw::close(dir);
 }
 
+/// # Safety
+/// `[stack, stack + size)` is library-owned memory reserved for this thread forever, and
+/// `entry(arg)` is sound to run on another thread.
+///
 /// Starts a library thread running `entry(arg)` on `[stack, stack + size)`, memory the
 /// library mapped itself (glibc also places the thread's TCB, TLS and rseq area there, so
 /// none of the thread's state is tracked). Every signal is blocked in the new thread so no
 /// application signal handler ever runs on it.
-pub fn spawn(
+pub unsafe fn spawn(
     stack: *mut u8,
     size: usize,
     entry: extern "C" fn(*mut libc::c_void) -> *mut libc::c_void,
@@ -211,7 +217,10 @@ mod tests {
             parse_syscall_sp(b"202 0x7f 0x80 0x0 0x0 0x0 0x0 0x7ffc1000 0x7f00aa\n"),
             Some(0x7ffc1000)
         );
-        assert_eq!(parse_syscall_sp(b"-1 0x7ffd2000 0x401000\n"), Some(0x7ffd2000));
+        assert_eq!(
+            parse_syscall_sp(b"-1 0x7ffd2000 0x401000\n"),
+            Some(0x7ffd2000)
+        );
         assert_eq!(parse_syscall_sp(b"running\n"), None);
         assert_eq!(parse_syscall_sp(b""), None);
         assert_eq!(parse_syscall_sp(b"-1 zz 0x1\n"), None);
