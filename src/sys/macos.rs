@@ -8,6 +8,15 @@
 use super::{Access, Region};
 use core::sync::atomic::AtomicU32;
 
+extern "C" {
+    // In libSystem but not declared by the libc crate for Apple targets.
+    fn pthread_attr_setstack(
+        attr: *mut libc::pthread_attr_t,
+        stack: *mut libc::c_void,
+        size: libc::size_t,
+    ) -> libc::c_int;
+}
+
 pub const BACKEND: super::Backend = super::Backend::MacExceptionPort;
 
 /// The decision function the fault capture calls; see the Linux backend.
@@ -211,7 +220,7 @@ pub unsafe fn spawn(
     unsafe {
         let mut attr: libc::pthread_attr_t = core::mem::zeroed();
         libc::pthread_attr_init(&mut attr);
-        libc::pthread_attr_setstack(&mut attr, stack as *mut libc::c_void, size);
+        pthread_attr_setstack(&mut attr, stack as *mut libc::c_void, size);
         libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
         let mut thread: libc::pthread_t = core::mem::zeroed();
         let r = libc::pthread_create(&mut thread, &attr, entry, arg);
