@@ -153,7 +153,7 @@ impl Engine {
         }
         w.done.store(0, Ordering::Release);
         w.generation.fetch_add(1, Ordering::AcqRel);
-        sys::futex_wake(&w.generation, u32::MAX);
+        sys::futex_wake(&w.generation, i32::MAX as u32);
         self.restore_chunk(entries, parts, 0);
         loop {
             let d = w.done.load(Ordering::Acquire);
