@@ -410,8 +410,6 @@ double memsnap_current_time_us();
  */
 void memsnap_timer_record(TimerKind aKind, double aStartUs);
 
-extern int pthread_attr_setstack(pthread_attr_t *attr, void *stack, size_t size);
-
 }  // extern "C"
 
 }  // namespace recordreplay
