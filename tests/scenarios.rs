@@ -75,8 +75,8 @@ fn whole_process_five_checkpoints() {
     };
     let mut prints = [0u64; 5];
     TakeFirstMemorySnapshot();
-    for c in 0..5 {
-        prints[c] = fingerprint(heap, tracked);
+    for (c, print) in prints.iter_mut().enumerate() {
+        *print = fingerprint(heap, tracked);
         for i in 0..(c + 1) * 300 {
             set_global((i * 13) % 4096, (c * 1000 + i) as u64);
             heap[(i * 4099) % heap.len()] = c as u8 + 1;
@@ -203,8 +203,8 @@ fn random_walk() {
     };
     TakeFirstMemorySnapshot();
     let mut depth = 1usize;
-    for i in 0..N {
-        models[i] = global(i);
+    for (i, m) in models[..N].iter_mut().enumerate() {
+        *m = global(i);
     }
     for step in 0..400 {
         match rnd() % 10 {
@@ -216,8 +216,8 @@ fn random_walk() {
             }
             6 | 7 if depth < 16 => {
                 TakeDiffMemorySnapshot();
-                for i in 0..N {
-                    models[depth * N + i] = global(i);
+                for (i, m) in models[depth * N..(depth + 1) * N].iter_mut().enumerate() {
+                    *m = global(i);
                 }
                 depth += 1;
             }

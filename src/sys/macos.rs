@@ -8,15 +8,6 @@
 use super::{Access, Region};
 use core::sync::atomic::AtomicU32;
 
-extern "C" {
-    // In libSystem but not declared by the libc crate for Apple targets.
-    fn pthread_attr_setstack(
-        attr: *mut libc::pthread_attr_t,
-        stack: *mut libc::c_void,
-        size: libc::size_t,
-    ) -> libc::c_int;
-}
-
 pub const BACKEND: super::Backend = super::Backend::MacExceptionPort;
 
 /// The decision function the fault capture calls; see the Linux backend.
@@ -84,12 +75,7 @@ pub unsafe fn release(addr: *mut u8, len: usize) {
 /// # Safety
 /// The range holds no memory whose protection the Rust program relies on.
 pub unsafe fn protect(addr: usize, len: usize, access: Access) -> Result<(), i32> {
-    let prot = match access {
-        Access::Read { exec } => libc::PROT_READ | if exec { libc::PROT_EXEC } else { 0 },
-        Access::ReadWrite { exec } => {
-            libc::PROT_READ | libc::PROT_WRITE | if exec { libc::PROT_EXEC } else { 0 }
-        }
-    };
+    let prot = super::unix::prot_bits(access);
     // SAFETY: forwarded contract.
     if unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) } == 0 {
         Ok(())
@@ -153,16 +139,6 @@ pub fn sleep_ns(ns: u64) {
     }
 }
 
-pub fn now_us() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec on this frame.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as f64 * 1e6 + ts.tv_nsec as f64 / 1e3
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WalkError {
     ScratchTooSmall,
@@ -207,27 +183,3 @@ pub fn current_sp() -> usize {
 }
 
 pub fn for_each_thread_sp(_scratch: &mut [u8], _self_tid: u64, _f: impl FnMut(u64, usize)) {}
-
-/// # Safety
-/// As for the Linux backend's `spawn`.
-pub unsafe fn spawn(
-    stack: *mut u8,
-    size: usize,
-    entry: extern "C" fn(*mut libc::c_void) -> *mut libc::c_void,
-    arg: *mut libc::c_void,
-) -> Result<(), i32> {
-    // SAFETY: plain pthread calls on objects on this frame; the stack is library-owned.
-    unsafe {
-        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
-        libc::pthread_attr_init(&mut attr);
-        pthread_attr_setstack(&mut attr, stack as *mut libc::c_void, size);
-        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
-        let mut thread: libc::pthread_t = core::mem::zeroed();
-        let r = libc::pthread_create(&mut thread, &attr, entry, arg);
-        libc::pthread_attr_destroy(&mut attr);
-        if r != 0 {
-            return Err(r);
-        }
-    }
-    Ok(())
-}

@@ -2,6 +2,9 @@
 //! page size, and the few primitives (futex, clock, raw stderr) the engine needs. One file
 //! per platform below this module; nothing here knows about checkpoints.
 
+mod unix;
+pub use unix::{now_us, spawn};
+
 #[cfg(target_os = "linux")]
 mod linux;
 #[cfg(target_os = "linux")]

@@ -9,7 +9,7 @@ pub mod threads;
 pub use signals::FaultCallback;
 pub use threads::{
     current_errno_location, current_rseq_area, current_signal_stack, current_sp,
-    for_each_thread_sp, rseq_layout, spawn,
+    for_each_thread_sp, rseq_layout,
 };
 
 use super::{Access, Region, RegionKind};
@@ -85,22 +85,13 @@ pub unsafe fn release(addr: *mut u8, len: usize) {
     }
 }
 
-fn prot_bits(access: Access) -> i32 {
-    match access {
-        Access::Read { exec } => libc::PROT_READ | if exec { libc::PROT_EXEC } else { 0 },
-        Access::ReadWrite { exec } => {
-            libc::PROT_READ | libc::PROT_WRITE | if exec { libc::PROT_EXEC } else { 0 }
-        }
-    }
-}
-
 /// Changes the protection of page-aligned `[addr, addr + len)`.
 ///
 /// # Safety
 /// The range holds no memory whose protection the Rust program relies on.
 pub unsafe fn protect(addr: usize, len: usize, access: Access) -> Result<(), i32> {
     // SAFETY: forwarded contract.
-    raw::check(unsafe { raw::mprotect(addr, len, prot_bits(access)) }).map(|_| ())
+    raw::check(unsafe { raw::mprotect(addr, len, super::unix::prot_bits(access)) }).map(|_| ())
 }
 
 /// Returns private pages to their pristine state: zero for anonymous memory, the file's
@@ -155,18 +146,6 @@ pub fn sleep_ns(ns: u64) {
     raw::sleep_ns(ns)
 }
 
-/// Microseconds on the monotonic clock.
-pub fn now_us() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec on this frame; CLOCK_MONOTONIC is always
-    // valid, so errno is never written.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as f64 * 1e6 + ts.tv_nsec as f64 / 1e3
-}
-
 /// Why the region walk could not produce a listing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WalkError {
@@ -179,7 +158,7 @@ pub enum WalkError {
 /// Calls `f` for every mapping of the process in ascending address order. `scratch` is
 /// library-owned memory that receives the raw listing.
 pub fn walk_regions(scratch: &mut [u8], mut f: impl FnMut(Region)) -> Result<(), WalkError> {
-    let fd = raw::check(raw::open_read(b"/proc/self/maps\0")).map_err(WalkError::Io)? as i32;
+    let fd = raw::check(raw::open(b"/proc/self/maps\0", 0)).map_err(WalkError::Io)? as i32;
     let mut len = 0usize;
     loop {
         if len == scratch.len() {

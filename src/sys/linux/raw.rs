@@ -123,8 +123,9 @@ pub fn read(fd: i32, buf: &mut [u8]) -> Ret {
     }
 }
 
-/// Opens a NUL-terminated path relative to the current directory, read-only, close-on-exec.
-pub fn open_read(path: &[u8]) -> Ret {
+/// Opens a NUL-terminated path read-only and close-on-exec, with extra `flags`
+/// (`O_DIRECTORY` for directories).
+pub fn open(path: &[u8], flags: i32) -> Ret {
     debug_assert_eq!(path.last(), Some(&0));
     // SAFETY: `path` is NUL-terminated and outlives the call.
     unsafe {
@@ -133,26 +134,7 @@ pub fn open_read(path: &[u8]) -> Ret {
             [
                 libc::AT_FDCWD as usize,
                 path.as_ptr() as usize,
-                (libc::O_RDONLY | libc::O_CLOEXEC) as usize,
-                0,
-                0,
-                0,
-            ],
-        )
-    }
-}
-
-/// Opens a NUL-terminated directory path read-only, close-on-exec.
-pub fn open_dir(path: &[u8]) -> Ret {
-    debug_assert_eq!(path.last(), Some(&0));
-    // SAFETY: `path` is NUL-terminated and outlives the call.
-    unsafe {
-        syscall6(
-            sys!(SYS_openat),
-            [
-                libc::AT_FDCWD as usize,
-                path.as_ptr() as usize,
-                (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_DIRECTORY) as usize,
+                (libc::O_RDONLY | libc::O_CLOEXEC | flags) as usize,
                 0,
                 0,
                 0,

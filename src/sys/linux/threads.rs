@@ -115,7 +115,7 @@ pub fn parse_syscall_sp(text: &[u8]) -> Option<usize> {
 ///
 /// `scratch` is library-owned memory for directory entries (at least 4 KiB).
 pub fn for_each_thread_sp(scratch: &mut [u8], self_tid: u64, mut f: impl FnMut(u64, usize)) {
-    let dir = raw::open_dir(b"/proc/self/task\0");
+    let dir = raw::open(b"/proc/self/task\0", libc::O_DIRECTORY);
     let Ok(dir) = raw::check(dir) else { return };
     let dir = dir as i32;
     let (dents, text) = scratch.split_at_mut(scratch.len() - 512);
@@ -150,7 +150,7 @@ pub fn for_each_thread_sp(scratch: &mut [u8], self_tid: u64, mut f: impl FnMut(u
             path[p..p + 9].copy_from_slice(b"/syscall\0");
             let mut sp = 0usize;
             for _attempt in 0..50 {
-                let fd = raw::open_read(&path[..p + 9]);
+                let fd = raw::open(&path[..p + 9], 0);
                 let Ok(fd) = raw::check(fd) else { break };
                 let got = raw::read(fd as i32, text);
                 raw::close(fd as i32);
@@ -165,46 +165,6 @@ pub fn for_each_thread_sp(scratch: &mut [u8], self_tid: u64, mut f: impl FnMut(u
         }
     }
     raw::close(dir);
-}
-
-/// # Safety
-/// `[stack, stack + size)` is library-owned memory reserved for this thread forever, and
-/// `entry(arg)` is sound to run on another thread.
-///
-/// Starts a library thread running `entry(arg)` on `[stack, stack + size)`, memory the
-/// library mapped itself (glibc also places the thread's TCB, TLS and rseq area there, so
-/// none of the thread's state is tracked). Every signal is blocked in the new thread so no
-/// application signal handler ever runs on it.
-pub unsafe fn spawn(
-    stack: *mut u8,
-    size: usize,
-    entry: extern "C" fn(*mut libc::c_void) -> *mut libc::c_void,
-    arg: *mut libc::c_void,
-) -> Result<(), i32> {
-    // SAFETY: plain pthread calls on attribute and signal-set objects on this stack frame;
-    // the stack range is owned by the library for the life of the process.
-    unsafe {
-        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
-        libc::pthread_attr_init(&mut attr);
-        let r = libc::pthread_attr_setstack(&mut attr, stack as *mut libc::c_void, size);
-        if r != 0 {
-            libc::pthread_attr_destroy(&mut attr);
-            return Err(r);
-        }
-        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
-        let mut all: libc::sigset_t = core::mem::zeroed();
-        let mut old: libc::sigset_t = core::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let mut thread: libc::pthread_t = core::mem::zeroed();
-        let r = libc::pthread_create(&mut thread, &attr, entry, arg);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
-        libc::pthread_attr_destroy(&mut attr);
-        if r != 0 {
-            return Err(r);
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

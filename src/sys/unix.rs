@@ -1,0 +1,78 @@
+//! What Linux and macOS share: POSIX pieces of the platform boundary that make no
+//! platform-specific system call.
+
+use super::Access;
+
+/// Microseconds on the monotonic clock.
+pub fn now_us() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec on this frame; CLOCK_MONOTONIC is always
+    // valid, so errno is never written.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 * 1e6 + ts.tv_nsec as f64 / 1e3
+}
+
+/// The `PROT_*` bits for an access.
+pub fn prot_bits(access: Access) -> i32 {
+    match access {
+        Access::Read { exec } => libc::PROT_READ | if exec { libc::PROT_EXEC } else { 0 },
+        Access::ReadWrite { exec } => {
+            libc::PROT_READ | libc::PROT_WRITE | if exec { libc::PROT_EXEC } else { 0 }
+        }
+    }
+}
+
+#[cfg(target_os = "macos")]
+extern "C" {
+    // In libSystem but not declared by the libc crate for Apple targets.
+    fn pthread_attr_setstack(
+        attr: *mut libc::pthread_attr_t,
+        stack: *mut libc::c_void,
+        size: libc::size_t,
+    ) -> libc::c_int;
+}
+#[cfg(not(target_os = "macos"))]
+use libc::pthread_attr_setstack;
+
+/// Starts a library thread running `entry(arg)` on `[stack, stack + size)`, memory the
+/// library mapped itself (glibc also places the thread's TCB, TLS and rseq area there, so
+/// none of the thread's state is tracked). Every signal is blocked in the new thread so no
+/// application signal handler ever runs on it.
+///
+/// # Safety
+/// `[stack, stack + size)` is library-owned memory reserved for this thread forever, and
+/// `entry(arg)` is sound to run on another thread.
+pub unsafe fn spawn(
+    stack: *mut u8,
+    size: usize,
+    entry: extern "C" fn(*mut libc::c_void) -> *mut libc::c_void,
+    arg: *mut libc::c_void,
+) -> Result<(), i32> {
+    // SAFETY: plain pthread calls on attribute and signal-set objects on this stack frame;
+    // the stack range is owned by the library for the life of the process.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
+        libc::pthread_attr_init(&mut attr);
+        let r = pthread_attr_setstack(&mut attr, stack as *mut libc::c_void, size);
+        if r != 0 {
+            libc::pthread_attr_destroy(&mut attr);
+            return Err(r);
+        }
+        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        let mut all: libc::sigset_t = core::mem::zeroed();
+        let mut old: libc::sigset_t = core::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let mut thread: libc::pthread_t = core::mem::zeroed();
+        let r = libc::pthread_create(&mut thread, &attr, entry, arg);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
+        libc::pthread_attr_destroy(&mut attr);
+        if r != 0 {
+            return Err(r);
+        }
+    }
+    Ok(())
+}
