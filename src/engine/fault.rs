@@ -13,6 +13,11 @@ use crate::mem::PageState;
 use crate::sys::{self, Access};
 
 impl Engine {
+    /// The current disallow scope's number.
+    pub(super) fn scope(&self) -> u64 {
+        self.scope.load(Ordering::SeqCst)
+    }
+
     pub fn changes_allowed(&self) -> bool {
         self.allowed.load(Ordering::SeqCst)
     }
@@ -46,6 +51,7 @@ impl Engine {
             );
         }
         self.disallower.store(me, Ordering::SeqCst);
+        self.scope.fetch_add(1, Ordering::SeqCst);
         while self.in_flight.load(Ordering::SeqCst) != 0 {
             sys::yield_now();
         }

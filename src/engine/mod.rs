@@ -136,6 +136,8 @@ pub struct Meta {
     /// Regions found by a scan, before they are applied (scan scratch).
     pub found: RawVec<TrackedRegion>,
     pub floor: Floor,
+    /// The disallow scope whose rewind already reconciled the mappings.
+    pub rewind_scanned_scope: u64,
 }
 
 /// The one engine of the process.
@@ -152,6 +154,8 @@ pub struct Engine {
     allowed: AtomicBool,
     disallower: AtomicU64,
     in_flight: AtomicU32,
+    /// Counts disallow scopes, so a rewind's region walk runs once per scope.
+    scope: AtomicU64,
     controller: AtomicU64,
     owner_pid: AtomicU64,
 
@@ -255,6 +259,7 @@ impl Engine {
             sps: vec(1 << 16, "thread"),
             found: vec(1 << 20, "found region"),
             floor: Floor::default(),
+            rewind_scanned_scope: u64::MAX,
         };
         let engine = Engine {
             page,
@@ -268,6 +273,7 @@ impl Engine {
             allowed: AtomicBool::new(true),
             disallower: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
+            scope: AtomicU64::new(0),
             controller: AtomicU64::new(0),
             owner_pid: AtomicU64::new(crate::sys::pid()),
             mode: AtomicU32::new(0),

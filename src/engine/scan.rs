@@ -380,7 +380,15 @@ impl Engine {
 
     /// A rewind's scan: aborts if tracked memory vanished or was unprotected since the
     /// newest checkpoint, and returns memory obtained since then to the kernel (zeroed).
+    ///
+    /// Once per disallow scope: within one scope other threads are idle and the controller
+    /// runs only library code, so the mappings cannot change between two restore calls.
     pub(super) fn scan_rewind(&self, function: &str, m: &mut Meta, newest: usize) {
+        let scope = self.scope();
+        if m.rewind_scanned_scope == scope {
+            return;
+        }
+        m.rewind_scanned_scope = scope;
         if self.mode() == Mode::WholeProcess {
             self.build_exclusions(function, m);
         } else {

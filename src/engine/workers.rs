@@ -13,6 +13,7 @@ use super::Engine;
 use crate::sys::{self, Access};
 
 const STACK_BYTES: usize = 256 << 10;
+const PARALLEL_MIN_PAGES: usize = 256;
 
 #[derive(Clone, Copy)]
 struct Job {
@@ -138,7 +139,9 @@ impl Engine {
     pub(super) fn restore_entries(&self, entries: &[DiffEntry]) {
         let w = &self.workers;
         let workers = if self.workers_usable() { w.count() } else { 0 };
-        if workers == 0 || entries.len() < 64 {
+        // Waking the workers costs tens of microseconds; below this many pages the
+        // controller copies faster alone.
+        if workers == 0 || entries.len() < PARALLEL_MIN_PAGES {
             self.restore_chunk(entries, 1, 0);
             return;
         }
