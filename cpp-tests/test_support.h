@@ -57,7 +57,8 @@ inline void ms_say(const char* fmt, ...) {
 
 #define MS_PASS() _exit(0)
 
-// Runs `body` in a forked child and expects it to exit with status 0.
+// Runs `body` in a forked child and expects it to exit with status 0. `body` must not
+// contain a top-level comma (the preprocessor would split it): call a function instead.
 #define MS_IN_CHILD(body) EXPECT_EXIT({ body; MS_PASS(); }, ::testing::ExitedWithCode(0), "")
 
 // Runs `body` in a forked child and expects memsnap to abort it with a message
