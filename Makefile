@@ -62,7 +62,8 @@ $(BUILD)/memsnap-tests: $(CPP_TESTS) include/MemorySnapshot.h include/MemorySnap
 cpp-test: $(BUILD)/memsnap-tests
 	./$(BUILD)/memsnap-tests
 
-test: lib gtest rust-test cpp-test
+# The demo verifies every rewind it makes, so it doubles as an end-to-end check.
+test: lib gtest rust-test cpp-test demo
 
 $(BUILD)/memsnap-demo: $(DEMO_SRCS) include/MemorySnapshot.h include/MemorySnapshotHelpers.h lib
 	@mkdir -p $(BUILD)
