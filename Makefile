@@ -33,7 +33,7 @@ HOST_LDFLAGS := -L$(LIBDIR) -lmemsnap $(RPATH) -pthread
 CPP_TESTS := $(wildcard cpp-tests/*.cpp)
 DEMO_SRCS := $(wildcard demo/*.cpp)
 
-.PHONY: all lib test rust-test cpp-test gtest demo install clean header-check
+.PHONY: all lib test rust-test cpp-test gtest demo install clean test-aarch64
 
 all: lib
 
@@ -71,6 +71,17 @@ $(BUILD)/memsnap-demo: $(DEMO_SRCS) include/MemorySnapshot.h include/MemorySnaps
 
 demo: $(BUILD)/memsnap-demo
 	./$(BUILD)/memsnap-demo
+
+# The Rust suites for Linux aarch64, cross-built and run under qemu-user (Debian's
+# gcc-aarch64-linux-gnu and qemu-user). Not part of `make test`.
+AARCH64_ENV := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+  CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
+test-aarch64:
+	@command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user >/dev/null; }
+	rustup target add aarch64-unknown-linux-gnu
+	$(AARCH64_ENV) $(CARGO) test --release --target aarch64-unknown-linux-gnu
 
 install: lib
 	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include/memsnap $(DESTDIR)$(PREFIX)/lib/pkgconfig
