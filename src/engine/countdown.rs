@@ -14,6 +14,7 @@ const STACK_BYTES: usize = 64 << 10;
 extern "C" fn countdown_main(arg: *mut libc::c_void) -> *mut libc::c_void {
     // SAFETY: `arg` is the never-freed engine.
     let e = unsafe { &*(arg as *const Engine) };
+    e.workers.register_own_thread();
     loop {
         sys::sleep_ns(1_000_000);
         let c = e.countdown.load(Ordering::Acquire);

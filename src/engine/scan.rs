@@ -64,7 +64,11 @@ impl Engine {
             let Meta { scratch, sps, .. } = &mut *m;
             // SAFETY: u8 accepts any bit pattern.
             let buf = unsafe { scratch.spare() };
-            sys::for_each_thread_sp(&mut buf[..1 << 16], sys::tid(), |tid, sp| {
+            // The controller and the library's own threads need no probe (and probing a
+            // worker that is just going to sleep makes the kernel wait for it).
+            let me = sys::tid();
+            let own = |tid: u64| tid == me || self.workers.is_own_thread(tid);
+            sys::for_each_thread_sp(&mut buf[..1 << 16], own, |tid, sp| {
                 let _ = sps.push((tid, Range::new(sp, sp)));
             });
         }

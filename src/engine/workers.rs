@@ -14,6 +14,7 @@ use crate::sys::{self, Access};
 
 const STACK_BYTES: usize = 256 << 10;
 const PARALLEL_MIN_PAGES: usize = 256;
+const MAX_OWN_THREADS: usize = 66;
 
 #[derive(Clone, Copy)]
 struct Job {
@@ -24,6 +25,8 @@ struct Job {
 
 pub struct Workers {
     count: AtomicUsize,
+    /// Thread ids of the workers and the countdown thread (0 = unused slot).
+    tids: [AtomicU64; MAX_OWN_THREADS],
     pid: AtomicU64,
     generation: AtomicU32,
     done: AtomicU32,
@@ -44,6 +47,7 @@ impl Workers {
     pub const fn new() -> Self {
         Workers {
             count: AtomicUsize::new(0),
+            tids: [const { AtomicU64::new(0) }; MAX_OWN_THREADS],
             pid: AtomicU64::new(0),
             generation: AtomicU32::new(0),
             done: AtomicU32::new(0),
@@ -62,6 +66,24 @@ impl Workers {
     pub fn pid(&self) -> u64 {
         self.pid.load(Ordering::Relaxed)
     }
+
+    /// Records the calling library thread's id.
+    pub(super) fn register_own_thread(&self) {
+        let me = sys::tid();
+        for slot in &self.tids {
+            if slot
+                .compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Whether `tid` is one of the library's own threads.
+    pub fn is_own_thread(&self, tid: u64) -> bool {
+        self.tids.iter().any(|t| t.load(Ordering::Acquire) == tid)
+    }
 }
 
 impl Default for Workers {
@@ -77,6 +99,7 @@ extern "C" fn worker_main(arg: *mut libc::c_void) -> *mut libc::c_void {
     // SAFETY: the engine is never freed.
     let engine = unsafe { &*start.engine };
     let w = &engine.workers;
+    w.register_own_thread();
     let mut seen = start.generation;
     loop {
         let g = w.generation.load(Ordering::Acquire);

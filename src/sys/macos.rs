@@ -182,4 +182,9 @@ pub fn current_sp() -> usize {
     core::hint::black_box(&marker) as *const u8 as usize
 }
 
-pub fn for_each_thread_sp(_scratch: &mut [u8], _self_tid: u64, _f: impl FnMut(u64, usize)) {}
+pub fn for_each_thread_sp(
+    _scratch: &mut [u8],
+    _skip: impl Fn(u64) -> bool,
+    _f: impl FnMut(u64, usize),
+) {
+}

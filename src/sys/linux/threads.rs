@@ -109,12 +109,16 @@ pub fn parse_syscall_sp(text: &[u8]) -> Option<usize> {
     Some(v)
 }
 
-/// Calls `f(tid, sp)` for every other live thread of this process whose stack pointer the
-/// kernel can tell (threads blocked in or outside a system call). Threads that stay
-/// `running` through a few retries are reported with `sp == 0`.
+/// Calls `f(tid, sp)` for every live thread of this process, except those `skip` names,
+/// whose stack pointer the kernel can tell (threads blocked in or outside a system call).
+/// Threads that stay `running` through a few retries are reported with `sp == 0`.
 ///
 /// `scratch` is library-owned memory for directory entries (at least 4 KiB).
-pub fn for_each_thread_sp(scratch: &mut [u8], self_tid: u64, mut f: impl FnMut(u64, usize)) {
+pub fn for_each_thread_sp(
+    scratch: &mut [u8],
+    skip: impl Fn(u64) -> bool,
+    mut f: impl FnMut(u64, usize),
+) {
     let dir = raw::open(b"/proc/self/task\0", libc::O_DIRECTORY);
     let Ok(dir) = raw::check(dir) else { return };
     let dir = dir as i32;
@@ -138,7 +142,7 @@ pub fn for_each_thread_sp(scratch: &mut [u8], self_tid: u64, mut f: impl FnMut(u
             let Some(tid) = parse_decimal(name) else {
                 continue;
             };
-            if tid == self_tid {
+            if skip(tid) {
                 continue;
             }
             let mut path = [0u8; 64];
