@@ -9,7 +9,7 @@ use core::sync::atomic::Ordering;
 
 use super::dirty::{fold_into_predecessor, for_each_run, DiffEntry};
 use super::free::FreeSet;
-use super::{Checkpoint, Engine, FloorReason, Meta, Mode, Phase};
+use super::{Checkpoint, Engine, FloorReason, Meta, Phase};
 use crate::mem::PageState;
 use crate::sys::{self, Access};
 
@@ -75,9 +75,6 @@ impl Engine {
         self.spawn_workers(F);
         if let Err(e) = sys::install_fault_handler(super::fault::on_write_fault) {
             crate::fatal!(F, "cannot install the write-fault handler (error {})", e);
-        }
-        if self.mode() == Mode::WholeProcess && self.pin_allocator.load(Ordering::Relaxed) {
-            sys::pin_allocator();
         }
         self.set_allowed(F, false);
         {

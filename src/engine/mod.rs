@@ -338,6 +338,8 @@ impl Engine {
             }
         }
         e.balance[1].fetch_add(bytes as isize, Ordering::Relaxed);
+        // As early as possible: memory malloc obtains from now on stays mapped.
+        e.apply_pin();
         ENGINE.store(block, Ordering::Release);
         e
     }
@@ -378,6 +380,7 @@ impl Engine {
             },
             Ordering::Relaxed,
         );
+        self.apply_pin();
         true
     }
 
@@ -398,7 +401,15 @@ impl Engine {
             return false;
         }
         self.pin_allocator.store(on, Ordering::Relaxed);
+        self.apply_pin();
         true
+    }
+
+    /// Pins glibc malloc in whole-process mode unless the host opted out.
+    fn apply_pin(&self) {
+        crate::sys::pin_allocator(
+            self.mode() == Mode::WholeProcess && self.pin_allocator.load(Ordering::Relaxed),
+        );
     }
 
     pub fn page_base(&self, addr: usize) -> usize {

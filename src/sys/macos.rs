@@ -157,7 +157,7 @@ pub fn fault_handler_installed() -> bool {
     false
 }
 
-pub fn pin_allocator() {}
+pub fn pin_allocator(_pin: bool) {}
 
 pub fn rseq_layout() -> Option<(isize, usize)> {
     None

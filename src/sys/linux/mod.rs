@@ -204,14 +204,23 @@ pub fn fault_handler_installed() -> bool {
     signals::still_installed()
 }
 
-/// Keeps glibc malloc from returning memory to the kernel (no mmap'd chunks, no trimming,
-/// one arena), so that memory tracked at a checkpoint is still mapped at every rewind.
-pub fn pin_allocator() {
+/// With `pin`, keeps glibc malloc from returning memory to the kernel (no mmap'd chunks,
+/// no trimming, one arena), so that memory tracked at a checkpoint is still mapped at
+/// every rewind; without, puts glibc's documented defaults back.
+pub fn pin_allocator(pin: bool) {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only adjusts glibc malloc tunables.
     unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_ARENA_MAX, 1);
+        if pin {
+            libc::mallopt(libc::M_MMAP_MAX, 0);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        } else {
+            libc::mallopt(libc::M_MMAP_MAX, 65536);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
+            libc::mallopt(libc::M_ARENA_MAX, 0);
+        }
     }
+    #[cfg(not(target_env = "gnu"))]
+    let _ = pin;
 }
