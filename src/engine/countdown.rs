@@ -61,5 +61,6 @@ impl Engine {
         if let Err(e) = r {
             crate::fatal!(function, "cannot start the countdown thread (error {})", e);
         }
+        self.workers.wait_registered(1 + self.workers.count());
     }
 }

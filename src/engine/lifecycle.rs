@@ -43,6 +43,7 @@ impl Engine {
             free_start,
             free_len: m.free.len(),
             allocated: m.allocated.len(),
+            threads: (self.mode() == super::Mode::WholeProcess).then(|| m.thread_fingerprint()),
         };
         if m.checkpoints.push(c).is_err() {
             crate::fatal!(function, "out of room for checkpoints");
@@ -255,6 +256,7 @@ impl Engine {
         let mut m = self.meta.lock();
         let newest = m.checkpoints.len() - 1;
         self.scan_rewind(F, &mut m, newest);
+        self.check_threads(F, &mut m, newest);
         // SAFETY: changes are disallowed; no handler is in flight.
         let pages = unsafe { self.log.quiescent_slice() };
         m.entries.clear();
@@ -273,6 +275,25 @@ impl Engine {
         drop(m);
         self.rewinds.fetch_add(1, Ordering::Relaxed);
         self.record(t0, &self.last_restore_ns, &self.restore_ns);
+    }
+
+    /// Refuses a rewind across thread creation or exit: glibc keeps the heads of its
+    /// thread and stack-cache lists in (tracked, rewound) libc data but the list nodes in
+    /// each thread's (untracked) stack, so rewinding the heads alone corrupts the lists.
+    fn check_threads(&self, function: &str, m: &mut Meta, target: usize) {
+        let Some((count, hash)) = m.checkpoints[target].threads else {
+            return;
+        };
+        let (now, now_hash) = m.thread_fingerprint();
+        if (now, now_hash) != (count, hash) {
+            crate::fatal!(
+                function,
+                "threads were created or exited since checkpoint {} ({} other threads then, {} now); rewinding across thread creation or exit is not supported",
+                target + 1,
+                count,
+                now
+            );
+        }
     }
 
     fn floor_message(&self, function: &str, m: &Meta, target: usize) -> ! {
@@ -315,6 +336,7 @@ impl Engine {
             self.floor_message(F, &m, target);
         }
         self.scan_rewind(F, &mut m, target + 1);
+        self.check_threads(F, &mut m, target);
         let c = m.checkpoints[target];
         {
             let diff = &m.diffs[c.diff_start..c.diff_start + c.diff_len];
@@ -408,6 +430,7 @@ impl Engine {
             free_start: rs,
             free_len: nl,
             allocated: newest.allocated,
+            threads: newest.threads,
         };
         let _ = m.checkpoints.push(moved);
         for r in m.regions.iter_mut() {

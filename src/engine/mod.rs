@@ -88,6 +88,9 @@ pub struct Checkpoint {
     pub free_len: usize,
     /// How many allocated tracked regions existed at this checkpoint.
     pub allocated: usize,
+    /// The other threads alive at this checkpoint (count and a hash of their ids), in
+    /// whole-process mode; `None` where no thread probe ran.
+    pub threads: Option<(usize, u64)>,
 }
 
 /// Why rewinding before some checkpoint has become impossible.
@@ -478,6 +481,16 @@ impl Meta {
         if self.regions.insert(i, region).is_err() {
             crate::fatal!("memsnap", "out of room for tracked regions");
         }
+    }
+
+    /// The other threads the last probe found: how many, and a hash of their sorted ids.
+    pub fn thread_fingerprint(&mut self) -> (usize, u64) {
+        self.sps.sort_unstable_by_key(|s| s.0);
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for s in self.sps.iter() {
+            h = (h ^ s.0).wrapping_mul(0x0100_0000_01b3);
+        }
+        (self.sps.len(), h)
     }
 
     pub fn tracked_bytes(&self) -> usize {

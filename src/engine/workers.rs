@@ -80,6 +80,20 @@ impl Workers {
         }
     }
 
+    /// Waits until `n` library threads have recorded their ids, so that a thread probe
+    /// right after spawning never mistakes one of them for a host thread.
+    pub(super) fn wait_registered(&self, n: usize) {
+        while self
+            .tids
+            .iter()
+            .filter(|t| t.load(Ordering::Acquire) != 0)
+            .count()
+            < n
+        {
+            sys::yield_now();
+        }
+    }
+
     /// Whether `tid` is one of the library's own threads.
     pub fn is_own_thread(&self, tid: u64) -> bool {
         self.tids.iter().any(|t| t.load(Ordering::Acquire) == tid)
@@ -153,6 +167,7 @@ impl Engine {
                 }
             }
         }
+        w.wait_registered(n + usize::from(self.countdown_started.load(Ordering::Acquire)));
         w.pid.store(sys::pid(), Ordering::Relaxed);
         w.count.store(n, Ordering::Release);
     }
