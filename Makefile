@@ -31,6 +31,9 @@ CXXFLAGS += -std=c++17 -Wall -Wextra -Werror -Iinclude -pthread
 HOST_LDFLAGS := -L$(LIBDIR) -lmemsnap $(RPATH) -pthread
 
 CPP_TESTS := $(wildcard cpp-tests/*.cpp)
+ifeq ($(UNAME),Darwin)
+  CPP_TESTS := $(filter-out cpp-tests/linux_%,$(CPP_TESTS))
+endif
 DEMO_SRCS := $(wildcard demo/*.cpp)
 
 .PHONY: all lib test rust-test cpp-test gtest demo install clean test-aarch64
