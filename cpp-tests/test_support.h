@@ -57,13 +57,15 @@ inline void ms_say(const char* fmt, ...) {
 
 #define MS_PASS() _exit(0)
 
-// Runs `body` in a forked child and expects it to exit with status 0. `body` must not
+// Runs `body` in a forked child under a 60 s watchdog (SIGALRM turns a hang into a
+// failure) and expects it to exit with status 0. `body` must not
 // contain a top-level comma (the preprocessor would split it): call a function instead.
-#define MS_IN_CHILD(body) EXPECT_EXIT({ body; MS_PASS(); }, ::testing::ExitedWithCode(0), "")
+#define MS_IN_CHILD(body) \
+  EXPECT_EXIT({ alarm(60); body; MS_PASS(); }, ::testing::ExitedWithCode(0), "")
 
 // Runs `body` in a forked child and expects memsnap to abort it with a message
 // matching `regex` on stderr.
 #define MS_DIES_WITH(body, regex) \
-  EXPECT_EXIT({ body; _exit(0); }, ::testing::KilledBySignal(SIGABRT), regex)
+  EXPECT_EXIT({ alarm(60); body; _exit(0); }, ::testing::KilledBySignal(SIGABRT), regex)
 
 #endif  // MEMSNAP_TEST_SUPPORT_H
