@@ -286,33 +286,28 @@ impl Engine {
     /// The first snapshot's scan: tracks registered ranges and (whole-process mode) every
     /// other writable private mapping.
     pub(super) fn scan_first(&self, function: &str, m: &mut Meta) {
-        m.found.clear();
-        for i in 0..m.registered.len() {
-            let r = m.registered[i];
-            let _ = m.found.push(r);
-        }
         self.build_exclusions(function, m);
         // Registered ranges are carved by the exclusions too (the original's rule).
-        let registered = m.found.len();
-        m.work.clear();
-        for i in 0..registered {
-            let r = m.found[i];
-            let Meta {
-                work2,
-                regions,
-                work,
-                ..
-            } = &mut *m;
-            RangeSet::for_each_gap(work2, r.range, |piece| {
-                if !regions.iter().any(|x| x.range.intersects(&piece)) {
-                    let _ = work.push(piece);
-                }
-            });
+        for i in 0..m.registered.len() {
+            let r = m.registered[i];
+            m.work.clear();
+            {
+                let Meta {
+                    work2,
+                    regions,
+                    work,
+                    ..
+                } = &mut *m;
+                RangeSet::for_each_gap(work2, r.range, |piece| {
+                    if !regions.iter().any(|x| x.range.intersects(&piece)) {
+                        let _ = work.push(piece);
+                    }
+                });
+            }
             for j in 0..m.work.len() {
                 let piece = m.work[j];
                 self.track(function, m, TrackedRegion { range: piece, ..r });
             }
-            m.work.clear();
         }
         if self.mode() == Mode::WholeProcess {
             self.find_new(m);
