@@ -281,10 +281,23 @@ impl Engine {
     /// thread and stack-cache lists in (tracked, rewound) libc data but the list nodes in
     /// each thread's (untracked) stack, so rewinding the heads alone corrupts the lists.
     fn check_threads(&self, function: &str, m: &mut Meta, target: usize) {
-        let Some((count, hash)) = m.checkpoints[target].threads else {
+        let Some((count, hash, exited)) = m.checkpoints[target].threads else {
             return;
         };
-        let (now, now_hash) = m.thread_fingerprint();
+        let (now, now_hash, now_exited) = m.thread_fingerprint();
+        // Threads that were created and exited in between leave the live set unchanged
+        // but add their run time to the exited total: compare the lower bound now with
+        // the upper bound then (a forked child's clock starts again at zero, so it never
+        // trips this). The slack absorbs clock granularity.
+        const EXITED_SLACK_NS: i64 = 2_000;
+        if now_exited.0 - exited.1 > EXITED_SLACK_NS {
+            crate::fatal!(
+                function,
+                "threads were created or exited since checkpoint {} (threads that exited since used {} us of CPU); rewinding across thread creation or exit is not supported",
+                target + 1,
+                (now_exited.0 - exited.1) / 1000
+            );
+        }
         if (now, now_hash) != (count, hash) {
             crate::fatal!(
                 function,

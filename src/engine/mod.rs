@@ -88,9 +88,10 @@ pub struct Checkpoint {
     pub free_len: usize,
     /// How many allocated tracked regions existed at this checkpoint.
     pub allocated: usize,
-    /// The other threads alive at this checkpoint (count and a hash of their ids), in
-    /// whole-process mode; `None` where no thread probe ran.
-    pub threads: Option<(usize, u64)>,
+    /// The other threads alive at this checkpoint (count and a hash of their ids) and the
+    /// CPU time of threads that had exited, in whole-process mode; `None` where no thread
+    /// probe ran.
+    pub threads: Option<(usize, u64, (i64, i64))>,
 }
 
 /// Why rewinding before some checkpoint has become impossible.
@@ -483,14 +484,18 @@ impl Meta {
         }
     }
 
-    /// The other threads the last probe found: how many, and a hash of their sorted ids.
-    pub fn thread_fingerprint(&mut self) -> (usize, u64) {
+    /// The other threads the last probe found (how many, a hash of their sorted ids),
+    /// and the CPU time used so far by threads that have exited.
+    pub fn thread_fingerprint(&mut self) -> (usize, u64, (i64, i64)) {
         self.sps.sort_unstable_by_key(|s| s.0);
         let mut h = 0xcbf2_9ce4_8422_2325u64;
         for s in self.sps.iter() {
             h = (h ^ s.0).wrapping_mul(0x0100_0000_01b3);
         }
-        (self.sps.len(), h)
+        // SAFETY: u8 accepts any bit pattern.
+        let buf = unsafe { self.scratch.spare() };
+        let exited = crate::sys::exited_threads_cpu_ns(&mut buf[..1 << 16]);
+        (self.sps.len(), h, exited)
     }
 
     pub fn tracked_bytes(&self) -> usize {

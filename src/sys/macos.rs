@@ -159,6 +159,10 @@ pub fn fault_handler_installed() -> bool {
 
 pub fn pin_allocator(_pin: bool) {}
 
+pub fn exited_threads_cpu_ns(_scratch: &mut [u8]) -> (i64, i64) {
+    (0, 0)
+}
+
 pub fn rseq_layout() -> Option<(isize, usize)> {
     None
 }

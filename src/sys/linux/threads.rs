@@ -171,6 +171,75 @@ pub fn for_each_thread_sp(
     raw::close(dir);
 }
 
+/// CPU time, in nanoseconds, used by the process's threads that have exited, as
+/// `(lower, upper)` bounds: the process clock less the calling thread's clock less every
+/// other live thread's `schedstat` run time. It only grows, by each exiting thread's run
+/// time, so a rise between two readings shows that threads came and went even when the
+/// set of live threads looks the same. Threads running during the reading make a single
+/// difference unreliable; bracketing the reading (own clock, process clock, the others,
+/// process clock, own clock) yields a bound on each side.
+pub fn exited_threads_cpu_ns(scratch: &mut [u8]) -> (i64, i64) {
+    let clock = |id| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec on this frame; both clocks exist.
+        unsafe { libc::clock_gettime(id, &mut ts) };
+        ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+    };
+    let mine_before = clock(libc::CLOCK_THREAD_CPUTIME_ID);
+    let process_before = clock(libc::CLOCK_PROCESS_CPUTIME_ID);
+    let me = raw::gettid();
+    let mut others = 0i64;
+    let dir = raw::open(b"/proc/self/task\0", libc::O_DIRECTORY);
+    let Ok(dir) = raw::check(dir) else {
+        return (0, 0);
+    };
+    let dir = dir as i32;
+    let (dents, text) = scratch.split_at_mut(scratch.len() - 512);
+    while let Ok(n @ 1..) = raw::check(raw::getdents64(dir, dents)) {
+        let mut off = 0usize;
+        while off + 19 < n {
+            let reclen = u16::from_ne_bytes([dents[off + 16], dents[off + 17]]) as usize;
+            if reclen == 0 {
+                break;
+            }
+            let name = &dents[off + 19..off + reclen];
+            let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
+            off += reclen;
+            match parse_decimal(name) {
+                Some(tid) if tid != me => {}
+                _ => continue,
+            }
+            let mut path = [0u8; 64];
+            let prefix = b"/proc/self/task/";
+            path[..prefix.len()].copy_from_slice(prefix);
+            let mut p = prefix.len();
+            path[p..p + name.len()].copy_from_slice(name);
+            p += name.len();
+            path[p..p + 10].copy_from_slice(b"/schedstat");
+            path[p + 10] = 0;
+            let Ok(fd) = raw::check(raw::open(&path[..p + 11], 0)) else {
+                continue;
+            };
+            let got = raw::read(fd as i32, text);
+            raw::close(fd as i32);
+            if let Ok(got) = raw::check(got) {
+                let first = text[..got].split(|&c| c == b' ').next().unwrap_or(b"");
+                others += parse_decimal(first).unwrap_or(0) as i64;
+            }
+        }
+    }
+    raw::close(dir);
+    let process_after = clock(libc::CLOCK_PROCESS_CPUTIME_ID);
+    let mine_after = clock(libc::CLOCK_THREAD_CPUTIME_ID);
+    (
+        process_before - mine_after - others,
+        process_after - mine_before - others,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
