@@ -109,26 +109,26 @@ pub fn parse_syscall_sp(text: &[u8]) -> Option<usize> {
     Some(v)
 }
 
-/// Calls `f(tid, sp)` for every live thread of this process, except those `skip` names,
-/// whose stack pointer the kernel can tell (threads blocked in or outside a system call).
-/// Threads that stay `running` through a few retries are reported with `sp == 0`.
+/// Calls `f(tid, text)` for every thread of this process but the caller and those `skip`
+/// names (whose files are not even opened), where `text` is
+/// what `read` got from `/proc/self/task/<tid>/<leaf>` (`leaf` NUL-terminated). `f`
+/// returns whether to read the file again (after a yield); at most 50 times.
 ///
-/// `scratch` is library-owned memory for directory entries (at least 4 KiB).
-pub fn for_each_thread_sp(
+/// `scratch` is library-owned memory for directory entries and file text (at least
+/// 4 KiB); nothing is allocated.
+fn for_each_task_file(
     scratch: &mut [u8],
+    leaf: &[u8],
     skip: impl Fn(u64) -> bool,
-    mut f: impl FnMut(u64, usize),
+    mut f: impl FnMut(u64, Option<&[u8]>) -> bool,
 ) {
-    let dir = raw::open(b"/proc/self/task\0", libc::O_DIRECTORY);
-    let Ok(dir) = raw::check(dir) else { return };
+    let me = raw::gettid();
+    let Ok(dir) = raw::check(raw::open(b"/proc/self/task\0", libc::O_DIRECTORY)) else {
+        return;
+    };
     let dir = dir as i32;
     let (dents, text) = scratch.split_at_mut(scratch.len() - 512);
-    loop {
-        let n = raw::getdents64(dir, dents);
-        let Ok(n) = raw::check(n) else { break };
-        if n == 0 {
-            break;
-        }
+    while let Ok(n @ 1..) = raw::check(raw::getdents64(dir, dents)) {
         let mut off = 0usize;
         while off + 19 < n {
             // struct linux_dirent64 { u64 ino; i64 off; u16 reclen; u8 type; char name[]; }
@@ -139,36 +139,55 @@ pub fn for_each_thread_sp(
             let name = &dents[off + 19..off + reclen];
             let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
             off += reclen;
-            let Some(tid) = parse_decimal(name) else {
+            let Some(tid) = parse_decimal(name).filter(|&t| t != me && !skip(t)) else {
                 continue;
             };
-            if skip(tid) {
-                continue;
-            }
             let mut path = [0u8; 64];
             let prefix = b"/proc/self/task/";
-            path[..prefix.len()].copy_from_slice(prefix);
-            let mut p = prefix.len();
-            path[p..p + name.len()].copy_from_slice(name);
-            p += name.len();
-            path[p..p + 9].copy_from_slice(b"/syscall\0");
-            let mut sp = 0usize;
+            let mut p = 0;
+            for part in [&prefix[..], name, b"/", leaf] {
+                path[p..p + part.len()].copy_from_slice(part);
+                p += part.len();
+            }
             for _attempt in 0..50 {
-                let fd = raw::open(&path[..p + 9], 0);
-                let Ok(fd) = raw::check(fd) else { break };
-                let got = raw::read(fd as i32, text);
-                raw::close(fd as i32);
-                let Ok(got) = raw::check(got) else { break };
-                if let Some(found) = parse_syscall_sp(&text[..got]) {
-                    sp = found;
+                let got = match raw::check(raw::open(&path[..p], 0)) {
+                    Ok(fd) => {
+                        let got = raw::check(raw::read(fd as i32, text));
+                        raw::close(fd as i32);
+                        got.ok()
+                    }
+                    Err(_) => None,
+                };
+                if !f(tid, got.map(|g| &text[..g])) {
                     break;
                 }
                 raw::sched_yield();
             }
-            f(tid, sp);
         }
     }
     raw::close(dir);
+}
+
+/// Calls `f(tid, sp)` for every other live thread of this process, except those `skip`
+/// names, whose stack pointer the kernel can tell (threads blocked in or outside a
+/// system call). Threads that stay `running` through a few retries, or vanish, are
+/// reported with `sp == 0`.
+pub fn for_each_thread_sp(
+    scratch: &mut [u8],
+    skip: impl Fn(u64) -> bool,
+    mut f: impl FnMut(u64, usize),
+) {
+    let mut attempts = 0;
+    for_each_task_file(scratch, b"syscall\0", skip, |tid, text| {
+        attempts += 1;
+        let sp = text.and_then(parse_syscall_sp);
+        if sp.is_none() && text.is_some() && attempts < 50 {
+            return true;
+        }
+        f(tid, sp.unwrap_or(0));
+        attempts = 0;
+        false
+    });
 }
 
 /// CPU time, in nanoseconds, used by the process's threads that have exited, as
@@ -190,48 +209,17 @@ pub fn exited_threads_cpu_ns(scratch: &mut [u8]) -> (i64, i64) {
     };
     let mine_before = clock(libc::CLOCK_THREAD_CPUTIME_ID);
     let process_before = clock(libc::CLOCK_PROCESS_CPUTIME_ID);
-    let me = raw::gettid();
     let mut others = 0i64;
-    let dir = raw::open(b"/proc/self/task\0", libc::O_DIRECTORY);
-    let Ok(dir) = raw::check(dir) else {
-        return (0, 0);
-    };
-    let dir = dir as i32;
-    let (dents, text) = scratch.split_at_mut(scratch.len() - 512);
-    while let Ok(n @ 1..) = raw::check(raw::getdents64(dir, dents)) {
-        let mut off = 0usize;
-        while off + 19 < n {
-            let reclen = u16::from_ne_bytes([dents[off + 16], dents[off + 17]]) as usize;
-            if reclen == 0 {
-                break;
-            }
-            let name = &dents[off + 19..off + reclen];
-            let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
-            off += reclen;
-            match parse_decimal(name) {
-                Some(tid) if tid != me => {}
-                _ => continue,
-            }
-            let mut path = [0u8; 64];
-            let prefix = b"/proc/self/task/";
-            path[..prefix.len()].copy_from_slice(prefix);
-            let mut p = prefix.len();
-            path[p..p + name.len()].copy_from_slice(name);
-            p += name.len();
-            path[p..p + 10].copy_from_slice(b"/schedstat");
-            path[p + 10] = 0;
-            let Ok(fd) = raw::check(raw::open(&path[..p + 11], 0)) else {
-                continue;
-            };
-            let got = raw::read(fd as i32, text);
-            raw::close(fd as i32);
-            if let Ok(got) = raw::check(got) {
-                let first = text[..got].split(|&c| c == b' ').next().unwrap_or(b"");
-                others += parse_decimal(first).unwrap_or(0) as i64;
-            }
-        }
-    }
-    raw::close(dir);
+    for_each_task_file(
+        scratch,
+        b"schedstat\0",
+        |_| false,
+        |_, text| {
+            let first = text.and_then(|t| t.split(|&c| c == b' ').next());
+            others += first.and_then(parse_decimal).unwrap_or(0) as i64;
+            false
+        },
+    );
     let process_after = clock(libc::CLOCK_PROCESS_CPUTIME_ID);
     let mine_after = clock(libc::CLOCK_THREAD_CPUTIME_ID);
     (
