@@ -68,6 +68,7 @@ impl Engine {
             // worker that is just going to sleep makes the kernel wait for it).
             let me = sys::tid();
             let own = |tid: u64| tid == me || self.workers.is_own_thread(tid);
+            sys::settle_threads(&mut buf[..1 << 16]);
             sys::for_each_thread_sp(&mut buf[..1 << 16], own, |tid, sp| {
                 let _ = sps.push((tid, Range::new(sp, sp)));
             });

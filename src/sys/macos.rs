@@ -159,6 +159,8 @@ pub fn fault_handler_installed() -> bool {
 
 pub fn pin_allocator(_pin: bool) {}
 
+pub fn settle_threads(_scratch: &mut [u8]) {}
+
 pub fn exited_threads_cpu_ns(_scratch: &mut [u8]) -> (i64, i64) {
     (0, 0)
 }

@@ -9,7 +9,7 @@ pub mod threads;
 pub use signals::FaultCallback;
 pub use threads::{
     current_errno_location, current_rseq_area, current_signal_stack, current_sp,
-    exited_threads_cpu_ns, for_each_thread_sp, rseq_layout,
+    exited_threads_cpu_ns, for_each_thread_sp, rseq_layout, settle_threads,
 };
 
 use super::{Access, Region, RegionKind};

@@ -123,45 +123,89 @@ fn for_each_task_file(
     mut f: impl FnMut(u64, Option<&[u8]>) -> bool,
 ) {
     let me = raw::gettid();
+    let (dents, text) = scratch.split_at_mut(scratch.len() - 512);
+    for_each_task_file_names(dents, |tid| {
+        if tid == me || skip(tid) {
+            return;
+        }
+        let mut path = [0u8; 64];
+        let prefix = b"/proc/self/task/";
+        path[..prefix.len()].copy_from_slice(prefix);
+        let mut p = prefix.len();
+        let mut digits = [0u8; 20];
+        let mut d = digits.len();
+        let mut v = tid;
+        loop {
+            d -= 1;
+            digits[d] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        for part in [&digits[d..], b"/", leaf] {
+            path[p..p + part.len()].copy_from_slice(part);
+            p += part.len();
+        }
+        for _attempt in 0..50 {
+            let got = match raw::check(raw::open(&path[..p], 0)) {
+                Ok(fd) => {
+                    let got = raw::check(raw::read(fd as i32, text));
+                    raw::close(fd as i32);
+                    got.ok()
+                }
+                Err(_) => None,
+            };
+            if !f(tid, got.map(|g| &text[..g])) {
+                break;
+            }
+            raw::sched_yield();
+        }
+    });
+}
+
+/// Waits (yielding, a bounded number of times) until two consecutive listings of
+/// `/proc/self/task` agree: a thread that was just joined may still be finishing its exit
+/// in the kernel, listed but about to vanish, and a probe must not count it.
+pub fn settle_threads(scratch: &mut [u8]) {
+    let list = |scratch: &mut [u8]| {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut n = 0u64;
+        for_each_task_file_names(scratch, |tid| {
+            h = (h ^ tid).wrapping_mul(0x0100_0000_01b3);
+            n += 1;
+        });
+        (n, h)
+    };
+    let mut last = list(scratch);
+    for _ in 0..1000 {
+        raw::sched_yield();
+        let now = list(scratch);
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// Calls `f(tid)` for every entry of `/proc/self/task`, in directory order.
+fn for_each_task_file_names(scratch: &mut [u8], mut f: impl FnMut(u64)) {
     let Ok(dir) = raw::check(raw::open(b"/proc/self/task\0", libc::O_DIRECTORY)) else {
         return;
     };
     let dir = dir as i32;
-    let (dents, text) = scratch.split_at_mut(scratch.len() - 512);
-    while let Ok(n @ 1..) = raw::check(raw::getdents64(dir, dents)) {
+    while let Ok(n @ 1..) = raw::check(raw::getdents64(dir, scratch)) {
         let mut off = 0usize;
         while off + 19 < n {
-            // struct linux_dirent64 { u64 ino; i64 off; u16 reclen; u8 type; char name[]; }
-            let reclen = u16::from_ne_bytes([dents[off + 16], dents[off + 17]]) as usize;
+            let reclen = u16::from_ne_bytes([scratch[off + 16], scratch[off + 17]]) as usize;
             if reclen == 0 {
                 break;
             }
-            let name = &dents[off + 19..off + reclen];
+            let name = &scratch[off + 19..off + reclen];
             let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
             off += reclen;
-            let Some(tid) = parse_decimal(name).filter(|&t| t != me && !skip(t)) else {
-                continue;
-            };
-            let mut path = [0u8; 64];
-            let prefix = b"/proc/self/task/";
-            let mut p = 0;
-            for part in [&prefix[..], name, b"/", leaf] {
-                path[p..p + part.len()].copy_from_slice(part);
-                p += part.len();
-            }
-            for _attempt in 0..50 {
-                let got = match raw::check(raw::open(&path[..p], 0)) {
-                    Ok(fd) => {
-                        let got = raw::check(raw::read(fd as i32, text));
-                        raw::close(fd as i32);
-                        got.ok()
-                    }
-                    Err(_) => None,
-                };
-                if !f(tid, got.map(|g| &text[..g])) {
-                    break;
-                }
-                raw::sched_yield();
+            if let Some(tid) = parse_decimal(name) {
+                f(tid);
             }
         }
     }
@@ -180,8 +224,13 @@ pub fn for_each_thread_sp(
     let mut attempts = 0;
     for_each_task_file(scratch, b"syscall\0", skip, |tid, text| {
         attempts += 1;
-        let sp = text.and_then(parse_syscall_sp);
-        if sp.is_none() && text.is_some() && attempts < 50 {
+        let Some(text) = text else {
+            // Gone (or finishing its exit) since the directory was read.
+            attempts = 0;
+            return false;
+        };
+        let sp = parse_syscall_sp(text);
+        if sp.is_none() && attempts < 50 {
             return true;
         }
         f(tid, sp.unwrap_or(0));
