@@ -18,6 +18,8 @@ using namespace mozilla::recordreplay;
 
 namespace {
 
+using mstest::Stats;
+
 size_t Page() { return (size_t)sysconf(_SC_PAGESIZE); }
 
 uintptr_t HighPage() { return ~(uintptr_t)0 & ~(uintptr_t)(Page() - 1); }
@@ -32,15 +34,6 @@ void Init() {
   InitializeMemorySnapshots();
 }
 
-// memsnap_get_stats into a stack record (checked Ok).
-MemsnapStats Stats() {
-  MemsnapStats s;
-  memset(&s, 0, sizeof s);
-  s.struct_size = sizeof s;
-  MS_CHECK(memsnap_get_stats(&s) == MemsnapStatus::Ok);
-  MS_CHECK_EQ(s.struct_size, sizeof s);
-  return s;
-}
 
 // Writes `value` into the first word of each of `pages` pages at `base`.
 void Touch(void* base, size_t pages, uint32_t value) {

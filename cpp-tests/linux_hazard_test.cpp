@@ -36,6 +36,9 @@ using mstest::ms_say;
 
 namespace hazard_test {
 
+using mstest::Rewind;
+using mstest::Stats;
+
 // ---------------------------------------------------------------------------------------
 // Helpers (no heap objects; usable after the first snapshot)
 
@@ -46,24 +49,7 @@ void Begin() {
   InitializeMemorySnapshots();
 }
 
-// The rewind protocol: RestoreMemoryToLastSavedCheckpoint plus `levels` diff restores in
-// one disallow scope, then FixupFreeRegionsAfterRewind.
-void Rewind(int levels) {
-  {
-    AutoDisallowMemoryChanges disallow;
-    RestoreMemoryToLastSavedCheckpoint();
-    for (int i = 0; i < levels; i++) RestoreMemoryToLastSavedDiffCheckpoint();
-  }
-  FixupFreeRegionsAfterRewind();
-}
 
-MemsnapStats Stats() {
-  MemsnapStats s;
-  memset(&s, 0, sizeof s);
-  s.struct_size = sizeof s;
-  MS_CHECK(memsnap_get_stats(&s) == MemsnapStatus::Ok);
-  return s;
-}
 
 template <typename T>
 T* Untracked() {

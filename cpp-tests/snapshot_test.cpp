@@ -31,6 +31,9 @@ using namespace mozilla::recordreplay;
 
 namespace snapshot_test {
 
+using mstest::Rewind;
+using mstest::Stats;
+
 // ---------------------------------------------------------------------------------------
 // Helpers (no heap objects; usable after the first snapshot)
 
@@ -84,25 +87,7 @@ uint64_t Fnv(const void* p, size_t n) {
   return h;
 }
 
-// The rewind protocol: one disallow scope holding RestoreMemoryToLastSavedCheckpoint and
-// `levels` RestoreMemoryToLastSavedDiffCheckpoint calls, then FixupFreeRegionsAfterRewind.
-void Rewind(int levels) {
-  {
-    AutoDisallowMemoryChanges d;
-    RestoreMemoryToLastSavedCheckpoint();
-    for (int i = 0; i < levels; i++) RestoreMemoryToLastSavedDiffCheckpoint();
-  }
-  FixupFreeRegionsAfterRewind();
-}
 
-MemsnapStats Stats() {
-  MemsnapStats s;
-  memset(&s, 0, sizeof s);
-  s.struct_size = sizeof s;
-  MemsnapStatus st = memsnap_get_stats(&s);
-  MS_CHECK(st == MemsnapStatus::Ok);
-  return s;
-}
 
 void* Untracked(size_t n) { return AllocateMemory(n, MemoryKind::Generic); }
 

@@ -68,4 +68,33 @@ inline void ms_say(const char* fmt, ...) {
 #define MS_DIES_WITH(body, regex) \
   EXPECT_EXIT({ alarm(60); body; _exit(0); }, ::testing::KilledBySignal(SIGABRT), regex)
 
+namespace mstest {
+
+// The rewind protocol of Firefox's ProcessRewind: RestoreMemoryToLastSavedCheckpoint and
+// `levels` RestoreMemoryToLastSavedDiffCheckpoint calls in one disallow scope, then
+// FixupFreeRegionsAfterRewind.
+inline void Rewind(int levels) {
+  {
+    mozilla::recordreplay::AutoDisallowMemoryChanges disallow;
+    mozilla::recordreplay::RestoreMemoryToLastSavedCheckpoint();
+    for (int i = 0; i < levels; i++) {
+      mozilla::recordreplay::RestoreMemoryToLastSavedDiffCheckpoint();
+    }
+  }
+  mozilla::recordreplay::FixupFreeRegionsAfterRewind();
+}
+
+// memsnap_get_stats into a stack record, checked Ok.
+inline mozilla::recordreplay::MemsnapStats Stats() {
+  mozilla::recordreplay::MemsnapStats s;
+  memset(&s, 0, sizeof s);
+  s.struct_size = sizeof s;
+  MS_CHECK(mozilla::recordreplay::memsnap_get_stats(&s) ==
+           mozilla::recordreplay::MemsnapStatus::Ok);
+  MS_CHECK_EQ(s.struct_size, sizeof s);
+  return s;
+}
+
+}  // namespace mstest
+
 #endif  // MEMSNAP_TEST_SUPPORT_H
