@@ -36,7 +36,7 @@ ifeq ($(UNAME),Darwin)
 endif
 DEMO_SRCS := $(wildcard demo/*.cpp)
 
-.PHONY: all lib test rust-test cpp-test gtest demo install clean test-aarch64
+.PHONY: all lib test test-16k rust-test cpp-test gtest demo install clean test-aarch64
 
 all: lib
 
@@ -66,7 +66,13 @@ cpp-test: $(BUILD)/memsnap-tests
 	./$(BUILD)/memsnap-tests
 
 # The demo verifies every rewind it makes, so it doubles as an end-to-end check.
-test: lib gtest rust-test cpp-test demo
+# test-16k runs the suites again with 16 KiB snapshot pages on a 4 KiB kernel: the page
+# size of Apple Silicon, and snapshot pages only partly covered by a mapping.
+test: lib gtest rust-test cpp-test demo test-16k
+
+test-16k: lib gtest $(BUILD)/memsnap-tests
+	MEMSNAP_PAGE_SIZE=16384 $(CARGO) test --release
+	MEMSNAP_PAGE_SIZE=16384 ./$(BUILD)/memsnap-tests
 
 $(BUILD)/memsnap-demo: $(DEMO_SRCS) include/MemorySnapshot.h include/MemorySnapshotHelpers.h lib
 	@mkdir -p $(BUILD)

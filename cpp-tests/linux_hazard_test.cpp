@@ -42,7 +42,7 @@ using mstest::Stats;
 // ---------------------------------------------------------------------------------------
 // Helpers (no heap objects; usable after the first snapshot)
 
-size_t Page() { return (size_t)sysconf(_SC_PAGESIZE); }
+size_t Page() { return mstest::SnapshotPage(); }
 
 void Begin() {
   alarm(30);

@@ -27,7 +27,7 @@ using namespace mozilla::recordreplay;
 
 namespace {
 
-size_t Page() { return (size_t)sysconf(_SC_PAGESIZE); }
+size_t Page() { return mstest::SnapshotPage(); }
 
 // The highest page-aligned address: [HighPage(), HighPage() + 2 pages) wraps.
 uintptr_t HighPage() { return ~(uintptr_t)0 & ~(uintptr_t)(Page() - 1); }

@@ -37,7 +37,7 @@ using mstest::Stats;
 // ---------------------------------------------------------------------------------------
 // Helpers (no heap objects; usable after the first snapshot)
 
-size_t Page() { return (size_t)sysconf(_SC_PAGESIZE); }
+size_t Page() { return mstest::SnapshotPage(); }
 
 uint8_t PatternByte(uint32_t seed, size_t i) {
   uint32_t x = (seed + 1) * 2654435761u ^ ((uint32_t)i * 40503u + (uint32_t)(i >> 16));
@@ -186,7 +186,7 @@ void RunJob(Pool* p, JobFn job, uint32_t seed, void* arg) {
 // to change it).
 
 alignas(4096) uint8_t gMulti[5 * 4096 + 123];
-alignas(4096) uint8_t gLevels[3 * 4096];
+alignas(65536) uint8_t gLevels[3 * 65536];  // three pages at any page size up to 64 KiB
 alignas(4096) uint8_t gPipeBuf[2 * 4096];
 alignas(65536) uint8_t gUntrackedStatic[65536];
 volatile int gValue;

@@ -16,7 +16,9 @@
 #include <csignal>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "MemorySnapshotHelpers.h"
@@ -85,6 +87,36 @@ inline void Rewind(int levels) {
 }
 
 // memsnap_get_stats into a stack record, checked Ok.
+// The snapshot page memsnap uses (tracking unit, tracked-allocation alignment): what
+// memsnap_page_size() reports once initialized, and before that what it will pick
+// (MEMSNAP_PAGE_SIZE, else the kernel's page). The suite runs at 4 KiB and at 16 KiB.
+inline size_t SnapshotPage() {
+  size_t p = mozilla::recordreplay::memsnap_page_size();
+  if (p != 0) return p;
+  const char* env = getenv("MEMSNAP_PAGE_SIZE");
+  if (env && *env) {
+    char* end = nullptr;
+    unsigned long v = strtoul(env, &end, 10);
+    if (end && (*end == 'k' || *end == 'K')) v *= 1024;
+    if (v != 0) return (size_t)v;
+  }
+  return (size_t)sysconf(_SC_PAGESIZE);
+}
+
+// `bytes` of fresh anonymous read-write memory aligned to the snapshot page (plain mmap
+// only aligns to the kernel's page), or MAP_FAILED.
+inline void* MapSnapshotPages(size_t bytes) {
+  size_t page = SnapshotPage();
+  size_t slack = page - (size_t)sysconf(_SC_PAGESIZE);
+  void* p = mmap(nullptr, bytes + slack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return p;
+  uintptr_t start = ((uintptr_t)p + page - 1) & ~(uintptr_t)(page - 1);
+  if (start > (uintptr_t)p) munmap(p, start - (uintptr_t)p);
+  uintptr_t end = (uintptr_t)p + bytes + slack;
+  if (end > start + bytes) munmap((void*)(start + bytes), end - (start + bytes));
+  return (void*)start;
+}
+
 inline mozilla::recordreplay::MemsnapStats Stats() {
   mozilla::recordreplay::MemsnapStats s;
   memset(&s, 0, sizeof s);

@@ -227,9 +227,21 @@ MemsnapStatus memsnap_get_stats(MemsnapStats *out);
 const char *memsnap_status_string(MemsnapStatus status);
 
 /**
- * The snapshot granularity in bytes (the OS page size), or 0 before initialization.
+ * The snapshot page size in bytes: the unit memsnap tracks, copies and restores, and
+ * the alignment of tracked allocations. The kernel's page unless set larger; 0 before
+ * initialization.
  */
 size_t memsnap_page_size();
+
+/**
+ * Sets the snapshot page size: a power of two, a multiple of the kernel's page and at
+ * most 16 of them (so 16 KiB or 64 KiB on a 4 KiB kernel). Only before
+ * InitializeMemorySnapshots (AlreadyStarted after it); without this call the environment
+ * variable MEMSNAP_PAGE_SIZE (e.g. `16384` or `16k`) is used, else the kernel's page.
+ * Larger pages mean fewer faults and mappings for scattered writes, and more bytes
+ * copied per fault.
+ */
+MemsnapStatus memsnap_set_page_size(size_t size);
 
 /**
  * Creates the library's state. Call once, before any other function, on the thread that

@@ -239,8 +239,151 @@ fn random_walk() {
     }
 }
 
+/// The perms column of the mapping containing `addr`, from /proc/self/maps.
+fn perms_at(addr: usize) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    for line in maps.lines() {
+        let mut cols = line.split_whitespace();
+        let (Some(range), Some(perms)) = (cols.next(), cols.next()) else {
+            continue;
+        };
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let a = usize::from_str_radix(a, 16).unwrap_or(0);
+        let b = usize::from_str_radix(b, 16).unwrap_or(0);
+        if a <= addr && addr < b {
+            return perms.to_string();
+        }
+    }
+    String::new()
+}
+
+/// Snapshot pages four times the kernel's, so one unit holds a tracked kernel page, an
+/// untracked one, an inaccessible one and an executable tracked one: only the tracked
+/// parts are copied, rewound and re-protected, each with its own protection.
+fn partial_snapshot_pages() {
+    // SAFETY: sysconf has no preconditions.
+    let k = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    check(
+        memsnap_set_page_size(3 * k) == MemsnapStatus::InvalidArgument,
+        "not a power of two",
+    );
+    check(
+        memsnap_set_page_size(k / 2) == MemsnapStatus::InvalidArgument,
+        "below the kernel page",
+    );
+    check(
+        memsnap_set_page_size(32 * k) == MemsnapStatus::InvalidArgument,
+        "more than 16 kernel pages",
+    );
+    check(memsnap_set_page_size(4 * k) == MemsnapStatus::Ok, "4 pages");
+    InitializeMemorySnapshots();
+    check(memsnap_page_size() == 4 * k, "page size reported");
+    check(
+        memsnap_set_page_size(4 * k) == MemsnapStatus::AlreadyStarted,
+        "set after init",
+    );
+    let unit = 4 * k;
+    // SAFETY: a fresh anonymous mapping, trimmed below to two aligned units.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            3 * unit,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    } as usize;
+    check(raw != libc::MAP_FAILED as usize, "mmap");
+    let u = (raw + unit - 1) & !(unit - 1);
+    let page = |i: usize| u + i * k;
+    // SAFETY: kernel pages 2 and 3 of the first unit, inside the mapping.
+    unsafe {
+        check(
+            libc::mprotect(page(1) as *mut _, k, libc::PROT_NONE) == 0,
+            "guard page",
+        );
+        check(
+            libc::mprotect(
+                page(3) as *mut _,
+                k,
+                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+            ) == 0,
+            "exec page",
+        );
+    }
+    check(
+        memsnap_untrack_region(page(2) as *mut _, k) == MemsnapStatus::Ok,
+        "untrack page 2",
+    );
+    let fill = |i: usize, v: u8| {
+        // SAFETY: a readable and writable kernel page of the mapping.
+        unsafe { std::ptr::write_bytes(page(i) as *mut u8, v, k) }
+    };
+    let is = |i: usize, v: u8| {
+        // SAFETY: a readable kernel page of the mapping.
+        let b = unsafe { std::slice::from_raw_parts(page(i) as *const u8, k) };
+        b.iter().all(|&x| x == v)
+    };
+    // Unit 0: pages 0 (tracked), 1 (inaccessible), 2 (untracked), 3 (tracked, exec).
+    // (Page 3 must not sit right above the inaccessible page: memsnap would take that
+    // shape for a thread stack above its guard and leave it untracked.)
+    // Unit 1: pages 4..8, wholly tracked.
+    for i in [0, 2, 3, 4, 5, 6, 7] {
+        fill(i, 1);
+    }
+    TakeFirstMemorySnapshot();
+    check(MemoryRangeIsTracked(page(0) as *mut _, k), "page 0 tracked");
+    check(
+        !MemoryRangeIsTracked(page(1) as *mut _, k),
+        "page 1 untracked",
+    );
+    check(
+        !MemoryRangeIsTracked(page(2) as *mut _, k),
+        "page 2 untracked",
+    );
+    check(MemoryRangeIsTracked(page(3) as *mut _, k), "page 3 tracked");
+    check(
+        MemoryRangeIsTracked(page(4) as *mut _, 4 * k),
+        "unit 1 tracked",
+    );
+    for i in [0, 2, 3, 5] {
+        fill(i, 2);
+    }
+    TakeDiffMemorySnapshot();
+    check(
+        perms_at(page(3)) == "r-xp",
+        "exec page re-protected with exec",
+    );
+    check(perms_at(page(1)) == "---p", "guard page left alone");
+    for i in [0, 2, 3, 4, 5, 6, 7] {
+        fill(i, 3);
+    }
+    rewind(0);
+    check(
+        is(0, 2) && is(3, 2) && is(5, 2),
+        "tracked pages back at checkpoint 2",
+    );
+    check(
+        is(4, 1) && is(6, 1) && is(7, 1),
+        "clean pages back at checkpoint 2",
+    );
+    check(is(2, 3), "untracked page keeps its latest bytes");
+    rewind(1);
+    check(
+        is(0, 1) && is(3, 1) && (4..8).all(|i| is(i, 1)),
+        "tracked pages back at checkpoint 1",
+    );
+    check(is(2, 3), "untracked page still not rewound");
+    check(perms_at(page(1)) == "---p", "guard page still inaccessible");
+    check(perms_at(page(3)) == "r-xp", "exec page keeps exec");
+    check(perms_at(page(0)) == "r--p", "tracked page write-protected");
+}
+
 fn main() {
-    let scenarios: [(&str, fn()); 5] = [
+    let scenarios: [(&str, fn()); 6] = [
         (
             "whole_process_five_checkpoints",
             whole_process_five_checkpoints,
@@ -249,6 +392,7 @@ fn main() {
         ("erase_folds_into_predecessor", erase_folds_into_predecessor),
         ("allocations_after_rewind", allocations_after_rewind),
         ("random_walk", random_walk),
+        ("partial_snapshot_pages", partial_snapshot_pages),
     ];
     let (mut passed, mut failed) = (0, 0);
     for (name, f) in scenarios {

@@ -8,7 +8,7 @@ use core::sync::atomic::Ordering;
 use super::free::FreeSet;
 use super::ranges::{Range, RangeSet};
 use super::{Engine, Meta, Phase, TrackedRegion, KIND_TRACKED};
-use crate::sys::{self, Access};
+use crate::sys;
 
 impl Engine {
     fn kind_index(kind: usize) -> usize {
@@ -28,11 +28,42 @@ impl Engine {
                 return p as *mut u8;
             }
         }
-        let Some(p) = sys::map_with_hint(hint, size) else {
+        let Some(p) = self.map_units(hint, size) else {
             crate::fatal!(function, "out of memory mapping {} bytes", size)
         };
         self.register_allocated(function, p as usize, size, kind);
         p
+    }
+
+    /// Maps `size` bytes (a multiple of the snapshot page) aligned to the snapshot page,
+    /// so that tracked allocations never share a unit with other memory.
+    fn map_units(&self, hint: usize, size: usize) -> Option<*mut u8> {
+        if self.page == self.sub {
+            return sys::map_with_hint(hint, size);
+        }
+        if hint != 0 && hint % self.page == 0 {
+            if let Some(p) = sys::map_with_hint(hint, size) {
+                if p as usize % self.page == 0 {
+                    return Some(p);
+                }
+                // SAFETY: just mapped, nobody else knows it.
+                unsafe { sys::release(p, size) };
+            }
+        }
+        let slack = self.page - self.sub;
+        let p = sys::map_with_hint(0, size.checked_add(slack)?)? as usize;
+        let start = crate::mem::round_up(p, self.page)?;
+        // SAFETY: the head and tail trimmed off were just mapped here and are not used.
+        unsafe {
+            if start > p {
+                sys::release(p as *mut u8, start - p);
+            }
+            let tail = p + size + slack - (start + size);
+            if tail > 0 {
+                sys::release((start + size) as *mut u8, tail);
+            }
+        }
+        Some(start as *mut u8)
     }
 
     /// `RegisterAllocatedMemory`: records memory the host just obtained from the system.
@@ -114,12 +145,8 @@ impl Engine {
         }
         self.balance[Self::kind_index(kind)].fetch_sub(r.len() as isize, Ordering::Relaxed);
         if kind == KIND_TRACKED && self.phase() != Phase::Initialized {
-            let mut p = start;
-            while p < end {
-                if !self.table.get(p).tracked() {
-                    return;
-                }
-                p += self.page;
+            if !self.range_is_tracked(start, end) {
+                return;
             }
             let mut m = self.meta.lock();
             FreeSet::insert(&mut m.free, r);
@@ -166,16 +193,26 @@ impl Engine {
         }
     }
 
-    /// Whether every page of `[page_base(addr), addr + size)` is tracked.
-    pub fn range_is_tracked(&self, addr: usize, end: usize) -> bool {
-        let mut p = self.page_base(addr);
+    /// The first untracked kernel page of `[addr, end)`, if any.
+    fn first_untracked(&self, addr: usize, end: usize) -> Option<usize> {
+        let mut p = addr & !(self.sub - 1);
         while p < end {
-            if !self.table.get(p).tracked() {
-                return false;
+            let st = self.table.get(p);
+            if !st.tracked() || (st.partial() && !self.tracked_at(p)) {
+                return Some(p);
             }
-            p += self.page;
+            p = if st.partial() {
+                p + self.sub
+            } else {
+                self.next_unit(p)
+            };
         }
-        true
+        None
+    }
+
+    /// Whether every byte of `[addr, end)` is tracked.
+    pub fn range_is_tracked(&self, addr: usize, end: usize) -> bool {
+        self.first_untracked(addr, end).is_none()
     }
 
     /// `CheckFixedMemory`.
@@ -183,18 +220,14 @@ impl Engine {
         if !self.armed() {
             return;
         }
-        let mut p = start;
-        while p < end {
-            if !self.table.get(p).tracked() {
-                crate::fatal!(
-                    function,
-                    "fixed memory {:#x}-{:#x} is not tracked (page {:#x})",
-                    start,
-                    end,
-                    p
-                );
-            }
-            p += self.page;
+        if let Some(p) = self.first_untracked(start, end) {
+            crate::fatal!(
+                function,
+                "fixed memory {:#x}-{:#x} is not tracked (page {:#x})",
+                start,
+                end,
+                p
+            );
         }
         if FreeSet::intersects(&self.meta.lock().free, Range::new(start, end)) {
             crate::fatal!(
@@ -211,13 +244,12 @@ impl Engine {
         if !self.armed() {
             return;
         }
-        let mut p = start;
+        let mut p = self.page_base(start);
         while p < end {
             let st = self.table.get(p);
             if st.tracked() && st.slot().is_some() {
-                // SAFETY: a dirty tracked page, writable by design.
-                let _ =
-                    unsafe { sys::protect(p, self.page, Access::ReadWrite { exec: st.exec() }) };
+                // A dirty tracked unit is writable by design.
+                let _ = self.protect_unit(p, st, true);
             }
             p += self.page;
         }

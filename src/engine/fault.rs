@@ -10,7 +10,7 @@ use core::sync::atomic::Ordering;
 
 use super::Engine;
 use crate::mem::PageState;
-use crate::sys::{self, Access};
+use crate::sys;
 
 impl Engine {
     /// The current disallow scope's number.
@@ -94,7 +94,8 @@ impl Engine {
         let Some(word) = self.table.word(addr) else {
             return false;
         };
-        if word.load(Ordering::Acquire) & PageState::TRACKED == 0 || !self.armed() {
+        let st = PageState(word.load(Ordering::Acquire));
+        if !st.tracked() || !self.armed() || (st.partial() && !self.tracked_at(addr)) {
             return false;
         }
         self.enter(function, addr);
@@ -111,10 +112,7 @@ impl Engine {
             if cur.slot().is_some() {
                 // Already captured by another thread (or made read-only behind our back):
                 // make sure it is writable and let the instruction retry.
-                // SAFETY: a tracked page of the host's; restoring its writable protection.
-                let _ = unsafe {
-                    sys::protect(page, self.page, Access::ReadWrite { exec: cur.exec() })
-                };
+                let _ = self.protect_unit(page, cur, true);
                 break true;
             }
             if word
@@ -135,30 +133,24 @@ impl Engine {
                     self.pool.capacity()
                 )
             };
-            // SAFETY: this thread holds `slot`; the tracked page is readable (protected
-            // pages are read-only, never inaccessible) and `page` bytes long.
-            unsafe {
-                let copy = self.pool.bytes(slot);
-                core::ptr::copy_nonoverlapping(page as *const u8, copy.as_mut_ptr(), self.page);
-            }
+            // SAFETY: this thread holds `slot` and the unit's BUSY bit; tracked pages are
+            // readable (protected pages are read-only, never inaccessible).
+            unsafe { self.copy_unit(page, cur, slot, true) };
             if !self.log.push(page) {
                 crate::fatal!(function, "the dirty-page log is full");
             }
-            // SAFETY: as above.
-            if let Err(errno) =
-                unsafe { sys::protect(page, self.page, Access::ReadWrite { exec: cur.exec() }) }
-            {
+            if let Err((at, _, errno)) = self.protect_unit(page, cur, true) {
                 if errno == libc::ENOMEM {
                     crate::fatal!(
                         function,
                         "mprotect of {:#x} failed with ENOMEM: the process hit vm.max_map_count (each isolated dirty page splits a mapping); raise it or dirty fewer scattered pages per checkpoint",
-                        page
+                        at
                     );
                 }
                 crate::fatal!(
                     function,
                     "unprotecting tracked page {:#x} failed (errno {})",
-                    page,
+                    at,
                     errno
                 );
             }
@@ -173,12 +165,15 @@ impl Engine {
     /// `memsnap_prepare_write`: captures every clean tracked page of `[start, end)` now, so
     /// that a system call may write the range (the kernel cannot fault into our handler).
     pub fn prepare_write(&self, start: usize, end: usize) {
-        let mut page = self.page_base(start);
-        while page < end {
-            if self.table.get(page).tracked() {
-                self.handle_fault("memsnap_prepare_write", page);
+        let mut p = start & !(self.sub - 1);
+        while p < end {
+            if self.tracked_at(p) {
+                self.handle_fault("memsnap_prepare_write", p);
+                // The whole unit is captured now; skip the rest of it.
+                p = self.next_unit(p);
+            } else {
+                p += self.sub;
             }
-            page += self.page;
         }
     }
 }

@@ -126,12 +126,9 @@ impl Engine {
                     self.pool.free(slot);
                     continue;
                 }
-                // SAFETY: the slot belongs to this dirty page; the page is mapped (the
-                // scan checked) and readable.
-                let same = unsafe {
-                    let copy = self.pool.bytes(slot);
-                    core::slice::from_raw_parts(page as *const u8, self.page) == &copy[..]
-                };
+                // SAFETY: the slot belongs to this dirty page; its tracked pages are
+                // mapped (the scan checked) and readable.
+                let same = unsafe { self.unit_matches(page, st, slot) };
                 if same {
                     self.pool.free(slot);
                 } else if m.diffs.push(DiffEntry { page, slot }).is_err() {
@@ -153,7 +150,8 @@ impl Engine {
         self.set_allowed(F, true);
     }
 
-    /// Write-protects every still-tracked page of a sorted list, one call per run.
+    /// Write-protects every still-tracked page of a sorted list, one call per run of
+    /// whole units (a partly tracked unit is protected span by span, on its own).
     fn protect_pages(&self, function: &str, pages: &[usize]) {
         for_each_run(
             pages.len(),
@@ -161,26 +159,28 @@ impl Engine {
             |i| pages[i],
             |i| {
                 let st = self.table.get(pages[i]);
-                (st.tracked(), st.exec())
+                (st.tracked(), st.exec(), st.partial().then_some(pages[i]))
             },
             |first, count| {
                 let st = self.table.get(pages[first]);
                 if !st.tracked() {
                     return;
                 }
-                // SAFETY: tracked host pages; the engine owns their protection.
-                if let Err(e) = unsafe {
-                    sys::protect(
-                        pages[first],
-                        count * self.page,
-                        Access::Read { exec: st.exec() },
-                    )
-                } {
+                let result = if st.partial() {
+                    self.protect_unit(pages[first], st, false)
+                } else {
+                    let len = count * self.page;
+                    let access = Access::Read { exec: st.exec() };
+                    // SAFETY: tracked host pages; the engine owns their protection.
+                    unsafe { sys::protect(pages[first], len, access) }
+                        .map_err(|e| (pages[first], len, e))
+                };
+                if let Err((at, len, e)) = result {
                     crate::fatal!(
                         function,
                         "cannot write-protect {:#x}+{:#x} (errno {})",
-                        pages[first],
-                        count * self.page,
+                        at,
+                        len,
                         e
                     );
                 }
@@ -213,11 +213,7 @@ impl Engine {
                 continue;
             }
             m.regions.remove(i);
-            let mut p = r.range.start;
-            while p < r.range.end {
-                self.table.set(p, PageState(0));
-                p += self.page;
-            }
+            self.unmark(r.range);
             // SAFETY: memory the program obtained after `target`; the rewound program
             // holds no reference to it. It is made writable again, as it was mapped.
             unsafe {

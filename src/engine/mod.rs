@@ -15,12 +15,14 @@
 
 pub mod dirty;
 pub mod free;
+pub mod granule;
 pub mod ranges;
 
 mod alloc;
 mod countdown;
 mod fault;
 mod lifecycle;
+mod pages;
 mod scan;
 mod stats;
 mod workers;
@@ -146,9 +148,15 @@ pub struct Meta {
 
 /// The one engine of the process.
 pub struct Engine {
+    /// The snapshot page: the unit of tracking, copying and restoring.
     pub page: usize,
     pub page_shift: u32,
+    /// The kernel's page, which may be smaller than the snapshot page (see `granule`).
+    pub sub: usize,
     pub table: PageTable,
+    /// Which kernel pages of each partly tracked unit are tracked; only when
+    /// `page > sub`.
+    masks: Option<PageTable>,
     pub pool: SlotPool,
     pub log: DirtyLog,
     pub workers: Workers,
@@ -201,6 +209,69 @@ pub fn expect(function: &str) -> &'static Engine {
     }
 }
 
+/// A snapshot page size asked for with `memsnap_set_page_size` (0: none).
+static REQUESTED_PAGE: AtomicUsize = AtomicUsize::new(0);
+
+/// Why a snapshot page size cannot be used with kernel pages of `sub` bytes.
+pub fn check_page_size(size: usize, sub: usize) -> Result<(), &'static str> {
+    if !size.is_power_of_two() || size < sub {
+        Err("must be a power of two and a multiple of the kernel page size")
+    } else if size / sub > granule::MAX_SUBPAGES {
+        Err("may span at most 16 kernel pages")
+    } else {
+        Ok(())
+    }
+}
+
+/// Records the snapshot page size for `InitializeMemorySnapshots` to use.
+pub fn request_page_size(size: usize) -> Result<(), &'static str> {
+    if get().is_some() {
+        return Err("InitializeMemorySnapshots has already run");
+    }
+    check_page_size(size, crate::sys::os_page_size())?;
+    REQUESTED_PAGE.store(size, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The snapshot page: the one requested, else `MEMSNAP_PAGE_SIZE` from the environment,
+/// else the kernel's page.
+fn snapshot_page_size(sub: usize) -> Result<usize, &'static str> {
+    let requested = REQUESTED_PAGE.load(Ordering::Relaxed);
+    if requested != 0 {
+        return Ok(requested);
+    }
+    // SAFETY: a NUL-terminated name; getenv neither allocates nor keeps the pointer.
+    let v = unsafe { libc::getenv(c"MEMSNAP_PAGE_SIZE".as_ptr()) };
+    if v.is_null() {
+        return Ok(sub);
+    }
+    // SAFETY: getenv returned a NUL-terminated string that lives as long as the
+    // environment, which nothing changes during initialization.
+    let text = unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes();
+    let size = parse_size(text).ok_or("not a number of bytes (e.g. 16384 or 16k)")?;
+    check_page_size(size, sub)?;
+    Ok(size)
+}
+
+/// Parses `16384`, `16k` or `16K`.
+fn parse_size(text: &[u8]) -> Option<usize> {
+    let (digits, scale) = match text.last()? {
+        b'k' | b'K' => (&text[..text.len() - 1], 1024),
+        _ => (text, 1),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut n = 0usize;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add((d - b'0') as usize)?;
+    }
+    n.checked_mul(scale)
+}
+
 /// The largest user address the page table covers.
 #[cfg(target_arch = "x86_64")]
 const ADDRESS_LIMIT: usize = 1 << 47;
@@ -228,8 +299,20 @@ impl Engine {
         if get().is_some() {
             crate::fatal!(F, "called twice (the library is already initialized)");
         }
-        let page = crate::sys::os_page_size();
+        let sub = crate::sys::os_page_size();
+        let page = match snapshot_page_size(sub) {
+            Ok(p) => p,
+            Err(msg) => crate::fatal!(F, "MEMSNAP_PAGE_SIZE: {}", msg),
+        };
         let page_shift = page.trailing_zeros();
+        let masks = if page > sub {
+            match PageTable::new(ADDRESS_LIMIT, page_shift) {
+                Some(t) => Some(t),
+                None => crate::fatal!(F, "cannot reserve address space for the partial-page table"),
+            }
+        } else {
+            None
+        };
         let Some(table) = PageTable::new(ADDRESS_LIMIT, page_shift) else {
             crate::fatal!(
                 F,
@@ -268,7 +351,9 @@ impl Engine {
         let engine = Engine {
             page,
             page_shift,
+            sub,
             table,
+            masks,
             pool,
             log,
             workers: Workers::new(),
@@ -317,6 +402,9 @@ impl Engine {
             own[1] = e.table.reservation();
             own[2..4].copy_from_slice(&e.pool.reservations());
             own[4] = e.log.reservation();
+            if let Some(t) = &e.masks {
+                own[31] = t.reservation();
+            }
             let vecs = [
                 m.own.reservation(),
                 m.untracked.reservation(),
@@ -416,12 +504,15 @@ impl Engine {
         );
     }
 
+    /// The snapshot page containing `addr`.
     pub fn page_base(&self, addr: usize) -> usize {
         addr & !(self.page - 1)
     }
 
+    /// Whether `addr` is aligned to the kernel page, the alignment the host's own
+    /// mappings have (and all the original asks of addresses it is given).
     pub fn is_aligned(&self, addr: usize) -> bool {
-        addr & (self.page - 1) == 0
+        addr & (self.sub - 1) == 0
     }
 
     /// Rounds `size` up to whole pages; `None` on overflow.
@@ -500,5 +591,27 @@ impl Meta {
 
     pub fn tracked_bytes(&self) -> usize {
         self.regions.iter().map(|r| r.range.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{check_page_size, parse_size};
+
+    #[test]
+    fn page_size_settings() {
+        assert_eq!(parse_size(b"16384"), Some(16384));
+        assert_eq!(parse_size(b"16k"), Some(16384));
+        assert_eq!(parse_size(b"64K"), Some(65536));
+        assert_eq!(parse_size(b"k"), None);
+        assert_eq!(parse_size(b"16 k"), None);
+        assert_eq!(parse_size(b"99999999999999999999999"), None);
+        assert!(check_page_size(16384, 4096).is_ok());
+        assert!(check_page_size(4096, 4096).is_ok());
+        assert!(check_page_size(65536, 4096).is_ok());
+        assert!(check_page_size(1 << 17, 4096).is_err());
+        assert!(check_page_size(2048, 4096).is_err());
+        assert!(check_page_size(12288, 4096).is_err());
+        assert!(check_page_size(16384, 16384).is_ok());
     }
 }

@@ -8,7 +8,6 @@
 
 use super::ranges::{Range, RangeSet};
 use super::{Engine, FloorReason, Meta, Mode, TrackedRegion};
-use crate::mem::PageState;
 use crate::sys::{self, Access, RegionKind};
 
 /// A discrepancy between the tracked set and the mappings.
@@ -51,8 +50,10 @@ impl Engine {
             .then(|| Range::new(m.vmas[i].start, m.vmas[i].end))
     }
 
+    /// Widens to kernel pages: exclusions are as fine as the kernel's mappings, so a
+    /// snapshot page may end up partly tracked rather than lose its tracked neighbours.
     fn widen(&self, r: Range) -> Range {
-        r.widen_to_pages(self.page).unwrap_or(r)
+        r.widen_to_pages(self.sub).unwrap_or(r)
     }
 
     /// Builds, in `m.work2`, every range a scan must never track: library and host
@@ -165,19 +166,20 @@ impl Engine {
                         what: FloorReason::Unmapped,
                     });
                 } else if v.write {
+                    let clean = |p: usize| self.table.get(p).slot().is_none();
                     let mut p = piece.start;
                     while p < piece.end {
-                        if self.table.get(p).slot().is_none() {
+                        if clean(p) {
                             let start = p;
-                            while p < piece.end && self.table.get(p).slot().is_none() {
-                                p += self.page;
+                            while p < piece.end && clean(p) {
+                                p = self.next_unit(p);
                             }
                             report(Problem {
-                                range: Range::new(start, p),
+                                range: Range::new(start, p.min(piece.end)),
                                 what: FloorReason::Unprotected,
                             });
                         } else {
-                            p += self.page;
+                            p = self.next_unit(p);
                         }
                     }
                 }
@@ -211,8 +213,8 @@ impl Engine {
             if !(v.write && v.read && v.private) || v.kind == RegionKind::Kernel {
                 continue;
             }
-            let start = crate::mem::round_up(v.start, self.page).unwrap_or(v.end);
-            let end = v.end & !(self.page - 1);
+            let start = crate::mem::round_up(v.start, self.sub).unwrap_or(v.end);
+            let end = v.end & !(self.sub - 1);
             if start >= end || end > self.table.limit() {
                 continue;
             }
@@ -231,12 +233,7 @@ impl Engine {
 
     /// Starts tracking `region`: marks its pages and write-protects it.
     pub(super) fn track(&self, function: &str, m: &mut Meta, region: TrackedRegion) {
-        let bits = PageState::TRACKED | if region.exec { PageState::EXEC } else { 0 };
-        let mut p = region.range.start;
-        while p < region.range.end {
-            self.table.set(p, PageState(bits));
-            p += self.page;
-        }
+        self.mark(region.range, region.exec);
         m.insert_region(region);
         // SAFETY: host memory the engine now owns the protection of.
         if let Err(e) = unsafe {
@@ -259,12 +256,7 @@ impl Engine {
     /// Stops tracking the pages of `r` (they are gone): clears their state, keeping any
     /// slot so the dirty-log pass can release it, and removes them from the region table.
     fn untrack(&self, m: &mut Meta, r: Range) {
-        let mut p = r.start;
-        while p < r.end {
-            let st = self.table.get(p);
-            self.table.set(p, PageState(st.0 & PageState::SLOT_MASK));
-            p += self.page;
-        }
+        self.unmark(r);
         let mut i = m.regions.partition_point(|x| x.range.end <= r.start);
         while i < m.regions.len() && m.regions[i].range.start < r.end {
             let x = m.regions[i];

@@ -217,39 +217,54 @@ impl Engine {
             mine.len(),
             self.page,
             |i| mine[i].page,
-            |i| self.table.get(mine[i].page).exec(),
+            |i| {
+                let st = self.table.get(mine[i].page);
+                (st.exec(), st.partial().then_some(mine[i].page))
+            },
             |first, count| {
                 let start = mine[first].page;
+                let st = self.table.get(start);
+                let whole = !st.partial();
                 let len = count * self.page;
-                let exec = self.table.get(start).exec();
-                // SAFETY: tracked pages of the host; nothing runs on them while the
-                // controller holds memory changes disallowed.
-                unsafe {
-                    if let Err(e) = sys::protect(start, len, Access::ReadWrite { exec }) {
-                        crate::fatal!(
-                            "RestoreMemory",
-                            "cannot unprotect {:#x}+{:#x} (errno {})",
-                            start,
-                            len,
-                            e
-                        );
-                    }
-                    for e in &mine[first..first + count] {
-                        let copy = self.pool.bytes(e.slot);
-                        core::ptr::copy_nonoverlapping(copy.as_ptr(), e.page as *mut u8, self.page);
-                        let st = self.table.get(e.page);
-                        self.table.set(e.page, st.clean());
-                        freed.add(e.slot);
-                    }
-                    if let Err(e) = sys::protect(start, len, Access::Read { exec }) {
-                        crate::fatal!(
-                            "RestoreMemory",
-                            "cannot protect {:#x}+{:#x} (errno {})",
-                            start,
-                            len,
-                            e
-                        );
-                    }
+                let exec = st.exec();
+                let fail = |what: &str, (at, len, e): (usize, usize, i32)| -> ! {
+                    crate::fatal!(
+                        "RestoreMemory",
+                        "cannot {} {:#x}+{:#x} (errno {})",
+                        what,
+                        at,
+                        len,
+                        e
+                    )
+                };
+                // SAFETY: tracked host pages; nothing runs on them while the controller
+                // holds memory changes disallowed.
+                let unprotect = if whole {
+                    unsafe { sys::protect(start, len, Access::ReadWrite { exec }) }
+                        .map_err(|e| (start, len, e))
+                } else {
+                    self.protect_unit(start, st, true)
+                };
+                if let Err(e) = unprotect {
+                    fail("unprotect", e);
+                }
+                for e in &mine[first..first + count] {
+                    let st = self.table.get(e.page);
+                    // SAFETY: the slot holds this unit's pre-image and is consumed here;
+                    // the unit's tracked spans were just made writable.
+                    unsafe { self.copy_unit(e.page, st, e.slot, false) };
+                    self.table.set(e.page, st.clean());
+                    freed.add(e.slot);
+                }
+                // SAFETY: as above.
+                let protect = if whole {
+                    unsafe { sys::protect(start, len, Access::Read { exec }) }
+                        .map_err(|e| (start, len, e))
+                } else {
+                    self.protect_unit(start, st, false)
+                };
+                if let Err(e) = protect {
+                    fail("protect", e);
                 }
             },
         );

@@ -219,7 +219,7 @@ pub extern "C" fn AddInitialUntrackedMemoryRegion(aBase: *mut u8, aSize: usize) 
         crate::fatal!(F, "base {:#x} is not page-aligned", aBase as usize);
     }
     let r = range(F, aBase as usize, aSize);
-    let Some(r) = r.widen_to_pages(e.page) else {
+    let Some(r) = r.widen_to_pages(e.sub) else {
         crate::fatal!(
             F,
             "range {:#x} + {:#x} wraps around the address space",
@@ -246,7 +246,7 @@ pub extern "C" fn AddInitialTrackedMemoryRegions(
         crate::fatal!(F, "called after the first snapshot");
     }
     let r = range(F, aAddress as usize, aSize);
-    let Some(r) = r.widen_to_pages(e.page) else {
+    let Some(r) = r.widen_to_pages(e.sub) else {
         crate::fatal!(
             F,
             "range {:#x} + {:#x} wraps around the address space",

@@ -8,9 +8,11 @@ use super::Reservation;
 
 /// The state word of one snapshot page.
 ///
-/// `TRACKED` and `EXEC` describe the page; the low bits hold `slot + 1` of the page's
-/// pre-image copy while the page is in the active dirty set, 0 while it is clean and
-/// write-protected. `BUSY` is held by the one fault handler copying the page.
+/// `TRACKED` and `EXEC` describe the page; `PARTIAL` says only some of its kernel pages
+/// are tracked (the engine's mask table says which, see `engine::granule`). The low bits
+/// hold `slot + 1` of the page's pre-image copy while the page is in the active dirty
+/// set, 0 while it is clean and write-protected. `BUSY` is held by the one fault handler
+/// copying the page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageState(pub u32);
 
@@ -18,7 +20,8 @@ impl PageState {
     pub const TRACKED: u32 = 1 << 31;
     pub const EXEC: u32 = 1 << 30;
     pub const BUSY: u32 = 1 << 29;
-    pub const SLOT_MASK: u32 = (1 << 29) - 1;
+    pub const PARTIAL: u32 = 1 << 28;
+    pub const SLOT_MASK: u32 = (1 << 28) - 1;
 
     pub fn tracked(self) -> bool {
         self.0 & Self::TRACKED != 0
@@ -29,6 +32,9 @@ impl PageState {
     pub fn busy(self) -> bool {
         self.0 & Self::BUSY != 0
     }
+    pub fn partial(self) -> bool {
+        self.0 & Self::PARTIAL != 0
+    }
     /// The pre-image slot while the page is dirty.
     pub fn slot(self) -> Option<u32> {
         match self.0 & Self::SLOT_MASK {
@@ -38,7 +44,7 @@ impl PageState {
     }
     /// The page's description with no dirty or busy bits.
     pub fn clean(self) -> PageState {
-        PageState(self.0 & (Self::TRACKED | Self::EXEC))
+        PageState(self.0 & (Self::TRACKED | Self::EXEC | Self::PARTIAL))
     }
     pub fn with_slot(self, slot: u32) -> PageState {
         PageState(self.clean().0 | (slot + 1))

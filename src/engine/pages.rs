@@ -1,0 +1,202 @@
+//! Snapshot pages of host memory: marking them tracked or untracked, and copying,
+//! comparing and protecting one snapshot page clipped to the kernel pages of it that are
+//! tracked (see `granule` for why a snapshot page can be partly tracked).
+//!
+//! When the snapshot page equals the kernel page every unit is whole and each operation
+//! here is the one call it always was; the mask table does not even exist.
+
+use core::sync::atomic::Ordering;
+
+use super::granule::{bits_in, Mask};
+use super::ranges::Range;
+use super::Engine;
+use crate::mem::PageState;
+use crate::sys::{self, Access};
+
+impl Engine {
+    /// The kernel pages of the unit at `unit` that are tracked, given its state word.
+    pub(super) fn mask(&self, unit: usize, st: PageState) -> Mask {
+        if !st.tracked() {
+            Mask::default()
+        } else if st.partial() {
+            match &self.masks {
+                Some(t) => Mask(t.word(unit).map_or(0, |w| w.load(Ordering::Acquire))),
+                None => Mask::default(),
+            }
+        } else {
+            Mask::uniform(self.subpages(), st.exec())
+        }
+    }
+
+    /// How many kernel pages one snapshot page spans.
+    pub(super) fn subpages(&self) -> usize {
+        self.page / self.sub
+    }
+
+    /// Calls `f(addr, len, exec)` for each tracked span of the unit at `unit`: the whole
+    /// unit unless it is partial (callers only pass units they have a copy slot or a
+    /// tracked state for).
+    pub(super) fn for_each_span(
+        &self,
+        unit: usize,
+        st: PageState,
+        mut f: impl FnMut(usize, usize, bool),
+    ) {
+        if st.partial() {
+            self.mask(unit, st)
+                .for_each_span(self.sub, |off, len, exec| f(unit + off, len, exec));
+        } else {
+            f(unit, self.page, st.exec());
+        }
+    }
+
+    /// Whether the byte at `addr` is tracked.
+    pub fn tracked_at(&self, addr: usize) -> bool {
+        let st = self.table.get(addr);
+        if !st.partial() {
+            return st.tracked();
+        }
+        let unit = self.page_base(addr);
+        let bit = (addr - unit) / self.sub;
+        self.mask(unit, st).tracked() & (1 << bit) != 0
+    }
+
+    /// The first address at or after `p` that starts the next unit.
+    pub(super) fn next_unit(&self, p: usize) -> usize {
+        self.page_base(p) + self.page
+    }
+
+    /// Marks every kernel page of `r` (kernel-page aligned) tracked, with execute bit
+    /// `exec`. A unit that already has a pre-image copy gets the current bytes of its newly
+    /// tracked pages copied in, so the copy stays a faithful pre-image of the whole unit.
+    pub(super) fn mark(&self, r: Range, exec: bool) {
+        self.update(r, |mask, bits| mask.with(bits, exec));
+    }
+
+    /// Marks every kernel page of `r` untracked; copy slots stay, for the dirty-log pass
+    /// to release.
+    pub(super) fn unmark(&self, r: Range) {
+        self.update(r, |mask, bits| mask.without(bits));
+    }
+
+    fn update(&self, r: Range, change: impl Fn(Mask, u32) -> Mask) {
+        let n = self.subpages();
+        let mut unit = self.page_base(r.start);
+        while unit < r.end {
+            let bits = bits_in(unit, self.page, self.sub, r.start, r.end);
+            if let Some(word) = self.table.word(unit) {
+                // A fault handler may be copying a neighbouring part of a partial unit:
+                // wait for it, then swap the state in one step.
+                loop {
+                    let cur = PageState(word.load(Ordering::Acquire));
+                    if cur.busy() {
+                        sys::yield_now();
+                        continue;
+                    }
+                    let old = self.mask(unit, cur);
+                    let new = change(old, bits);
+                    let keep = cur.0 & PageState::SLOT_MASK;
+                    let next = if new.is_empty() {
+                        keep
+                    } else if let Some(exec) = new.is_uniform(n) {
+                        keep | PageState::TRACKED | if exec { PageState::EXEC } else { 0 }
+                    } else {
+                        if let Some(t) = &self.masks {
+                            if let Some(w) = t.word(unit) {
+                                w.store(new.0, Ordering::Release);
+                            }
+                        }
+                        keep | PageState::TRACKED | PageState::PARTIAL
+                    };
+                    if word
+                        .compare_exchange(cur.0, next, Ordering::AcqRel, Ordering::Acquire)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    let added = new.tracked() & !old.tracked();
+                    if let (Some(slot), true) = (cur.slot(), added != 0) {
+                        Mask(added).for_each_span(self.sub, |off, len, _| {
+                            // SAFETY: the slot is this unit's pre-image, a whole unit
+                            // long; the newly tracked pages are mapped and readable.
+                            unsafe {
+                                let copy = self.pool.bytes(slot);
+                                core::ptr::copy_nonoverlapping(
+                                    (unit + off) as *const u8,
+                                    copy.as_mut_ptr().add(off),
+                                    len,
+                                );
+                            }
+                        });
+                    }
+                    break;
+                }
+            }
+            unit += self.page;
+        }
+    }
+
+    /// Gives the tracked spans of a unit read-only (`write == false`) or read-write access,
+    /// each with its own execute bit. Returns the failing span and errno.
+    pub(super) fn protect_unit(
+        &self,
+        unit: usize,
+        st: PageState,
+        write: bool,
+    ) -> Result<(), (usize, usize, i32)> {
+        let mut result = Ok(());
+        self.for_each_span(unit, st, |addr, len, exec| {
+            let access = if write {
+                Access::ReadWrite { exec }
+            } else {
+                Access::Read { exec }
+            };
+            // SAFETY: tracked host memory, whose protection the engine owns.
+            if let Err(e) = unsafe { sys::protect(addr, len, access) } {
+                if result.is_ok() {
+                    result = Err((addr, len, e));
+                }
+            }
+        });
+        result
+    }
+
+    /// Copies the tracked spans of a unit into `slot` (`to_slot`) or back.
+    ///
+    /// # Safety
+    /// `slot` is held by the caller; the unit's tracked spans are mapped, readable, and
+    /// writable too when copying back.
+    pub(super) unsafe fn copy_unit(&self, unit: usize, st: PageState, slot: u32, to_slot: bool) {
+        // SAFETY: per the function's contract; spans lie within the unit and the slot is
+        // one unit long.
+        unsafe {
+            let copy = self.pool.bytes(slot).as_mut_ptr();
+            self.for_each_span(unit, st, |addr, len, _| {
+                let saved = copy.add(addr - unit);
+                if to_slot {
+                    core::ptr::copy_nonoverlapping(addr as *const u8, saved, len);
+                } else {
+                    core::ptr::copy_nonoverlapping(saved, addr as *mut u8, len);
+                }
+            });
+        }
+    }
+
+    /// Whether a unit's tracked bytes equal its copy in `slot`.
+    ///
+    /// # Safety
+    /// As for [`Engine::copy_unit`].
+    pub(super) unsafe fn unit_matches(&self, unit: usize, st: PageState, slot: u32) -> bool {
+        let mut same = true;
+        // SAFETY: per the function's contract.
+        unsafe {
+            let copy = self.pool.bytes(slot);
+            self.for_each_span(unit, st, |addr, len, _| {
+                let off = addr - unit;
+                same = same
+                    && core::slice::from_raw_parts(addr as *const u8, len) == &copy[off..off + len];
+            });
+        }
+        same
+    }
+}
