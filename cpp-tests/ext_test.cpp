@@ -5,6 +5,7 @@
 // survive a rewind live on the stack (untracked), and output after the first snapshot
 // goes through ms_say only.
 
+#include <cstddef>
 #include "test_support.h"
 
 #include <sys/mman.h>
@@ -121,12 +122,22 @@ void InvalidArguments() {
   MS_CHECK(memsnap_set_tracking_mode((MemsnapTrackingMode)-1) == MemsnapStatus::InvalidArgument);
   MS_CHECK(memsnap_get_stats(nullptr) == MemsnapStatus::InvalidArgument);
   MemsnapStats s;
+  // The first release's record ends where kernel_page_size begins.
+  const size_t v1 = offsetof(MemsnapStats, kernel_page_size);
   memset(&s, 0xab, sizeof s);
-  s.struct_size = sizeof s - 1;
+  s.struct_size = v1 - 1;
   MS_CHECK(memsnap_get_stats(&s) == MemsnapStatus::InvalidArgument);
-  MS_CHECK_EQ(s.struct_size, sizeof s - 1);  // untouched
+  MS_CHECK_EQ(s.struct_size, v1 - 1);  // untouched
+  MS_CHECK_EQ(s.page_size, (size_t)0xabababababababab);
   s.struct_size = 0;
   MS_CHECK(memsnap_get_stats(&s) == MemsnapStatus::InvalidArgument);
+  // An older caller's shorter record gets its own fields and nothing past them.
+  s.struct_size = v1;
+  MS_CHECK(memsnap_get_stats(&s) == MemsnapStatus::Ok);
+  MS_CHECK_EQ(s.struct_size, v1);
+  MS_CHECK_EQ(s.page_size, memsnap_page_size());
+  MS_CHECK_EQ(s.kernel_page_size, (size_t)0xabababababababab);
+  MS_CHECK_EQ(s.block_faults, (uint64_t)0xabababababababab);
   // A larger record (a newer caller) is accepted.
   struct {
     MemsnapStats s;
@@ -135,6 +146,8 @@ void InvalidArguments() {
   memset(&big, 0, sizeof big);
   big.s.struct_size = sizeof big;
   MS_CHECK(memsnap_get_stats(&big.s) == MemsnapStatus::Ok);
+  MS_CHECK_EQ(big.s.kernel_page_size, (size_t)sysconf(_SC_PAGESIZE));
+  MS_CHECK_EQ(big.extra[0], 0);
   // Invalid arguments changed nothing: the default mode and a normal first snapshot.
   MS_CHECK(Stats().tracking_mode == MemsnapTrackingMode::WholeProcess);
   MS_CHECK(memsnap_set_restore_threads(2) == MemsnapStatus::Ok);

@@ -117,7 +117,8 @@ struct MemsnapStats {
    */
   MemsnapTrackingMode tracking_mode;
   /**
-   * Snapshot granularity in bytes (the OS page size).
+   * The snapshot page in bytes: the unit tracked, copied and restored (the kernel's
+   * page unless memsnap_set_page_size or MEMSNAP_PAGE_SIZE chose a larger one).
    */
   size_t page_size;
   /**
@@ -168,6 +169,15 @@ struct MemsnapStats {
   uint64_t last_restore_ns;
   uint64_t total_snapshot_ns;
   uint64_t total_restore_ns;
+  /**
+   * The kernel's page size; page_size is a multiple of it.
+   */
+  size_t kernel_page_size;
+  /**
+   * Faults resolved by capturing a whole block of pages at once because isolated
+   * writable pages would have split the mappings past vm.max_map_count.
+   */
+  uint64_t block_faults;
 };
 
 extern "C" {
@@ -214,10 +224,12 @@ MemsnapStatus memsnap_set_pin_allocator(bool enabled);
 MemsnapStatus memsnap_prepare_write(void *addr, size_t size);
 
 /**
- * Fills *out (whose struct_size must be set to sizeof(MemsnapStats)).
+ * Fills *out, whose struct_size must be set to sizeof(MemsnapStats) as the caller's
+ * header declares it: a caller built against an older, shorter record gets its fields
+ * only, and struct_size is left as it was.
  *
  * # Safety
- * `out` is null or points to a writable MemsnapStats.
+ * `out` is null or points to struct_size writable bytes.
  */
 MemsnapStatus memsnap_get_stats(MemsnapStats *out);
 

@@ -239,6 +239,83 @@ fn random_walk() {
     }
 }
 
+/// Scattered first writes over a large heap: every other page is written, which without
+/// block capture leaves each written page its own mapping and runs into
+/// vm.max_map_count (mprotect fails with ENOMEM). The mapping count stays bounded, and
+/// rewinds are still exact.
+fn scattered_writes_stay_under_map_limit() {
+    // SAFETY: sysconf has no preconditions.
+    let k = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    let limit = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|t| t.trim().parse::<usize>().ok())
+        .unwrap_or(65530);
+    // Kernel-sized snapshot pages whatever MEMSNAP_PAGE_SIZE says: the point is the
+    // number of pages, and larger ones would only make this slower.
+    check(memsnap_set_page_size(k) == MemsnapStatus::Ok, "page size");
+    InitializeMemorySnapshots();
+    let pages = limit * 5 / 4;
+    let heap = AllocateMemory(pages * k, TRACKED) as *mut u8;
+    // The listing is read into untracked memory: the kernel cannot write into tracked,
+    // write-protected pages (read(2) would fail with EFAULT).
+    let buf_len = 16 << 20;
+    let buf = AllocateMemory(buf_len, GENERIC) as *mut u8;
+    let maps = || {
+        // SAFETY: a NUL-terminated path.
+        let fd = unsafe { libc::open(c"/proc/self/maps".as_ptr(), libc::O_RDONLY) };
+        let mut lines = 0;
+        loop {
+            // SAFETY: `buf` is `buf_len` writable bytes of untracked memory.
+            let n = unsafe { libc::read(fd, buf as *mut _, buf_len) };
+            if n <= 0 {
+                check(n == 0, "reading /proc/self/maps");
+                break;
+            }
+            // SAFETY: `n` bytes were just read into `buf`.
+            let got = unsafe { std::slice::from_raw_parts(buf, n as usize) };
+            lines += got.iter().filter(|&&c| c == b'\n').count();
+        }
+        // SAFETY: our descriptor.
+        unsafe { libc::close(fd) };
+        lines
+    };
+    TakeFirstMemorySnapshot();
+    for round in 1..=2u8 {
+        // Every other page, in a scattered order (a stride coprime with the count).
+        let half = pages / 2;
+        let stride = 7919;
+        for i in 0..half {
+            let p = (i * stride) % half * 2 + (round as usize - 1);
+            // SAFETY: inside the tracked allocation.
+            unsafe { *heap.add(p * k + 8) = round };
+        }
+        let n = maps();
+        check(n < limit, "mapping count below vm.max_map_count");
+        check(stats().block_faults > 0, "block capture engaged");
+        TakeDiffMemorySnapshot();
+    }
+    // SAFETY: the allocation is `pages * k` bytes.
+    let all = unsafe { std::slice::from_raw_parts(heap, pages * k) };
+    rewind(1);
+    let round_one = |i: usize| {
+        if i % k == 8 && (i / k) % 2 == 0 && i / k < pages / 2 * 2 {
+            1
+        } else {
+            0
+        }
+    };
+    check(
+        all.iter().enumerate().all(|(i, &b)| b == round_one(i)),
+        "back at the checkpoint after the first round",
+    );
+    rewind(1);
+    check(
+        all.iter().all(|&b| b == 0),
+        "back to zeros at the first checkpoint",
+    );
+    check(maps() < limit, "mapping count after the rewind");
+}
+
 /// The perms column of the mapping containing `addr`, from /proc/self/maps.
 fn perms_at(addr: usize) -> String {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
@@ -383,7 +460,7 @@ fn partial_snapshot_pages() {
 }
 
 fn main() {
-    let scenarios: [(&str, fn()); 6] = [
+    let scenarios: [(&str, fn()); 7] = [
         (
             "whole_process_five_checkpoints",
             whole_process_five_checkpoints,
@@ -393,6 +470,10 @@ fn main() {
         ("allocations_after_rewind", allocations_after_rewind),
         ("random_walk", random_walk),
         ("partial_snapshot_pages", partial_snapshot_pages),
+        (
+            "scattered_writes_stay_under_map_limit",
+            scattered_writes_stay_under_map_limit,
+        ),
     ];
     let (mut passed, mut failed) = (0, 0);
     for (name, f) in scenarios {

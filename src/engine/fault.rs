@@ -5,8 +5,21 @@
 //! publishes the slot. Losers wait for the winner (a bounded copy on another thread) and
 //! retry the instruction. Nothing here allocates, locks, formats (except on the fatal
 //! path) or writes tracked memory.
+//!
+//! Making one page writable inside a read-only mapping splits it in up to three, and the
+//! kernel caps a process's mappings (`vm.max_map_count`, 65530 by default): scattered
+//! writes over a large heap would make `mprotect` fail. So the handler keeps a budget of
+//! single-page captures, set at each checkpoint and rewind from the mapping count the
+//! region walk saw. Once it is spent, a fault captures every clean page of its aligned
+//! block of [`BLOCK_PAGES`] (clipped to the tracked pages around it) and unprotects the
+//! block in one call: a block adds at most two mappings, so the count stays below
+//! (tracked bytes / block bytes) * 2 whatever the write order. Pages captured but not
+//! written cost a copy and are dropped at the next checkpoint as unchanged.
 
 use core::sync::atomic::Ordering;
+
+/// Snapshot pages captured together once the single-page budget is spent.
+pub const BLOCK_PAGES: usize = 64;
 
 use super::Engine;
 use crate::mem::PageState;
@@ -126,40 +139,129 @@ impl Engine {
             {
                 continue;
             }
-            let Some(slot) = self.pool.alloc() else {
-                crate::fatal!(
-                    function,
-                    "out of page-copy slots ({} pages saved); erase or rewind checkpoints to free some",
-                    self.pool.capacity()
-                )
-            };
-            // SAFETY: this thread holds `slot` and the unit's BUSY bit; tracked pages are
-            // readable (protected pages are read-only, never inaccessible).
-            unsafe { self.copy_unit(page, cur, slot, true) };
-            if !self.log.push(page) {
-                crate::fatal!(function, "the dirty-page log is full");
-            }
-            if let Err((at, _, errno)) = self.protect_unit(page, cur, true) {
-                if errno == libc::ENOMEM {
-                    crate::fatal!(
-                        function,
-                        "mprotect of {:#x} failed with ENOMEM: the process hit vm.max_map_count (each isolated dirty page splits a mapping); raise it or dirty fewer scattered pages per checkpoint",
-                        at
-                    );
+            let slot = self.capture(function, page, cur);
+            if !cur.partial() && self.map_budget.fetch_sub(2, Ordering::Relaxed) <= 2 {
+                self.capture_block(function, page, cur, slot);
+            } else {
+                if let Err(e) = self.protect_unit(page, cur, true) {
+                    Self::unprotect_failed(function, e);
                 }
-                crate::fatal!(
-                    function,
-                    "unprotecting tracked page {:#x} failed (errno {})",
-                    at,
-                    errno
-                );
+                word.store(cur.with_slot(slot).0, Ordering::Release);
             }
-            word.store(cur.with_slot(slot).0, Ordering::Release);
             self.faults.fetch_add(1, Ordering::Relaxed);
             break true;
         };
         self.leave();
         handled
+    }
+
+    /// Copies the unit at `page` (whose BUSY bit this thread holds) into a new slot and
+    /// logs it; the caller unprotects it and publishes the slot.
+    fn capture(&self, function: &str, page: usize, st: PageState) -> u32 {
+        let Some(slot) = self.pool.alloc() else {
+            crate::fatal!(
+                function,
+                "out of page-copy slots ({} pages saved); erase or rewind checkpoints to free some",
+                self.pool.capacity()
+            )
+        };
+        // SAFETY: this thread holds `slot` and the unit's BUSY bit; tracked pages are
+        // readable (protected pages are read-only, never inaccessible).
+        unsafe { self.copy_unit(page, st, slot, true) };
+        if !self.log.push(page) {
+            crate::fatal!(function, "the dirty-page log is full");
+        }
+        slot
+    }
+
+    fn unprotect_failed(function: &str, (at, len, errno): (usize, usize, i32)) -> ! {
+        if errno == libc::ENOMEM {
+            crate::fatal!(
+                function,
+                "mprotect of {:#x}+{:#x} failed with ENOMEM: the process hit vm.max_map_count",
+                at,
+                len
+            );
+        }
+        crate::fatal!(
+            function,
+            "unprotecting tracked memory {:#x}+{:#x} failed (errno {})",
+            at,
+            len,
+            errno
+        )
+    }
+
+    /// The single-page budget is spent: `page` (captured into `slot`, BUSY held) is
+    /// unprotected together with the run of whole tracked units of the same execute bit
+    /// around it within its aligned block, each clean one captured first. The run stops
+    /// at a unit another thread is capturing: waiting for it could deadlock against that
+    /// thread waiting for ours.
+    fn capture_block(&self, function: &str, page: usize, st: PageState, slot: u32) {
+        let base = page & !(BLOCK_PAGES * self.page - 1);
+        let end = base + BLOCK_PAGES * self.page;
+        // Units this call captured, published only once the block is writable, so no
+        // other thread writes one before its pre-image is complete.
+        let mut mine = [(0usize, 0u32); BLOCK_PAGES];
+        let mut n = 0;
+        let mut take = |u: usize| -> bool {
+            let Some(word) = self.table.word(u) else {
+                return false;
+            };
+            loop {
+                let cur = PageState(word.load(Ordering::Acquire));
+                if !cur.tracked() || cur.partial() || cur.exec() != st.exec() || cur.busy() {
+                    return false;
+                }
+                if cur.slot().is_some() {
+                    return true;
+                }
+                if word
+                    .compare_exchange(
+                        cur.0,
+                        cur.0 | PageState::BUSY,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
+                    .is_ok()
+                {
+                    mine[n] = (u, self.capture(function, u, cur));
+                    n += 1;
+                    return true;
+                }
+            }
+        };
+        let mut hi = page + self.page;
+        while hi < end && take(hi) {
+            hi += self.page;
+        }
+        let mut lo = page;
+        while lo > base && take(lo - self.page) {
+            lo -= self.page;
+        }
+        let access = sys::Access::ReadWrite { exec: st.exec() };
+        // SAFETY: whole tracked units of the host whose pre-images are all saved (by
+        // this thread or by the ones that published them).
+        if let Err(e) = unsafe { sys::protect(lo, hi - lo, access) } {
+            Self::unprotect_failed(function, (lo, hi - lo, e));
+        }
+        for &(u, s) in &mine[..n] {
+            self.table.set(u, self.table.get(u).with_slot(s));
+        }
+        self.table.set(page, st.with_slot(slot));
+        self.block_faults.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sets the single-page capture budget after the mappings were counted (`vmas`) and
+    /// `reprotected` dirty units were write-protected again, which merges the mappings
+    /// their faults split.
+    pub(super) fn reset_map_budget(&self, vmas: usize, reprotected: usize) {
+        if self.map_limit == 0 {
+            return;
+        }
+        let now = vmas.saturating_sub(2 * reprotected);
+        let budget = (self.map_limit / 2) as isize - now as isize;
+        self.map_budget.store(budget, Ordering::Relaxed);
     }
 
     /// `memsnap_prepare_write`: captures every clean tracked page of `[start, end)` now, so

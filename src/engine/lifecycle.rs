@@ -81,6 +81,7 @@ impl Engine {
         {
             let mut m = self.meta.lock();
             self.scan_first(F, &mut m);
+            self.reset_map_budget(m.vmas.len(), 0);
             self.push_checkpoint(F, &mut m);
         }
         self.set_phase(Phase::Armed);
@@ -137,6 +138,7 @@ impl Engine {
                 self.table.set(page, st.clean());
             }
             self.protect_pages(F, pages);
+            self.reset_map_budget(m.vmas.len(), pages.len());
             // SAFETY: as above.
             unsafe { self.log.clear() };
             let diff_len = m.diffs.len() - diff_start;
@@ -266,6 +268,7 @@ impl Engine {
         unsafe { self.log.clear() };
         m.entries.sort_unstable_by_key(|e| e.page);
         self.restore_entries(&m.entries);
+        self.reset_map_budget(m.vmas.len(), m.entries.len());
         m.entries.clear();
         self.settle_after_rewind(&mut m, newest);
         drop(m);
@@ -351,6 +354,7 @@ impl Engine {
             let diff = &m.diffs[c.diff_start..c.diff_start + c.diff_len];
             self.restore_entries(diff);
         }
+        self.reset_map_budget(m.vmas.len(), c.diff_len);
         m.diffs.truncate(c.diff_start);
         let newest = m.checkpoints.pop().unwrap_or_default();
         m.free_snapshots.truncate(newest.free_start);

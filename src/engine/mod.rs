@@ -175,7 +175,14 @@ pub struct Engine {
     restore_threads: AtomicUsize,
     pin_allocator: AtomicBool,
 
+    /// Mappings the process may have before `mprotect` fails (0: no limit).
+    map_limit: usize,
+    /// Single-page captures left before the fault handler switches to capturing whole
+    /// blocks, which keeps the mapping count bounded (see `fault`).
+    map_budget: AtomicIsize,
     pub faults: AtomicU64,
+    /// Faults resolved by capturing a whole block.
+    pub block_faults: AtomicU64,
     pub checkpoints_taken: AtomicU64,
     pub rewinds: AtomicU64,
     pub snapshot_ns: AtomicU64,
@@ -368,7 +375,10 @@ impl Engine {
             mode: AtomicU32::new(0),
             restore_threads: AtomicUsize::new(crate::sys::cpu_count().clamp(1, 8)),
             pin_allocator: AtomicBool::new(true),
+            map_limit: crate::sys::max_map_count().unwrap_or(0),
+            map_budget: AtomicIsize::new(isize::MAX),
             faults: AtomicU64::new(0),
+            block_faults: AtomicU64::new(0),
             checkpoints_taken: AtomicU64::new(0),
             rewinds: AtomicU64::new(0),
             snapshot_ns: AtomicU64::new(0),

@@ -68,7 +68,8 @@ pub struct MemsnapStats {
     pub backend: MemsnapBackend,
     /// What the first snapshot tracked (or will track).
     pub tracking_mode: MemsnapTrackingMode,
-    /// Snapshot granularity in bytes (the OS page size).
+    /// The snapshot page in bytes: the unit tracked, copied and restored (the kernel's
+    /// page unless memsnap_set_page_size or MEMSNAP_PAGE_SIZE chose a larger one).
     pub page_size: usize,
     /// Bytes and regions currently tracked.
     pub tracked_bytes: usize,
@@ -98,7 +99,17 @@ pub struct MemsnapStats {
     pub last_restore_ns: u64,
     pub total_snapshot_ns: u64,
     pub total_restore_ns: u64,
+    // Fields below were added after the first release; callers built against the first
+    // header pass a smaller struct_size and get only the fields above.
+    /// The kernel's page size; page_size is a multiple of it.
+    pub kernel_page_size: usize,
+    /// Faults resolved by capturing a whole block of pages at once because isolated
+    /// writable pages would have split the mappings past vm.max_map_count.
+    pub block_faults: u64,
 }
+
+/// The smallest struct_size memsnap_get_stats accepts: the first release's record.
+const STATS_V1_SIZE: usize = core::mem::offset_of!(MemsnapStats, kernel_page_size);
 
 fn engine_before_start() -> Result<&'static engine::Engine, MemsnapStatus> {
     let e = engine::get().ok_or(MemsnapStatus::NotInitialized)?;
@@ -207,19 +218,21 @@ pub extern "C" fn memsnap_prepare_write(addr: *mut c_void, size: usize) -> Memsn
     })())
 }
 
-/// Fills *out (whose struct_size must be set to sizeof(MemsnapStats)).
+/// Fills *out, whose struct_size must be set to sizeof(MemsnapStats) as the caller's
+/// header declares it: a caller built against an older, shorter record gets its fields
+/// only, and struct_size is left as it was.
 ///
 /// # Safety
-/// `out` is null or points to a writable MemsnapStats.
+/// `out` is null or points to struct_size writable bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapStatus {
     status((|| {
         if out.is_null() {
             return Err(MemsnapStatus::InvalidArgument);
         }
-        // SAFETY: non-null, and the caller promises a writable MemsnapStats.
-        let out = unsafe { &mut *out };
-        if out.struct_size < core::mem::size_of::<MemsnapStats>() {
+        // SAFETY: non-null; struct_size, the first field, is in every version.
+        let size = unsafe { (*out).struct_size };
+        if size < STATS_V1_SIZE {
             return Err(MemsnapStatus::InvalidArgument);
         }
         let e = engine::get().ok_or(MemsnapStatus::NotInitialized)?;
@@ -234,8 +247,8 @@ pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapSta
             Backend::MacExceptionPort => MemsnapBackend::MacExceptionPort,
             Backend::MacSignal => MemsnapBackend::MacSignal,
         };
-        *out = MemsnapStats {
-            struct_size: core::mem::size_of::<MemsnapStats>(),
+        let record = MemsnapStats {
+            struct_size: size,
             backend,
             tracking_mode: match e.mode() {
                 Mode::WholeProcess => MemsnapTrackingMode::WholeProcess,
@@ -259,6 +272,18 @@ pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapSta
             last_restore_ns: s.last_restore_ns,
             total_snapshot_ns: s.total_snapshot_ns,
             total_restore_ns: s.total_restore_ns,
+            kernel_page_size: e.sub,
+            block_faults: s.block_faults,
+        };
+        let n = size.min(core::mem::size_of::<MemsnapStats>());
+        // SAFETY: the caller provides `size` writable bytes at `out`; `n` is no more than
+        // that nor than the record's size.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                &record as *const MemsnapStats as *const u8,
+                out as *mut u8,
+                n,
+            )
         };
         Ok(())
     })())

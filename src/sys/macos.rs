@@ -194,3 +194,8 @@ pub fn for_each_thread_sp(
     _f: impl FnMut(u64, usize),
 ) {
 }
+
+/// macOS has no per-process mapping limit like Linux's vm.max_map_count.
+pub fn max_map_count() -> Option<usize> {
+    None
+}

@@ -196,6 +196,21 @@ pub fn walk_regions(scratch: &mut [u8], mut f: impl FnMut(Region)) -> Result<(),
     Ok(())
 }
 
+/// The most mappings the kernel lets this process have (`vm.max_map_count`), if known.
+/// Splitting mappings past it makes `mprotect` fail with ENOMEM.
+pub fn max_map_count() -> Option<usize> {
+    let fd = raw::check(raw::open(b"/proc/sys/vm/max_map_count\0", 0)).ok()? as i32;
+    let mut buf = [0u8; 32];
+    let n = raw::check(raw::read(fd, &mut buf));
+    raw::close(fd);
+    let n = n.ok()?;
+    let mut v = 0usize;
+    for &d in buf[..n].iter().take_while(|d| d.is_ascii_digit()) {
+        v = v.checked_mul(10)?.checked_add((d - b'0') as usize)?;
+    }
+    (v > 0).then_some(v)
+}
+
 pub fn install_fault_handler(callback: FaultCallback) -> Result<(), i32> {
     signals::install(callback)
 }
