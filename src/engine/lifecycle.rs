@@ -43,7 +43,8 @@ impl Engine {
             free_start,
             free_len: m.free.len(),
             allocated: m.allocated.len(),
-            threads: (self.mode() == super::Mode::WholeProcess).then(|| m.thread_fingerprint()),
+            threads: (self.mode() == super::Mode::WholeProcess)
+                .then(|| m.thread_fingerprint(&self.workers)),
         };
         if m.checkpoints.push(c).is_err() {
             crate::fatal!(function, "out of room for checkpoints");
@@ -283,7 +284,7 @@ impl Engine {
         let Some((count, hash, exited)) = m.checkpoints[target].threads else {
             return;
         };
-        let (now, now_hash, now_exited) = m.thread_fingerprint();
+        let (now, now_hash, now_exited) = m.thread_fingerprint(&self.workers);
         // Threads that were created and exited in between leave the live set unchanged
         // but add their run time to the exited total: compare the lower bound now with
         // the upper bound then (a forked child's clock starts again at zero, so it never

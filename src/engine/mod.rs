@@ -587,15 +587,15 @@ impl Meta {
 
     /// The other threads the last probe found (how many, a hash of their sorted ids),
     /// and the CPU time used so far by threads that have exited.
-    pub fn thread_fingerprint(&mut self) -> (usize, u64, (i64, i64)) {
+    /// `own` lists the library's threads, which the probe skipped.
+    pub fn thread_fingerprint(&mut self, own: &Workers) -> (usize, u64, (i64, i64)) {
         self.sps.sort_unstable_by_key(|s| s.0);
         let mut h = 0xcbf2_9ce4_8422_2325u64;
         for s in self.sps.iter() {
             h = (h ^ s.0).wrapping_mul(0x0100_0000_01b3);
         }
-        // SAFETY: u8 accepts any bit pattern.
-        let buf = unsafe { self.scratch.spare() };
-        let exited = crate::sys::exited_threads_cpu_ns(&mut buf[..1 << 16]);
+        let others = self.sps.iter().map(|s| s.0).chain(own.own_tids());
+        let exited = crate::sys::exited_threads_cpu_ns(others);
         (self.sps.len(), h, exited)
     }
 

@@ -94,6 +94,14 @@ impl Workers {
         }
     }
 
+    /// The library's own threads (restore workers, the countdown thread).
+    pub fn own_tids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.tids
+            .iter()
+            .map(|t| t.load(Ordering::Acquire))
+            .filter(|&t| t != 0)
+    }
+
     /// Whether `tid` is one of the library's own threads.
     pub fn is_own_thread(&self, tid: u64) -> bool {
         self.tids.iter().any(|t| t.load(Ordering::Acquire) == tid)

@@ -63,6 +63,23 @@ fn hex(field: &[u8]) -> Option<usize> {
     Some(v)
 }
 
+/// What backs a mapping, from its name as `/proc/self/maps` shows it (none for plain
+/// anonymous memory) and whether it has an inode.
+pub fn classify(name: Option<&[u8]>, has_inode: bool) -> Backing {
+    match name {
+        _ if has_inode => Backing::File,
+        None | Some(b"") => Backing::Anonymous,
+        Some(b"[heap]") => Backing::Heap,
+        Some(b"[stack]") => Backing::Stack,
+        Some(b"[vdso]") | Some(b"[vvar]") | Some(b"[vsyscall]") | Some(b"[vectors]")
+        | Some(b"[sigpage]") | Some(b"[uprobes]") => Backing::Kernel,
+        Some(p) if p.starts_with(b"[vvar") => Backing::Kernel,
+        Some(p) if p.starts_with(b"[") => Backing::OtherNamed,
+        // A path without an inode is unusual; it is still a file.
+        Some(_) => Backing::File,
+    }
+}
+
 fn parse_line(line: &[u8]) -> Option<Vma> {
     let mut fields = line
         .split(|&c| c == b' ' || c == b'\t')
@@ -78,19 +95,7 @@ fn parse_line(line: &[u8]) -> Option<Vma> {
     let _offset = fields.next()?;
     let _dev = fields.next()?;
     let inode = fields.next()?;
-    let path = fields.next();
-    let backing = match path {
-        None => Backing::Anonymous,
-        Some(b"[heap]") => Backing::Heap,
-        Some(b"[stack]") => Backing::Stack,
-        Some(b"[vdso]") | Some(b"[vvar]") | Some(b"[vsyscall]") | Some(b"[vectors]")
-        | Some(b"[sigpage]") | Some(b"[uprobes]") => Backing::Kernel,
-        Some(p) if p.starts_with(b"[vvar") => Backing::Kernel,
-        Some(p) if p.starts_with(b"[") => Backing::OtherNamed,
-        Some(_) if inode != b"0" => Backing::File,
-        // Deleted-file or memfd mappings keep an inode; a path with inode 0 is unusual.
-        Some(_) => Backing::File,
-    };
+    let backing = classify(fields.next(), inode != b"0");
     Some(Vma {
         start,
         end,
@@ -163,6 +168,19 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
         let v: Vec<Vma> = MapsIter::new(text).collect();
         assert_eq!(v.len(), 1);
         assert_eq!((v[0].start, v[0].end), (0x10, 0x20));
+    }
+
+    #[test]
+    fn classifies_names() {
+        assert_eq!(classify(None, false), Backing::Anonymous);
+        assert_eq!(classify(Some(b""), false), Backing::Anonymous);
+        assert_eq!(classify(Some(b"[heap]"), false), Backing::Heap);
+        assert_eq!(classify(Some(b"[stack]"), false), Backing::Stack);
+        assert_eq!(classify(Some(b"[vvar_vclock]"), false), Backing::Kernel);
+        assert_eq!(classify(Some(b"[anon:glibc]"), false), Backing::OtherNamed);
+        assert_eq!(classify(Some(b"/memfd:x (deleted)"), true), Backing::File);
+        // With an inode, the name does not matter (PROCMAP_QUERY does not fetch it).
+        assert_eq!(classify(None, true), Backing::File);
     }
 
     #[test]

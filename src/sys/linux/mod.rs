@@ -2,6 +2,7 @@
 //! for protection, SIGSEGV for fault capture, `/proc/self/task/*/syscall` for thread stacks.
 
 pub mod maps;
+mod procmap;
 pub mod raw;
 pub mod signals;
 pub mod threads;
@@ -158,6 +159,25 @@ pub enum WalkError {
 /// Calls `f` for every mapping of the process in ascending address order. `scratch` is
 /// library-owned memory that receives the raw listing.
 pub fn walk_regions(scratch: &mut [u8], mut f: impl FnMut(Region)) -> Result<(), WalkError> {
+    use core::sync::atomic::{AtomicBool, Ordering};
+    // Cleared once the kernel turns out not to have PROCMAP_QUERY.
+    static QUERY: AtomicBool = AtomicBool::new(true);
+    if QUERY.load(Ordering::Relaxed) {
+        let mut any = false;
+        match procmap::walk(|vma| {
+            any = true;
+            f(region(vma))
+        }) {
+            Ok(()) => return Ok(()),
+            Err(e) if any => return Err(WalkError::Io(e)),
+            // No such ioctl: the text listing from now on.
+            Err(libc::ENOTTY | libc::EINVAL | libc::EOPNOTSUPP) => {
+                QUERY.store(false, Ordering::Relaxed)
+            }
+            // Anything else (the open failed): the text path reports it.
+            Err(_) => {}
+        }
+    }
     let fd = raw::check(raw::open(b"/proc/self/maps\0", 0)).map_err(WalkError::Io)? as i32;
     let mut len = 0usize;
     loop {
@@ -177,23 +197,27 @@ pub fn walk_regions(scratch: &mut [u8], mut f: impl FnMut(Region)) -> Result<(),
     }
     raw::close(fd);
     for vma in maps::MapsIter::new(&scratch[..len]) {
-        f(Region {
-            start: vma.start,
-            end: vma.end,
-            read: vma.read,
-            write: vma.write,
-            exec: vma.exec,
-            private: vma.private,
-            kind: match vma.backing {
-                maps::Backing::Heap => RegionKind::Heap,
-                maps::Backing::Stack => RegionKind::MainStack,
-                maps::Backing::Kernel => RegionKind::Kernel,
-                maps::Backing::File => RegionKind::File,
-                maps::Backing::Anonymous | maps::Backing::OtherNamed => RegionKind::Anonymous,
-            },
-        });
+        f(region(vma));
     }
     Ok(())
+}
+
+fn region(vma: maps::Vma) -> Region {
+    Region {
+        start: vma.start,
+        end: vma.end,
+        read: vma.read,
+        write: vma.write,
+        exec: vma.exec,
+        private: vma.private,
+        kind: match vma.backing {
+            maps::Backing::Heap => RegionKind::Heap,
+            maps::Backing::Stack => RegionKind::MainStack,
+            maps::Backing::Kernel => RegionKind::Kernel,
+            maps::Backing::File => RegionKind::File,
+            maps::Backing::Anonymous | maps::Backing::OtherNamed => RegionKind::Anonymous,
+        },
+    }
 }
 
 /// The most mappings the kernel lets this process have (`vm.max_map_count`), if known.

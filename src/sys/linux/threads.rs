@@ -240,41 +240,50 @@ pub fn for_each_thread_sp(
 }
 
 /// CPU time, in nanoseconds, used by the process's threads that have exited, as
-/// `(lower, upper)` bounds: the process clock less the calling thread's clock less every
-/// other live thread's `schedstat` run time. It only grows, by each exiting thread's run
-/// time, so a rise between two readings shows that threads came and went even when the
-/// set of live threads looks the same. Threads running during the reading make a single
-/// difference unreliable; bracketing the reading (own clock, process clock, the others,
-/// process clock, own clock) yields a bound on each side.
-pub fn exited_threads_cpu_ns(scratch: &mut [u8]) -> (i64, i64) {
-    let clock = |id| {
+/// `(lower, upper)` bounds: the process clock less the calling thread's clock less the
+/// clock of every other live thread, `others` (from a thread probe that just ran). It
+/// only grows, by each exiting thread's run time, so a rise between two readings shows
+/// that threads came and went even when the set of live threads looks the same. Threads
+/// running during the reading make a single difference unreliable; bracketing the
+/// reading (own clock, process clock, the others, process clock, own clock) yields a
+/// bound on each side. A thread that exited since the probe reads as zero: its time has
+/// moved to the exited total, as it should.
+///
+/// Each thread's clock is read with one `clock_gettime` on its CPU-clock id, not by
+/// opening `/proc/self/task/TID/schedstat`: a third of a checkpoint's fixed cost went
+/// into those files.
+pub fn exited_threads_cpu_ns(others: impl Iterator<Item = u64>) -> (i64, i64) {
+    let clock = |id: libc::clockid_t| {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
-        // SAFETY: clock_gettime writes the timespec on this frame; both clocks exist.
+        // SAFETY: clock_gettime writes the timespec on this frame; an invalid clock id
+        // (a thread that is gone) fails with EINVAL and leaves it zero.
         unsafe { libc::clock_gettime(id, &mut ts) };
         ts.tv_sec * 1_000_000_000 + ts.tv_nsec
     };
     let mine_before = clock(libc::CLOCK_THREAD_CPUTIME_ID);
     let process_before = clock(libc::CLOCK_PROCESS_CPUTIME_ID);
-    let mut others = 0i64;
-    for_each_task_file(
-        scratch,
-        b"schedstat\0",
-        |_| false,
-        |_, text| {
-            let first = text.and_then(|t| t.split(|&c| c == b' ').next());
-            others += first.and_then(parse_decimal).unwrap_or(0) as i64;
-            false
-        },
-    );
+    let mut sum = 0i64;
+    for tid in others {
+        sum += clock(thread_cpu_clock(tid));
+    }
     let process_after = clock(libc::CLOCK_PROCESS_CPUTIME_ID);
     let mine_after = clock(libc::CLOCK_THREAD_CPUTIME_ID);
     (
-        process_before - mine_after - others,
-        process_after - mine_before - others,
+        process_before - mine_after - sum,
+        process_after - mine_before - sum,
     )
+}
+
+/// The kernel's CPU-clock id for thread `tid` measuring its run time
+/// (`MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)`, as glibc's `pthread_getcpuclockid`
+/// builds it).
+fn thread_cpu_clock(tid: u64) -> libc::clockid_t {
+    const CPUCLOCK_PERTHREAD: i32 = 4;
+    const CPUCLOCK_SCHED: i32 = 2;
+    ((!(tid as i32)) << 3) | CPUCLOCK_PERTHREAD | CPUCLOCK_SCHED
 }
 
 #[cfg(test)]
@@ -294,6 +303,37 @@ mod tests {
         assert_eq!(parse_syscall_sp(b"running\n"), None);
         assert_eq!(parse_syscall_sp(b""), None);
         assert_eq!(parse_syscall_sp(b"-1 zz 0x1\n"), None);
+    }
+
+    fn clock_ns(id: libc::clockid_t) -> Option<i64> {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: writes the timespec on this frame.
+        let r = unsafe { libc::clock_gettime(id, &mut ts) };
+        (r == 0).then_some(ts.tv_sec * 1_000_000_000 + ts.tv_nsec)
+    }
+
+    #[test]
+    fn other_threads_cpu_clocks() {
+        // A thread's clock id reads that thread's run time: a thread spins until its own
+        // clock shows 5 ms, and its clock read from here shows at least what it saw.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let own = || clock_ns(libc::CLOCK_THREAD_CPUTIME_ID).unwrap();
+            while own() < 5_000_000 {}
+            tx.send((raw::gettid(), own())).unwrap();
+            done_rx.recv().unwrap();
+        });
+        let (tid, seen) = rx.recv().unwrap();
+        let ns = clock_ns(thread_cpu_clock(tid)).expect("a live thread's clock");
+        assert!(ns >= seen, "read {ns} ns, the thread itself saw {seen} ns");
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
+        // Gone: its clock no longer reads.
+        assert_eq!(clock_ns(thread_cpu_clock(tid)), None);
     }
 
     #[test]
