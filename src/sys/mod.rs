@@ -5,6 +5,10 @@
 mod unix;
 pub use unix::{now_us, spawn};
 
+// The Mach exception-message seam: used by the macOS backend, unit-tested everywhere.
+#[cfg(any(target_os = "macos", test))]
+mod mach_exc;
+
 #[cfg(target_os = "linux")]
 mod linux;
 #[cfg(target_os = "linux")]
