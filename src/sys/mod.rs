@@ -33,6 +33,19 @@ pub enum Backend {
     MacSignal = 3,
 }
 
+/// The write-tracking mechanism in use (`Backend::None` on macOS until the first snapshot
+/// installs its fault capture, which picks the exception port or the signal fallback).
+#[cfg(target_os = "linux")]
+pub fn backend() -> Backend {
+    linux::BACKEND
+}
+
+/// See the Linux variant.
+#[cfg(target_os = "macos")]
+pub fn backend() -> Backend {
+    macos::active_backend()
+}
+
 /// A page protection the engine asks for; `exec` carries the region's original execute bit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
