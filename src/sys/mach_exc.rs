@@ -52,8 +52,6 @@ pub const REPLY_SIZE: usize = HEADER_SIZE + 8 + 4;
 /// Header, body, two port descriptors, NDR, exception, code count: where the codes start
 /// in a request that carries the thread and task ports.
 const IDENTITY_CODES_AT: usize = HEADER_SIZE + 4 + 12 + 12 + 8 + 4 + 4;
-/// The same for a request without ports (`EXCEPTION_STATE`).
-const PLAIN_CODES_AT: usize = HEADER_SIZE + 8 + 4 + 4;
 /// Header, NDR, return code, flavor, state count: where a state reply's state starts.
 const STATE_REPLY_STATE_AT: usize = REPLY_SIZE + 8;
 /// Upper bound of any message built here (the largest is a state-identity request).
