@@ -274,16 +274,16 @@ fn serve(s: &Shared, mem: &mut ServerMem) {
     }
 }
 
-extern "C" {
-    // A Mach trap in libSystem; mach2 does not declare it.
-    fn pid_for_task(task: mach_port_t, pid: *mut libc::c_int) -> i32;
-}
-
 /// The name under which the request's task port counts as this task: the one saved at
 /// install, or the request's own when it names a task with our pid (should the kernel
 /// send a different port of this task than `mach_task_self()`, e.g. a movable control
 /// port next to the pinned one).
 fn own_task(s: &Shared, req: &Request) -> mach_port_t {
+    extern "C" {
+        // A Mach trap in libSystem; mach2 does not declare it. (Declared here so that
+        // cbindgen keeps it out of the public header.)
+        fn pid_for_task(task: mach_port_t, pid: *mut libc::c_int) -> i32;
+    }
     let saved = s.task.load(Ordering::Relaxed);
     if req.task == saved {
         return saved;

@@ -224,16 +224,8 @@ pub fn yield_now() {
 // `os_sync_wait_on_address`) and libc++'s `atomic::wait` use: present since macOS 10.12,
 // so on every version both targets support, with no `dlsym` (which takes loader locks)
 // or weak linking needed. `os_sync_wait_on_address` would need a 14.4 check and this as
-// the fallback anyway.
-extern "C" {
-    fn __ulock_wait(
-        operation: u32,
-        addr: *mut libc::c_void,
-        value: u64,
-        timeout_us: u32,
-    ) -> libc::c_int;
-    fn __ulock_wake(operation: u32, addr: *mut libc::c_void, wake_value: u64) -> libc::c_int;
-}
+// the fallback anyway. (Foreign declarations sit inside the functions that use them so
+// that cbindgen, which reads module-level items, keeps them out of the public header.)
 const UL_COMPARE_AND_WAIT: u32 = 1;
 const ULF_WAKE_ALL: u32 = 0x100;
 const ULF_NO_ERRNO: u32 = 0x0100_0000;
@@ -241,6 +233,10 @@ const ULF_NO_ERRNO: u32 = 0x0100_0000;
 /// Sleeps while `word` holds `expected` (returns at once otherwise, and may return
 /// spuriously: callers re-check).
 pub fn futex_wait(word: &AtomicU32, expected: u32) {
+    extern "C" {
+        // libSystem's private but stable futex (see above).
+        fn __ulock_wait(op: u32, addr: *mut libc::c_void, value: u64, timeout_us: u32) -> i32;
+    }
     // SAFETY: `word` is a live, aligned 32-bit atomic; the kernel only reads it.
     unsafe {
         __ulock_wait(
@@ -254,6 +250,9 @@ pub fn futex_wait(word: &AtomicU32, expected: u32) {
 
 /// Wakes one waiter on `word`, or all of them when `n > 1`.
 pub fn futex_wake(word: &AtomicU32, n: u32) {
+    extern "C" {
+        fn __ulock_wake(op: u32, addr: *mut libc::c_void, wake_value: u64) -> i32;
+    }
     let all = if n > 1 { ULF_WAKE_ALL } else { 0 };
     // SAFETY: as above; waking has no memory effects.
     unsafe {
@@ -276,21 +275,15 @@ pub fn sleep_ns(ns: u64) {
     }
 }
 
-extern "C" {
-    // In libSystem; not declared by the libc crate.
-    fn csops(
-        pid: libc::pid_t,
-        ops: u32,
-        useraddr: *mut libc::c_void,
-        usersize: usize,
-    ) -> libc::c_int;
-}
-
 /// Whether the process runs under the hardened runtime (or is a platform binary), where
 /// `task_set_exception_ports` with a behavior that passes the task control port can kill
 /// the process with `EXC_GUARD` (`kGUARD_EXC_EXCEPTION_BEHAVIOR_ENFORCE`) instead of
 /// returning an error, so there is nothing to fall back from: we must not try.
 fn exception_ports_guarded() -> bool {
+    extern "C" {
+        // In libSystem; not declared by the libc crate.
+        fn csops(pid: libc::pid_t, ops: u32, useraddr: *mut libc::c_void, size: usize) -> i32;
+    }
     const CS_OPS_STATUS: u32 = 0;
     const CS_RUNTIME: u32 = 0x0001_0000;
     const CS_PLATFORM_BINARY: u32 = 0x0400_0000;

@@ -13,22 +13,22 @@ use mach2::thread_act::thread_get_state;
 use mach2::traps::mach_task_self;
 use mach2::vm::mach_vm_deallocate;
 
-extern "C" {
-    // In libSystem; mach2 does not declare it.
-    fn thread_info(
-        target_act: thread_act_t,
-        flavor: u32,
-        thread_info_out: *mut i32,
-        thread_info_out_cnt: *mut mach_msg_type_number_t,
-    ) -> i32;
-}
-
 const THREAD_IDENTIFIER_INFO: u32 = 4;
 /// `thread_identifier_info`: thread_id, thread_handle, dispatch_qaddr (u64 each).
 const THREAD_IDENTIFIER_INFO_COUNT: u32 = 6;
 
 /// The system-wide id of the thread behind `port` (what `pthread_threadid_np` reports).
 pub(super) fn thread_id(port: thread_act_t) -> Option<u64> {
+    extern "C" {
+        // In libSystem; mach2 does not declare it. (Declared here, not at module level,
+        // so that cbindgen keeps it out of the public header.)
+        fn thread_info(
+            target_act: thread_act_t,
+            flavor: u32,
+            thread_info_out: *mut i32,
+            thread_info_out_cnt: *mut mach_msg_type_number_t,
+        ) -> i32;
+    }
     let mut info = [0u64; 3];
     let mut count = THREAD_IDENTIFIER_INFO_COUNT;
     // SAFETY: `info` holds THREAD_IDENTIFIER_INFO_COUNT words.
