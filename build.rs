@@ -6,6 +6,10 @@ fn main() {
     let dir =
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     println!("cargo:rerun-if-changed=cbindgen.toml");
+    // An installed dylib must not name the build tree: hosts find it through their rpath.
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("macos") {
+        println!("cargo:rustc-cdylib-link-arg=-Wl,-install_name,@rpath/libmemsnap.dylib");
+    }
     println!("cargo:rerun-if-changed=src/ffi");
     let config =
         cbindgen::Config::from_file(dir.join("cbindgen.toml")).expect("cbindgen.toml is valid");

@@ -784,7 +784,7 @@ void HandlerReplacedScenario(bool putBack) {
 
 TEST(HazardTest, HandlerReplacedIsDetected) {
   MS_DIES_WITH(HandlerReplacedScenario(false),
-               "^memsnap: TakeDiffMemorySnapshot: memsnap's SIGSEGV handler was replaced[^\n]*"
+               "^memsnap: TakeDiffMemorySnapshot: memsnap's write-fault handler was replaced[^\n]*"
                "\n$");
 }
 

@@ -107,7 +107,7 @@ impl Engine {
         if !sys::fault_handler_installed() {
             crate::fatal!(
                 F,
-                "memsnap's SIGSEGV handler was replaced by another; writes are no longer tracked"
+                "memsnap's write-fault handler was replaced by another (a signal handler or, on macOS, the exception port); writes are no longer tracked"
             );
         }
         self.set_allowed(F, false);

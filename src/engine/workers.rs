@@ -168,8 +168,12 @@ impl Engine {
                     index: i,
                     generation: w.generation.load(Ordering::Acquire),
                 });
-                let stack = base.add(4096);
-                if let Err(e) = sys::spawn(stack, STACK_BYTES - 4096, worker_main, start as *mut _)
+                // The stack starts one page up (past the Start record) and stays whole
+                // pages: Apple's libpthread refuses a stack that is not page-aligned,
+                // and its pages are 16 KiB on arm64.
+                let skip = sys::os_page_size();
+                let stack = base.add(skip);
+                if let Err(e) = sys::spawn(stack, STACK_BYTES - skip, worker_main, start as *mut _)
                 {
                     crate::fatal!(function, "cannot start restore thread {} (error {})", i, e);
                 }

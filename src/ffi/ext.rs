@@ -238,7 +238,7 @@ pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapSta
         let e = engine::get().ok_or(MemsnapStatus::NotInitialized)?;
         let s = e.stats();
         let backend = match if e.armed() {
-            crate::sys::BACKEND
+            crate::sys::backend()
         } else {
             Backend::None
         } {

@@ -298,7 +298,7 @@ pub extern "C" fn DumpTimers() {
         format_args!(
             "backend {:?}, {} snapshots ({:.3}s), {} rewinds ({:.3}s), {} faults",
             if e.armed() {
-                crate::sys::BACKEND
+                crate::sys::backend()
             } else {
                 crate::sys::Backend::None
             },

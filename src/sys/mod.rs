@@ -5,6 +5,10 @@
 mod unix;
 pub use unix::{now_us, spawn};
 
+// The Mach exception-message seam: used by the macOS backend, unit-tested everywhere.
+#[cfg(any(target_os = "macos", test))]
+mod mach_exc;
+
 #[cfg(target_os = "linux")]
 mod linux;
 #[cfg(target_os = "linux")]
@@ -27,6 +31,19 @@ pub enum Backend {
     MacExceptionPort = 2,
     /// macOS: pages protected with `mach_vm_protect`, faults caught as SIGBUS/SIGSEGV.
     MacSignal = 3,
+}
+
+/// The write-tracking mechanism in use (`Backend::None` on macOS until the first snapshot
+/// installs its fault capture, which picks the exception port or the signal fallback).
+#[cfg(target_os = "linux")]
+pub fn backend() -> Backend {
+    linux::BACKEND
+}
+
+/// See the Linux variant.
+#[cfg(target_os = "macos")]
+pub fn backend() -> Backend {
+    macos::active_backend()
 }
 
 /// A page protection the engine asks for; `exec` carries the region's original execute bit.

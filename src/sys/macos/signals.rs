@@ -1,0 +1,128 @@
+//! The fallback fault capture on macOS: SIGBUS (what a write to a write-protected page
+//! raises) and SIGSEGV handlers, used when exception ports are not usable (hardened
+//! runtime, `MEMSNAP_FAULT_CAPTURE=signal`, a forked child). Chaining follows the Linux
+//! handler (and wasmtime): a fault that is not ours goes to the previous `SA_SIGINFO` or
+//! plain handler, or the previous default disposition is restored and the instruction
+//! faults again, so the process dies of its own signal.
+
+use super::super::mach_exc::{is_write_arm64, is_write_x86_64};
+use super::{shared, Shared};
+use core::sync::atomic::Ordering;
+
+const SIGNALS: [i32; 2] = [libc::SIGBUS, libc::SIGSEGV];
+
+/// Installs both handlers, keeping the previous dispositions in `s`.
+pub(super) fn install(s: &Shared) -> Result<(), i32> {
+    if s.signals_installed.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    // SAFETY: sigaction structs are plain data; zeroed is a valid starting value.
+    // `previous` is written here only, before `signals_installed` is published, by the
+    // thread that installs the handler (or the only thread of a fork child).
+    unsafe {
+        let mut action: libc::sigaction = core::mem::zeroed();
+        action.sa_sigaction = on_fault as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER;
+        // Asynchronous signals wait while a page is being claimed; synchronous ones stay
+        // deliverable so a fault inside a chained handler is reported, not hidden.
+        libc::sigfillset(&mut action.sa_mask);
+        for sig in [
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+            libc::SIGTRAP,
+        ] {
+            libc::sigdelset(&mut action.sa_mask, sig);
+        }
+        let previous = &mut *s.previous.get();
+        for (i, sig) in SIGNALS.into_iter().enumerate() {
+            let mut old: libc::sigaction = core::mem::zeroed();
+            if libc::sigaction(sig, &action, &mut old) != 0 {
+                return Err(*libc::__error());
+            }
+            previous[i].write(old);
+        }
+    }
+    s.signals_installed.store(true, Ordering::Release);
+    Ok(())
+}
+
+/// Whether both signals still reach our handler.
+pub(super) fn still_installed() -> bool {
+    SIGNALS.into_iter().all(|sig| {
+        // SAFETY: querying the current disposition into a zeroed struct on this frame.
+        unsafe {
+            let mut current: libc::sigaction = core::mem::zeroed();
+            libc::sigaction(sig, core::ptr::null(), &mut current) == 0
+                && current.sa_sigaction == on_fault as *const () as usize
+        }
+    })
+}
+
+/// Whether the saved exception state says the faulting access was a write.
+///
+/// # Safety
+/// `context` is the `ucontext_t` the kernel passed to an `SA_SIGINFO` handler.
+unsafe fn is_write_fault(context: *mut libc::c_void) -> bool {
+    // SAFETY: on both architectures `uc_mcontext` points at a `__darwin_mcontext64`
+    // whose first 16 bytes are the exception state (`__es`).
+    let es = unsafe {
+        let mc = (*(context as *const libc::ucontext_t)).uc_mcontext as *const u32;
+        [
+            mc.read(),
+            mc.add(1).read(),
+            mc.add(2).read(),
+            mc.add(3).read(),
+        ]
+    };
+    if cfg!(target_arch = "aarch64") {
+        is_write_arm64(es)
+    } else {
+        is_write_x86_64(es)
+    }
+}
+
+extern "C" fn on_fault(signal: i32, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    // SAFETY: the kernel passes valid siginfo/ucontext pointers to an SA_SIGINFO handler.
+    unsafe {
+        if let Some(s) = shared() {
+            if is_write_fault(context) {
+                if let Some(callback) = s.callback() {
+                    if callback((*info).si_addr as usize) {
+                        return;
+                    }
+                }
+            }
+            delegate(s, signal, info, context);
+        }
+    }
+}
+
+/// Passes a fault we do not own to whoever handled the signal before us.
+///
+/// # Safety
+/// Called from the handler with the kernel's arguments, after `install` completed.
+unsafe fn delegate(s: &Shared, signal: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let i = usize::from(signal != libc::SIGBUS);
+    // SAFETY: `previous` was initialized before the handler was installed and is never
+    // written again.
+    unsafe {
+        let previous = (*s.previous.get())[i].assume_init_ref();
+        let handler = previous.sa_sigaction;
+        if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
+            // Restore the default and return: the instruction faults again and the
+            // process dies of its own signal, as it would have without us.
+            let mut default: libc::sigaction = core::mem::zeroed();
+            default.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(signal, &default, core::ptr::null_mut());
+        } else if previous.sa_flags & libc::SA_SIGINFO != 0 {
+            let f: extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void) =
+                core::mem::transmute(handler);
+            f(signal, info, ctx);
+        } else {
+            let f: extern "C" fn(i32) = core::mem::transmute(handler);
+            f(signal);
+        }
+    }
+}
