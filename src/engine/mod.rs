@@ -306,6 +306,7 @@ impl Engine {
         if get().is_some() {
             crate::fatal!(F, "called twice (the library is already initialized)");
         }
+        crate::sys::prepare();
         let sub = crate::sys::os_page_size();
         let page = match snapshot_page_size(sub) {
             Ok(p) => p,

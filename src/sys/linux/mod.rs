@@ -13,6 +13,8 @@ pub use threads::{
     exited_threads_cpu_ns, for_each_thread_sp, rseq_layout, settle_threads,
 };
 
+use core::sync::atomic::{AtomicBool, Ordering};
+
 use super::{Access, Region, RegionKind};
 
 /// The name of the write-tracking mechanism this backend provides.
@@ -156,13 +158,22 @@ pub enum WalkError {
     Io(i32),
 }
 
+/// Whether the kernel has the PROCMAP_QUERY ioctl. Set once, by [`prepare`]: this static
+/// lives in the library's own data segment, which whole-process mode tracks, so nothing
+/// may write it once snapshots are taken.
+static PROCMAP_QUERY: AtomicBool = AtomicBool::new(false);
+
+/// Probes what the platform offers; called by `InitializeMemorySnapshots`, before
+/// anything is write-protected.
+pub fn prepare() {
+    let works = procmap::walk(|_| {}).is_ok();
+    PROCMAP_QUERY.store(works, Ordering::Relaxed);
+}
+
 /// Calls `f` for every mapping of the process in ascending address order. `scratch` is
 /// library-owned memory that receives the raw listing.
 pub fn walk_regions(scratch: &mut [u8], mut f: impl FnMut(Region)) -> Result<(), WalkError> {
-    use core::sync::atomic::{AtomicBool, Ordering};
-    // Cleared once the kernel turns out not to have PROCMAP_QUERY.
-    static QUERY: AtomicBool = AtomicBool::new(true);
-    if QUERY.load(Ordering::Relaxed) {
+    if PROCMAP_QUERY.load(Ordering::Relaxed) {
         let mut any = false;
         match procmap::walk(|vma| {
             any = true;
@@ -170,10 +181,6 @@ pub fn walk_regions(scratch: &mut [u8], mut f: impl FnMut(Region)) -> Result<(),
         }) {
             Ok(()) => return Ok(()),
             Err(e) if any => return Err(WalkError::Io(e)),
-            // No such ioctl: the text listing from now on.
-            Err(libc::ENOTTY | libc::EINVAL | libc::EOPNOTSUPP) => {
-                QUERY.store(false, Ordering::Relaxed)
-            }
             // Anything else (the open failed): the text path reports it.
             Err(_) => {}
         }

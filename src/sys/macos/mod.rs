@@ -99,6 +99,9 @@ pub fn active_backend() -> Backend {
     }
 }
 
+/// Nothing to probe ahead of time on macOS; see the Linux backend.
+pub fn prepare() {}
+
 /// macOS has no per-process mapping limit like Linux's vm.max_map_count.
 pub fn max_map_count() -> Option<usize> {
     None
