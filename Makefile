@@ -96,3 +96,9 @@ install: lib
 clean:
 	$(CARGO) clean
 	rm -rf $(BUILD)
+
+# Speed and memory against fork copy-on-write and full copies, in one run (release
+# profile). Prints a table; writes bench/results.json and bench/chart.svg.
+.PHONY: bench
+bench:
+	$(CARGO) bench --bench memsnap
