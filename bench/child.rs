@@ -26,9 +26,17 @@ pub struct Sample {
 #[derive(Default)]
 pub struct Report {
     out: String,
+    fd: i32,
 }
 
 impl Report {
+    /// Sends what is reported so far, for a child that may die before it ends (the
+    /// parent keeps both parts).
+    pub fn flush(&mut self) {
+        write_all(self.fd, self.out.as_bytes());
+        self.out.clear();
+    }
+
     pub fn num(&mut self, key: &str, v: f64) -> &mut Self {
         self.out.push_str(&format!("{key} {v}\n"));
         self
@@ -87,9 +95,12 @@ pub fn in_child(f: impl FnOnce(&mut Report)) -> Sample {
             libc::close(out_r);
             libc::close(err_r);
         }
-        let mut report = Report::default();
+        let mut report = Report {
+            out: String::new(),
+            fd: out_w,
+        };
         f(&mut report);
-        write_all(out_w, report.out.as_bytes());
+        report.flush();
         // SAFETY: ends the child without running the parent's atexit handlers twice.
         unsafe { libc::_exit(0) };
     }
@@ -255,22 +266,38 @@ pub fn random_subset(n: usize, k: usize, seed: u64) -> Vec<usize> {
     v
 }
 
+/// CPU time of the whole process (all threads, user and kernel), in nanoseconds. Less
+/// sensitive than wall time to other load on a shared machine: time spent preempted does
+/// not count.
+pub fn cpu_ns() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a live timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e9 + ts.tv_nsec as f64
+}
+
 /// Runs `work(t)` on `threads` threads released together; returns the wall time from the
-/// earliest start to the latest finish. Thread creation is outside the measured span.
-pub fn timed_threads(threads: usize, work: impl Fn(usize) + Sync) -> f64 {
+/// earliest start to the latest finish, and the process CPU time from release to the
+/// last finish (thread creation excluded, spinning while waiting for release excluded).
+pub fn timed_threads(threads: usize, work: impl Fn(usize) + Sync) -> (f64, f64) {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     if threads == 1 {
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_ns());
         work(0);
-        return ns_since(t0);
+        return (ns_since(t0), cpu_ns() - c0);
     }
     let go = AtomicBool::new(false);
     let ready = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
     let t0 = Instant::now();
+    let mut cpu = (0.0, 0.0);
     let spans: Vec<(f64, f64)> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|t| {
-                let (go, ready, work) = (&go, &ready, &work);
+                let (go, ready, done, work) = (&go, &ready, &done, &work);
                 s.spawn(move || {
                     ready.fetch_add(1, Ordering::SeqCst);
                     while !go.load(Ordering::Acquire) {
@@ -278,17 +305,25 @@ pub fn timed_threads(threads: usize, work: impl Fn(usize) + Sync) -> f64 {
                     }
                     let a = ns_since(t0);
                     work(t);
-                    (a, ns_since(t0))
+                    let b = ns_since(t0);
+                    done.fetch_add(1, Ordering::SeqCst);
+                    (a, b)
                 })
             })
             .collect();
         while ready.load(Ordering::SeqCst) < threads {
             std::thread::yield_now();
         }
+        // The writers spin until released: CPU time counts from the release on.
+        cpu.0 = cpu_ns();
         go.store(true, Ordering::Release);
+        while done.load(Ordering::SeqCst) < threads {
+            std::thread::yield_now();
+        }
+        cpu.1 = cpu_ns();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let start = spans.iter().map(|s| s.0).fold(f64::INFINITY, f64::min);
     let end = spans.iter().map(|s| s.1).fold(0.0, f64::max);
-    end - start
+    (end - start, cpu.1 - cpu.0)
 }

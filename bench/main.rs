@@ -8,7 +8,8 @@
 //! little; the ratios, taken within one run, are the result.
 //!
 //! Options (after `--`): `--quick` (small heaps, one repetition: a smoke test),
-//! `--only <text>` (workloads whose name contains text), `--no-write` (print only).
+//! `--only <text>` (workloads whose name contains text), `--heaps-mib 64,1024`,
+//! `--mechanism <name>` (one mechanism only, e.g. to profile it), `--no-write` (print only).
 
 mod child;
 mod mechanisms;
@@ -113,18 +114,27 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let no_write = args.iter().any(|a| a == "--no-write");
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1).cloned());
-    let heaps: &[usize] = if quick {
-        &[16 * MIB, 64 * MIB]
-    } else {
-        &[64 * MIB, GIB]
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
     };
-    let mechanisms = mechanisms::all();
+    let heaps: Vec<usize> = match arg("--heaps-mib") {
+        Some(list) => list
+            .split(',')
+            .map(|m| m.parse::<usize>().expect("--heaps-mib 64,1024") * MIB)
+            .collect(),
+        None if quick => vec![16 * MIB, 64 * MIB],
+        None => vec![64 * MIB, GIB],
+    };
+    let mech = arg("--mechanism");
+    let mechanisms: Vec<_> = mechanisms::all()
+        .into_iter()
+        .filter(|m| mech.as_ref().is_none_or(|x| m.name() == *x))
+        .collect();
     let mut machine = machine();
-    let plan: Vec<Workload> = workloads::plan(heaps, child::os_page())
+    let only = arg("--only");
+    let plan: Vec<Workload> = workloads::plan(&heaps, child::os_page())
         .into_iter()
         .filter(|w| only.as_ref().is_none_or(|o| w.name().contains(o.as_str())))
         .collect();

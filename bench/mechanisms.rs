@@ -34,6 +34,7 @@ pub fn all() -> Vec<Box<dyn Mechanism>> {
         Box::new(Memsnap {
             label: "memsnap",
             env: &[],
+            configure: || {},
         }),
         Box::new(ForkCow),
         Box::new(FullCopy),
@@ -116,6 +117,8 @@ fn fork_and_wait(f: impl FnOnce()) -> f64 {
 pub struct Memsnap {
     pub label: &'static str,
     pub env: &'static [(&'static str, &'static str)],
+    /// Settings applied right after InitializeMemorySnapshots (memsnap_set_* calls).
+    pub configure: fn(),
 }
 
 /// A tracked heap, committed, before the first snapshot; plus untracked scratch memory the
@@ -151,6 +154,7 @@ impl Memsnap {
             std::env::set_var(k, v);
         }
         InitializeMemorySnapshots();
+        (self.configure)();
         let page = memsnap_page_size();
         let base = AllocateMemory(heap, TRACKED) as *mut u8;
         // SAFETY: AllocateMemory returned `heap` bytes of readable, writable memory.
@@ -217,10 +221,12 @@ impl Mechanism for Memsnap {
                 let base = h.base as usize;
                 let first = self.first_snapshot();
                 let before = stats().faults_handled;
-                let ns = child::timed_threads(threads, |t| write_split(base, &offsets, threads, t));
+                let (ns, cpu) =
+                    child::timed_threads(threads, |t| write_split(base, &offsets, threads, t));
                 let faults = stats().faults_handled - before;
                 describe(&first, r);
                 r.num("ns_per_page", ns / offsets.len() as f64);
+                r.num("cpu_ns_per_page", cpu / offsets.len() as f64);
                 r.num("pages", offsets.len() as f64);
                 // More faults than pages: the harness's own writes (thread creation) count.
                 r.num("faults", faults as f64);
@@ -301,6 +307,7 @@ impl Mechanism for Memsnap {
                 child::touch(base, child::os_page());
                 let rss0 = child::status_bytes(scratch, "VmRSS");
                 InitializeMemorySnapshots();
+                (self.configure)();
                 memsnap_untrack_region(scratch.as_mut_ptr() as *mut _, scratch.len());
                 let first = self.first_snapshot();
                 describe(&first, r);
@@ -316,6 +323,7 @@ impl Mechanism for Memsnap {
                 let offsets = first_write_offsets(heap, h.page, Order::Random, None);
                 let first = self.first_snapshot();
                 describe(&first, r);
+                r.flush();
                 map_curve(h.base, h.scratch, &offsets, shared, r);
             }
             Workload::PageCopy => unreachable!(),
@@ -384,11 +392,16 @@ impl Mechanism for ForkCow {
             } => {
                 let offsets = first_write_offsets(heap, page, order, cap);
                 fork_and_wait(|| {
-                    let ns =
+                    let (ns, cpu) =
                         child::timed_threads(threads, |t| write_split(base, &offsets, threads, t));
                     *shared_f64(shared, 0) = ns;
+                    *shared_f64(shared, 1) = cpu;
                 });
                 r.num("ns_per_page", *shared_f64(shared, 0) / offsets.len() as f64)
+                    .num(
+                        "cpu_ns_per_page",
+                        *shared_f64(shared, 1) / offsets.len() as f64,
+                    )
                     .num("pages", offsets.len() as f64);
             }
             Workload::Checkpoint { fraction, .. } => {

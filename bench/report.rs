@@ -122,6 +122,15 @@ pub fn ratios(records: &[Record], memsnap: &str) -> Vec<Ratio> {
                         Order::Random => 1.0,
                     }),
                 });
+                out.push(Ratio {
+                    name: format!(
+                        "  the same in process CPU time ({}, {order}, {threads} thread{})",
+                        size_name(heap),
+                        if threads > 1 { "s" } else { "" }
+                    ),
+                    value: ratio_of(Some(r), "cpu_ns_per_page", fork, "cpu_ns_per_page"),
+                    target: None,
+                });
             }
             Workload::Checkpoint { heap, fraction } => {
                 let fork = find(records, "fork-cow", |w| {
@@ -228,15 +237,16 @@ pub fn table(records: &[Record], ratios: &[Ratio]) -> String {
                 fmt_value(key, s.max),
             ]);
         }
-        for f in r.failures() {
+        let failed = r.failures().len();
+        if failed > 0 {
             rows.push([
                 r.workload.name().into(),
                 size_name(r.workload.heap()),
                 params_text(&r.workload),
                 r.mechanism.clone(),
                 r.backend(),
-                "FAILED".into(),
-                f.chars().take(60).collect(),
+                "children died".into(),
+                format!("{failed} of {}", r.samples.len()),
                 String::new(),
                 String::new(),
             ]);
@@ -261,6 +271,18 @@ pub fn table(records: &[Record], ratios: &[Ratio]) -> String {
         if i == 0 {
             out.push_str(&"-".repeat(widths.iter().sum::<usize>() + 18));
             out.push('\n');
+        }
+    }
+    for r in records {
+        if let Some(f) = r.failures().first() {
+            let _ = writeln!(
+                out,
+                "\n{} {} {} under {}: {f}",
+                r.workload.name(),
+                size_name(r.workload.heap()),
+                params_text(&r.workload),
+                r.mechanism
+            );
         }
     }
     out.push_str("\nRatios of medians (same run; targets are for the record, never asserted):\n");

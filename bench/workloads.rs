@@ -110,7 +110,7 @@ impl Workload {
     /// The metrics printed in the table (all metrics go to results.json).
     pub fn shown(&self) -> &'static [&'static str] {
         match self {
-            Workload::FirstWrite { .. } => &["ns_per_page"],
+            Workload::FirstWrite { .. } => &["ns_per_page", "cpu_ns_per_page"],
             Workload::Checkpoint { .. } => &[
                 "checkpoint_ns",
                 "write_ns_per_page",
