@@ -137,3 +137,9 @@ apple: gtest
 	    -Ltarget/$$t/release -lmemsnap -o $$out/memsnap-demo; \
 	  file $$out/memsnap-demo; \
 	done
+
+# Speed and memory against fork copy-on-write and full copies, in one run (release
+# profile). Prints a table; writes bench/results.json and bench/chart.svg.
+.PHONY: bench
+bench:
+	$(CARGO) bench --bench memsnap
