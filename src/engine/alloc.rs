@@ -28,7 +28,12 @@ impl Engine {
                 return p as *mut u8;
             }
         }
-        let Some(p) = self.map_units(hint, size) else {
+        let mapped = if kind == KIND_TRACKED {
+            self.map_units(hint, size)
+        } else {
+            sys::map_with_hint(hint, size)
+        };
+        let Some(p) = mapped else {
             crate::fatal!(function, "out of memory mapping {} bytes", size)
         };
         self.register_allocated(function, p as usize, size, kind);
@@ -36,7 +41,8 @@ impl Engine {
     }
 
     /// Maps `size` bytes (a multiple of the snapshot page) aligned to the snapshot page,
-    /// so that tracked allocations never share a unit with other memory.
+    /// so that tracked allocations never share a unit with other memory (untracked ones
+    /// need no such alignment and honour any kernel-page-aligned hint).
     fn map_units(&self, hint: usize, size: usize) -> Option<*mut u8> {
         if self.page == self.sub {
             return sys::map_with_hint(hint, size);

@@ -13,8 +13,13 @@
 //! region walk saw. Once it is spent, a fault captures every clean page of its aligned
 //! block of [`BLOCK_PAGES`] (clipped to the tracked pages around it) and unprotects the
 //! block in one call: a block adds at most two mappings, so the count stays below
-//! (tracked bytes / block bytes) * 2 whatever the write order. Pages captured but not
-//! written cost a copy and are dropped at the next checkpoint as unchanged.
+//! (tracked bytes / block bytes) * 2 whatever the write order.
+//!
+//! The same run capture serves sequential writers: a fault exactly where the previous
+//! capture ended takes twice as many pages as that one did (up to a block), so a writer
+//! streaming through memory pays one signal and one mprotect per run instead of per page.
+//! Pages captured but never written cost a copy and are dropped at the next checkpoint as
+//! unchanged.
 
 use core::sync::atomic::Ordering;
 
@@ -140,14 +145,25 @@ impl Engine {
                 continue;
             }
             let slot = self.capture(function, page, cur);
-            if !cur.partial() && self.map_budget.fetch_sub(2, Ordering::Relaxed) <= 2 {
-                self.capture_block(function, page, cur, slot);
-            } else {
+            let block = BLOCK_PAGES * self.page;
+            let ahead = self.ahead_window(page);
+            let end = if cur.partial() {
                 if let Err(e) = self.protect_unit(page, cur, true) {
                     Self::unprotect_failed(function, e);
                 }
                 word.store(cur.with_slot(slot).0, Ordering::Release);
-            }
+                page + self.page
+            } else if self.map_budget.fetch_sub(2, Ordering::Relaxed) <= 2 {
+                self.block_faults.fetch_add(1, Ordering::Relaxed);
+                let base = page & !(block - 1);
+                self.capture_run(function, page, cur, slot, base, base + block)
+            } else {
+                // Sequential writers get the pages ahead of them captured with this one
+                // (1, 2, 4, ... up to a block): one signal and one mprotect for many.
+                let hi = page.saturating_add(ahead * self.page);
+                self.capture_run(function, page, cur, slot, page, hi)
+            };
+            self.ahead_next.store(end, Ordering::Relaxed);
             self.faults.fetch_add(1, Ordering::Relaxed);
             break true;
         };
@@ -192,16 +208,36 @@ impl Engine {
         )
     }
 
-    /// The single-page budget is spent: `page` (captured into `slot`, BUSY held) is
-    /// unprotected together with the run of whole tracked units of the same execute bit
-    /// around it within its aligned block, each clean one captured first. The run stops
-    /// at a unit another thread is capturing: waiting for it could deadlock against that
-    /// thread waiting for ours.
-    fn capture_block(&self, function: &str, page: usize, st: PageState, slot: u32) {
-        let base = page & !(BLOCK_PAGES * self.page - 1);
-        let end = base + BLOCK_PAGES * self.page;
-        // Units this call captured, published only once the block is writable, so no
-        // other thread writes one before its pre-image is complete.
+    /// How many units to capture at a fault on `page`: twice as many as last time when
+    /// the fault is exactly where the previous capture ended (a sequential writer), up to
+    /// a block; otherwise one. Shared by all threads: a heuristic, and interleaved
+    /// writers only make it capture less.
+    fn ahead_window(&self, page: usize) -> usize {
+        let w = if self.ahead_next.load(Ordering::Relaxed) == page {
+            (self.ahead_units.load(Ordering::Relaxed) * 2).clamp(2, BLOCK_PAGES)
+        } else {
+            1
+        };
+        self.ahead_units.store(w, Ordering::Relaxed);
+        w
+    }
+
+    /// Makes `page` (captured into `slot`, BUSY held) writable together with the whole
+    /// tracked units of the same execute bit next to it within `[lo, hi)`, capturing each
+    /// clean one first, with one protection change. Returns the end of the writable run.
+    /// The run stops at a unit another thread is capturing: waiting for it could
+    /// deadlock against that thread waiting for ours.
+    fn capture_run(
+        &self,
+        function: &str,
+        page: usize,
+        st: PageState,
+        slot: u32,
+        lo: usize,
+        hi: usize,
+    ) -> usize {
+        // Units this call captured, published only once the run is writable, so no other
+        // thread writes one before its pre-image is complete.
         let mut mine = [(0usize, 0u32); BLOCK_PAGES];
         let mut n = 0;
         let mut take = |u: usize| -> bool {
@@ -215,6 +251,9 @@ impl Engine {
                 }
                 if cur.slot().is_some() {
                     return true;
+                }
+                if n == mine.len() {
+                    return false;
                 }
                 if word
                     .compare_exchange(
@@ -231,25 +270,25 @@ impl Engine {
                 }
             }
         };
-        let mut hi = page + self.page;
-        while hi < end && take(hi) {
-            hi += self.page;
+        let mut end = page + self.page;
+        while end < hi && take(end) {
+            end += self.page;
         }
-        let mut lo = page;
-        while lo > base && take(lo - self.page) {
-            lo -= self.page;
+        let mut start = page;
+        while start > lo && take(start - self.page) {
+            start -= self.page;
         }
         let access = sys::Access::ReadWrite { exec: st.exec() };
         // SAFETY: whole tracked units of the host whose pre-images are all saved (by
         // this thread or by the ones that published them).
-        if let Err(e) = unsafe { sys::protect(lo, hi - lo, access) } {
-            Self::unprotect_failed(function, (lo, hi - lo, e));
+        if let Err(e) = unsafe { sys::protect(start, end - start, access) } {
+            Self::unprotect_failed(function, (start, end - start, e));
         }
         for &(u, s) in &mine[..n] {
             self.table.set(u, self.table.get(u).with_slot(s));
         }
         self.table.set(page, st.with_slot(slot));
-        self.block_faults.fetch_add(1, Ordering::Relaxed);
+        end
     }
 
     /// Sets the single-page capture budget after the mappings were counted (`vmas`) and
@@ -269,7 +308,10 @@ impl Engine {
     pub fn prepare_write(&self, start: usize, end: usize) {
         let mut p = start & !(self.sub - 1);
         while p < end {
-            if self.tracked_at(p) {
+            if self.table.get(p).slot().is_some() {
+                // Captured already (writable).
+                p = self.next_unit(p);
+            } else if self.tracked_at(p) {
                 self.handle_fault("memsnap_prepare_write", p);
                 // The whole unit is captured now; skip the rest of it.
                 p = self.next_unit(p);

@@ -7,7 +7,7 @@
 
 use core::sync::atomic::Ordering;
 
-use super::dirty::{fold_into_predecessor, for_each_run, DiffEntry};
+use super::dirty::{fold_into_predecessor, DiffEntry};
 use super::free::FreeSet;
 use super::{Checkpoint, Engine, FloorReason, Meta, Phase};
 use crate::mem::PageState;
@@ -138,7 +138,7 @@ impl Engine {
                 }
                 self.table.set(page, st.clean());
             }
-            self.protect_pages(F, pages);
+            self.write_protect(F, &m.regions, pages.len(), |i| pages[i]);
             self.reset_map_budget(m.vmas.len(), pages.len());
             // SAFETY: as above.
             unsafe { self.log.clear() };
@@ -151,44 +151,6 @@ impl Engine {
         self.checkpoints_taken.fetch_add(1, Ordering::Relaxed);
         self.record(t0, &self.last_snapshot_ns, &self.snapshot_ns);
         self.set_allowed(F, true);
-    }
-
-    /// Write-protects every still-tracked page of a sorted list, one call per run of
-    /// whole units (a partly tracked unit is protected span by span, on its own).
-    fn protect_pages(&self, function: &str, pages: &[usize]) {
-        for_each_run(
-            pages.len(),
-            self.page,
-            |i| pages[i],
-            |i| {
-                let st = self.table.get(pages[i]);
-                (st.tracked(), st.exec(), st.partial().then_some(pages[i]))
-            },
-            |first, count| {
-                let st = self.table.get(pages[first]);
-                if !st.tracked() {
-                    return;
-                }
-                let result = if st.partial() {
-                    self.protect_unit(pages[first], st, false)
-                } else {
-                    let len = count * self.page;
-                    let access = Access::Read { exec: st.exec() };
-                    // SAFETY: tracked host pages; the engine owns their protection.
-                    unsafe { sys::protect(pages[first], len, access) }
-                        .map_err(|e| (pages[first], len, e))
-                };
-                if let Err((at, len, e)) = result {
-                    crate::fatal!(
-                        function,
-                        "cannot write-protect {:#x}+{:#x} (errno {})",
-                        at,
-                        len,
-                        e
-                    );
-                }
-            },
-        );
     }
 
     fn require_disallowed(&self, function: &str) {
@@ -268,7 +230,13 @@ impl Engine {
         // SAFETY: as above.
         unsafe { self.log.clear() };
         m.entries.sort_unstable_by_key(|e| e.page);
-        self.restore_entries(&m.entries);
+        {
+            let Meta {
+                entries, regions, ..
+            } = &*m;
+            // The active dirty set: its pages are writable already.
+            self.restore_entries(F, entries, regions, true);
+        }
         self.reset_map_budget(m.vmas.len(), m.entries.len());
         m.entries.clear();
         self.settle_after_rewind(&mut m, newest);
@@ -353,7 +321,7 @@ impl Engine {
         let c = m.checkpoints[target];
         {
             let diff = &m.diffs[c.diff_start..c.diff_start + c.diff_len];
-            self.restore_entries(diff);
+            self.restore_entries(F, diff, &m.regions, false);
         }
         self.reset_map_budget(m.vmas.len(), c.diff_len);
         m.diffs.truncate(c.diff_start);

@@ -183,6 +183,10 @@ pub struct Engine {
     pub faults: AtomicU64,
     /// Faults resolved by capturing a whole block.
     pub block_faults: AtomicU64,
+    /// Where the last capture's writable run ended, and how many units it took: a fault
+    /// right there is a sequential writer's (see `fault`).
+    ahead_next: AtomicUsize,
+    ahead_units: AtomicUsize,
     pub checkpoints_taken: AtomicU64,
     pub rewinds: AtomicU64,
     pub snapshot_ns: AtomicU64,
@@ -380,6 +384,8 @@ impl Engine {
             map_budget: AtomicIsize::new(isize::MAX),
             faults: AtomicU64::new(0),
             block_faults: AtomicU64::new(0),
+            ahead_next: AtomicUsize::new(0),
+            ahead_units: AtomicUsize::new(1),
             checkpoints_taken: AtomicU64::new(0),
             rewinds: AtomicU64::new(0),
             snapshot_ns: AtomicU64::new(0),

@@ -9,7 +9,7 @@ use core::sync::atomic::Ordering;
 
 use super::granule::{bits_in, Mask};
 use super::ranges::Range;
-use super::Engine;
+use super::{Engine, TrackedRegion};
 use crate::mem::PageState;
 use crate::sys::{self, Access};
 
@@ -198,5 +198,67 @@ impl Engine {
             });
         }
         same
+    }
+
+    /// Write-protects the listed units (`unit(0..n)`, sorted) now that they are clean.
+    /// A partial unit is protected span by span. Whole units are covered by merged spans:
+    /// from a listed unit to the last listed unit inside the same stretch of adjacent
+    /// tracked regions with one execute bit. The clean units in between are read-only
+    /// already and the kernel skips their mappings without touching their pages, so
+    /// scattered dirty pages cost one call (one lock hold, one TLB flush) per stretch
+    /// instead of one per page.
+    pub(super) fn write_protect(
+        &self,
+        function: &str,
+        regions: &[TrackedRegion],
+        n: usize,
+        unit: impl Fn(usize) -> usize,
+    ) {
+        let fail = |(at, len, e): (usize, usize, i32)| -> ! {
+            crate::fatal!(
+                function,
+                "cannot write-protect {:#x}+{:#x} (errno {})",
+                at,
+                len,
+                e
+            )
+        };
+        let mut i = 0;
+        while i < n {
+            let u = unit(i);
+            let st = self.table.get(u);
+            if !st.tracked() {
+                // Gone since (the scan untracked it): nothing to protect.
+                i += 1;
+                continue;
+            }
+            let r = regions.partition_point(|x| x.range.end <= u);
+            if st.partial() || r == regions.len() || !regions[r].range.contains(u) {
+                if let Err(e) = self.protect_unit(u, st, false) {
+                    fail(e);
+                }
+                i += 1;
+                continue;
+            }
+            let exec = regions[r].exec;
+            let mut end = regions[r].range.end;
+            let mut k = r + 1;
+            while k < regions.len() && regions[k].range.start == end && regions[k].exec == exec {
+                end = regions[k].range.end;
+                k += 1;
+            }
+            let mut last = u;
+            i += 1;
+            while i < n && unit(i) < end && !self.table.get(unit(i)).partial() {
+                last = unit(i);
+                i += 1;
+            }
+            let stop = (last + self.page).min(end);
+            // SAFETY: tracked host memory (a stretch of tracked regions), whose
+            // protection the engine owns; every unit in it is clean.
+            if let Err(e) = unsafe { sys::protect(u, stop - u, Access::Read { exec }) } {
+                fail((u, stop - u, e));
+            }
+        }
     }
 }

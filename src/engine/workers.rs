@@ -9,11 +9,13 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use super::dirty::{chunk_bounds, for_each_run, DiffEntry};
-use super::Engine;
+use super::{Engine, TrackedRegion};
 use crate::sys::{self, Access};
 
 const STACK_BYTES: usize = 256 << 10;
 const PARALLEL_MIN_PAGES: usize = 256;
+/// Runs of pages a restore makes writable before protecting them again.
+const RUNS_PER_BATCH: usize = 4096;
 const MAX_OWN_THREADS: usize = 66;
 
 #[derive(Clone, Copy)]
@@ -185,8 +187,58 @@ impl Engine {
     }
 
     /// Restores `entries` (sorted by page): every page gets its saved bytes back, becomes
-    /// clean and write-protected, and its slot returns to the pool.
-    pub(super) fn restore_entries(&self, entries: &[DiffEntry]) {
+    /// clean and write-protected, and its slot returns to the pool. `writable` says the
+    /// pages are writable already (the active dirty set); otherwise they are clean and
+    /// read-only, and are unprotected first.
+    ///
+    /// Only the copying is shared with the workers. The protection changes stay on the
+    /// controller: every mprotect takes the process's mmap lock for writing, and with
+    /// other threads running each one also interrupts them to flush their TLBs, so
+    /// spreading mprotect calls over threads made scattered restores slower, not faster.
+    pub(super) fn restore_entries(
+        &self,
+        function: &str,
+        entries: &[DiffEntry],
+        regions: &[TrackedRegion],
+        writable: bool,
+    ) {
+        let mut start = 0;
+        while start < entries.len() {
+            // Unprotected runs split mappings until they are protected again: a bounded
+            // batch of runs at a time keeps the process far from vm.max_map_count.
+            let end = if writable {
+                entries.len()
+            } else {
+                self.batch_end(entries, start)
+            };
+            let batch = &entries[start..end];
+            if !writable {
+                self.unprotect_runs(function, batch);
+            }
+            self.copy_entries(batch);
+            self.write_protect(function, regions, batch.len(), |i| batch[i].page);
+            start = end;
+        }
+    }
+
+    /// The end of the batch starting at `start`: at most [`RUNS_PER_BATCH`] runs.
+    fn batch_end(&self, entries: &[DiffEntry], start: usize) -> usize {
+        let mut runs = 1;
+        let mut i = start + 1;
+        while i < entries.len() {
+            if entries[i].page != entries[i - 1].page + self.page {
+                runs += 1;
+                if runs > RUNS_PER_BATCH {
+                    break;
+                }
+            }
+            i += 1;
+        }
+        i
+    }
+
+    /// Copies the saved bytes of `entries` back, with the workers' help for many pages.
+    fn copy_entries(&self, entries: &[DiffEntry]) {
         let w = &self.workers;
         let workers = if self.workers_usable() { w.count() } else { 0 };
         // Waking the workers costs tens of microseconds; below this many pages the
@@ -217,68 +269,57 @@ impl Engine {
         }
     }
 
-    /// One thread's share of a restore.
+    /// Makes the (clean, read-only) units of `entries` writable, one call per run.
+    fn unprotect_runs(&self, function: &str, entries: &[DiffEntry]) {
+        for_each_run(
+            entries.len(),
+            self.page,
+            |i| entries[i].page,
+            |i| {
+                let st = self.table.get(entries[i].page);
+                (st.exec(), st.partial().then_some(entries[i].page))
+            },
+            |first, count| {
+                let start = entries[first].page;
+                let st = self.table.get(start);
+                let len = count * self.page;
+                let result = if st.partial() {
+                    self.protect_unit(start, st, true)
+                } else {
+                    let access = Access::ReadWrite { exec: st.exec() };
+                    // SAFETY: tracked host pages; nothing runs on them while the
+                    // controller holds memory changes disallowed.
+                    unsafe { sys::protect(start, len, access) }.map_err(|e| (start, len, e))
+                };
+                if let Err((at, len, e)) = result {
+                    crate::fatal!(
+                        function,
+                        "cannot unprotect {:#x}+{:#x} for restoring (errno {})",
+                        at,
+                        len,
+                        e
+                    );
+                }
+            },
+        );
+    }
+
+    /// One thread's share of a restore: copies each unit's saved bytes back (the units
+    /// are writable), marks it clean and releases its slot.
     fn restore_chunk(&self, entries: &[DiffEntry], parts: usize, k: usize) {
         let (a, b) = (
             chunk_bounds(entries.len(), parts, k),
             chunk_bounds(entries.len(), parts, k + 1),
         );
-        let mine = &entries[a..b];
         let mut freed = self.pool.chain();
-        for_each_run(
-            mine.len(),
-            self.page,
-            |i| mine[i].page,
-            |i| {
-                let st = self.table.get(mine[i].page);
-                (st.exec(), st.partial().then_some(mine[i].page))
-            },
-            |first, count| {
-                let start = mine[first].page;
-                let st = self.table.get(start);
-                let whole = !st.partial();
-                let len = count * self.page;
-                let exec = st.exec();
-                let fail = |what: &str, (at, len, e): (usize, usize, i32)| -> ! {
-                    crate::fatal!(
-                        "RestoreMemory",
-                        "cannot {} {:#x}+{:#x} (errno {})",
-                        what,
-                        at,
-                        len,
-                        e
-                    )
-                };
-                // SAFETY: tracked host pages; nothing runs on them while the controller
-                // holds memory changes disallowed.
-                let unprotect = if whole {
-                    unsafe { sys::protect(start, len, Access::ReadWrite { exec }) }
-                        .map_err(|e| (start, len, e))
-                } else {
-                    self.protect_unit(start, st, true)
-                };
-                if let Err(e) = unprotect {
-                    fail("unprotect", e);
-                }
-                for e in &mine[first..first + count] {
-                    let st = self.table.get(e.page);
-                    // SAFETY: the slot holds this unit's pre-image and is consumed here;
-                    // the unit's tracked spans were just made writable.
-                    unsafe { self.copy_unit(e.page, st, e.slot, false) };
-                    self.table.set(e.page, st.clean());
-                    freed.add(e.slot);
-                }
-                // SAFETY: as above.
-                let protect = if whole {
-                    unsafe { sys::protect(start, len, Access::Read { exec }) }
-                        .map_err(|e| (start, len, e))
-                } else {
-                    self.protect_unit(start, st, false)
-                };
-                if let Err(e) = protect {
-                    fail("protect", e);
-                }
-            },
-        );
+        for e in &entries[a..b] {
+            let st = self.table.get(e.page);
+            // SAFETY: the slot holds this unit's pre-image and is consumed here; the
+            // unit's tracked spans are writable and nothing else runs on them while the
+            // controller holds memory changes disallowed.
+            unsafe { self.copy_unit(e.page, st, e.slot, false) };
+            self.table.set(e.page, st.clean());
+            freed.add(e.slot);
+        }
     }
 }
