@@ -10,9 +10,10 @@
 //! kernel caps a process's mappings (`vm.max_map_count`, 65530 by default): scattered
 //! writes over a large heap would make `mprotect` fail. So the handler keeps a budget of
 //! single-page captures, set at each checkpoint and rewind from the mapping count the
-//! region walk saw. Once it is spent, a fault captures every clean page of its aligned
-//! block of [`BLOCK_PAGES`] (clipped to the tracked pages around it) and unprotects the
-//! block in one call: a block adds at most two mappings, so the count stays below
+//! region walk saw. Once it is spent, a fault joins its page to the nearest writable page
+//! of its aligned block of [`BLOCK_PAGES`] (capturing the clean pages between), which adds
+//! no mapping, or when there is none captures the whole block (clipped to the tracked
+//! pages around it) in one call, which adds at most two: the count stays below
 //! (tracked bytes / block bytes) * 2 whatever the write order.
 //!
 //! The same run capture serves sequential writers: a fault exactly where the previous
@@ -155,8 +156,8 @@ impl Engine {
                 page + self.page
             } else if self.map_budget.fetch_sub(2, Ordering::Relaxed) <= 2 {
                 self.block_faults.fetch_add(1, Ordering::Relaxed);
-                let base = page & !(block - 1);
-                self.capture_run(function, page, cur, slot, base, base + block)
+                let (lo, hi) = self.bridge(page, block);
+                self.capture_run(function, page, cur, slot, lo, hi)
             } else {
                 // Sequential writers get the pages ahead of them captured with this one
                 // (1, 2, 4, ... up to a block): one signal and one mprotect for many.
@@ -206,6 +207,43 @@ impl Engine {
             len,
             errno
         )
+    }
+
+    /// The run to capture at a fault on `page` once the mapping budget is spent: up to
+    /// the nearest unit of its aligned block that is writable already (joining a writable
+    /// mapping adds none, bridging two removes two), else the whole block (at most two
+    /// more, and no further fault in the block until the next checkpoint).
+    fn bridge(&self, page: usize, block: usize) -> (usize, usize) {
+        let base = page & !(block - 1);
+        let top = base + block;
+        let captured = |u: usize| {
+            let s = self.table.get(u);
+            s.slot().is_some() && !s.busy()
+        };
+        let mut left = None;
+        let mut u = page;
+        while u > base {
+            u -= self.page;
+            if captured(u) {
+                left = Some(u);
+                break;
+            }
+        }
+        let mut right = None;
+        let mut u = page + self.page;
+        while u < top {
+            if captured(u) {
+                right = Some(u);
+                break;
+            }
+            u += self.page;
+        }
+        match (left, right) {
+            (Some(l), Some(r)) if page - l <= r - page => (l, page + self.page),
+            (_, Some(r)) => (page, r + self.page),
+            (Some(l), None) => (l, page + self.page),
+            (None, None) => (base, top),
+        }
     }
 
     /// How many units to capture at a fault on `page`: twice as many as last time when

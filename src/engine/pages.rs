@@ -206,23 +206,14 @@ impl Engine {
     /// tracked regions with one execute bit. The clean units in between are read-only
     /// already and the kernel skips their mappings without touching their pages, so
     /// scattered dirty pages cost one call (one lock hold, one TLB flush) per stretch
-    /// instead of one per page.
+    /// instead of one per page. Returns the first failing range and errno (ENOMEM when
+    /// part of it is no longer mapped).
     pub(super) fn write_protect(
         &self,
-        function: &str,
         regions: &[TrackedRegion],
         n: usize,
         unit: impl Fn(usize) -> usize,
-    ) {
-        let fail = |(at, len, e): (usize, usize, i32)| -> ! {
-            crate::fatal!(
-                function,
-                "cannot write-protect {:#x}+{:#x} (errno {})",
-                at,
-                len,
-                e
-            )
-        };
+    ) -> Result<(), (usize, usize, i32)> {
         let mut i = 0;
         while i < n {
             let u = unit(i);
@@ -234,9 +225,7 @@ impl Engine {
             }
             let r = regions.partition_point(|x| x.range.end <= u);
             if st.partial() || r == regions.len() || !regions[r].range.contains(u) {
-                if let Err(e) = self.protect_unit(u, st, false) {
-                    fail(e);
-                }
+                self.protect_unit(u, st, false)?;
                 i += 1;
                 continue;
             }
@@ -255,10 +244,30 @@ impl Engine {
             }
             let stop = (last + self.page).min(end);
             // SAFETY: tracked host memory (a stretch of tracked regions), whose
-            // protection the engine owns; every unit in it is clean.
-            if let Err(e) = unsafe { sys::protect(u, stop - u, Access::Read { exec }) } {
-                fail((u, stop - u, e));
-            }
+            // protection the engine owns; every listed unit in it is done being written
+            // and the others are clean.
+            unsafe { sys::protect(u, stop - u, Access::Read { exec }) }
+                .map_err(|e| (u, stop - u, e))?;
+        }
+        Ok(())
+    }
+
+    /// [`Engine::write_protect`], aborting with a message naming `function` on failure.
+    pub(super) fn write_protect_or_die(
+        &self,
+        function: &str,
+        regions: &[TrackedRegion],
+        n: usize,
+        unit: impl Fn(usize) -> usize,
+    ) {
+        if let Err((at, len, e)) = self.write_protect(regions, n, unit) {
+            crate::fatal!(
+                function,
+                "cannot write-protect {:#x}+{:#x} (errno {})",
+                at,
+                len,
+                e
+            );
         }
     }
 }

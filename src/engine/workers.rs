@@ -216,7 +216,7 @@ impl Engine {
                 self.unprotect_runs(function, batch);
             }
             self.copy_entries(batch);
-            self.write_protect(function, regions, batch.len(), |i| batch[i].page);
+            self.write_protect_or_die(function, regions, batch.len(), |i| batch[i].page);
             start = end;
         }
     }
