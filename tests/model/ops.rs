@@ -100,11 +100,15 @@ impl fmt::Display for Op {
                 write!(f, "write {t:?} off={off} len={len} val={val}")
             }
             Op::Touch { t, off, len } => write!(f, "touch {t:?} off={off} len={len}"),
-            Op::AllocTracked { slot, pages, hint } => write!(
+            Op::AllocTracked {
+                slot, hint: true, ..
+            } => write!(
                 f,
-                "alloc tracked slot={slot} pages={pages}{}",
-                if hint { " at the last freed block" } else { "" }
+                "alloc tracked slot={slot} at the last freed or rolled-back block, its size"
             ),
+            Op::AllocTracked { slot, pages, .. } => {
+                write!(f, "alloc tracked slot={slot} pages={pages}")
+            }
             Op::FreeTracked { slot } => write!(f, "free tracked slot={slot}"),
             Op::AllocUntracked { slot, pages } => {
                 write!(f, "alloc untracked slot={slot} pages={pages}")
