@@ -148,4 +148,80 @@ mod tests {
             }
         }
     }
+
+    /// Folding random diffs: the output is the sorted union by page, a page in both keeps
+    /// the older slot, and exactly the newer duplicates' slots are released.
+    #[test]
+    fn random_folds_keep_the_older_pre_image() {
+        use crate::engine::ranges::tests::{rng, ROUNDS};
+        let mut rnd = rng(0x5151_5eed_0f0f_1234);
+        for _ in 0..ROUNDS / 4 {
+            let mut pick = |slot_base: u32| {
+                let mut v: Vec<DiffEntry> = (0..32usize)
+                    .filter(|_| rnd(3) == 0)
+                    .map(|p| e(p * 0x1000, slot_base + p as u32))
+                    .collect();
+                v.sort_by_key(|x| x.page);
+                v
+            };
+            let older = pick(0);
+            let newer = pick(1000);
+            let mut out = vec![];
+            let mut released = vec![];
+            assert!(fold_into_predecessor(
+                &older,
+                &newer,
+                |x| {
+                    out.push(x);
+                    true
+                },
+                |s| released.push(s)
+            ));
+            let mut want: Vec<DiffEntry> = older.clone();
+            let mut want_released = vec![];
+            for n in &newer {
+                if older.iter().any(|o| o.page == n.page) {
+                    want_released.push(n.slot);
+                } else {
+                    want.push(*n);
+                }
+            }
+            want.sort_by_key(|x| x.page);
+            assert_eq!(out, want);
+            assert_eq!(released, want_released);
+        }
+    }
+
+    /// Runs from random page lists and keys match a direct grouping.
+    #[test]
+    fn random_runs_match_direct_grouping() {
+        use crate::engine::ranges::tests::{rng, ROUNDS};
+        let mut rnd = rng(0x7777_0000_1111_2222);
+        for _ in 0..ROUNDS / 4 {
+            let pages: Vec<usize> = (0..40usize)
+                .filter(|_| rnd(2) == 0)
+                .map(|p| p * 0x4000)
+                .collect();
+            let keys: Vec<bool> = pages.iter().map(|_| rnd(4) == 0).collect();
+            let mut runs = vec![];
+            for_each_run(
+                pages.len(),
+                0x4000,
+                |i| pages[i],
+                |i| keys[i],
+                |s, n| runs.push((s, n)),
+            );
+            let mut want = vec![];
+            let mut i = 0;
+            while i < pages.len() {
+                let mut j = i + 1;
+                while j < pages.len() && pages[j] == pages[j - 1] + 0x4000 && keys[j] == keys[i] {
+                    j += 1;
+                }
+                want.push((i, j - i));
+                i = j;
+            }
+            assert_eq!(runs, want);
+        }
+    }
 }

@@ -86,4 +86,77 @@ mod tests {
         assert!(!FreeSet::intersects(&s, r(0x4000, 0x5000)));
         assert_eq!(FreeSet::extract(&mut s, 0, 0), None);
     }
+
+    /// Random frees and extractions (with and without hints) against a page bitmap:
+    /// what is handed out was free, a free hint is honoured, best fit picks a smallest
+    /// maximal free run that fits, and nothing that fits is refused.
+    #[test]
+    fn random_extracts_match_bitmap_model() {
+        use crate::engine::ranges::tests::{rng, ROUNDS};
+        const PAGE: usize = 0x1000;
+        const PAGES: usize = 64;
+        let mut rnd = rng(0x0123_4567_89ab_cdef);
+        let mut s: Vec<Range> = vec![];
+        let mut free = [false; PAGES];
+        let at = |p: usize| 0x10_0000 + p * PAGE;
+        // Maximal free runs of the model, as (first page, pages).
+        let runs = |free: &[bool; PAGES]| {
+            let mut out = vec![];
+            let mut i = 0;
+            while i < PAGES {
+                if free[i] {
+                    let j = (i..PAGES).find(|&j| !free[j]).unwrap_or(PAGES);
+                    out.push((i, j - i));
+                    i = j;
+                } else {
+                    i += 1;
+                }
+            }
+            out
+        };
+        for _ in 0..ROUNDS {
+            if rnd(2) == 0 {
+                let a = rnd(PAGES);
+                let b = (a + 1 + rnd(8)).min(PAGES);
+                if free[a..b].iter().all(|&f| !f) {
+                    assert!(FreeSet::insert(&mut s, r(at(a), at(b))));
+                    free[a..b].iter_mut().for_each(|f| *f = true);
+                }
+            } else {
+                let n = 1 + rnd(6);
+                let hint = if rnd(3) == 0 { at(rnd(PAGES)) } else { 0 };
+                let fit = runs(&free)
+                    .into_iter()
+                    .filter(|&(_, len)| len >= n)
+                    .min_by_key(|&(_, len)| len);
+                let hint_page = (hint != 0).then(|| (hint - at(0)) / PAGE);
+                let hint_free =
+                    hint_page.is_some_and(|h| h + n <= PAGES && free[h..h + n].iter().all(|&f| f));
+                let got = FreeSet::extract(&mut s, hint, n * PAGE);
+                match got {
+                    None => assert!(fit.is_none(), "refused {n} pages with {fit:?} free"),
+                    Some(p) => {
+                        let first = (p - at(0)) / PAGE;
+                        assert!(free[first..first + n].iter().all(|&f| f), "handed out used");
+                        if hint_free {
+                            assert_eq!(p, hint, "a free hint is honoured");
+                        } else {
+                            let smallest = fit.expect("something fitted").1;
+                            let run = runs(&free)
+                                .into_iter()
+                                .find(|&(f, len)| f == first && len >= n)
+                                .expect("best fit starts a free run");
+                            assert_eq!(run.1, smallest, "best fit");
+                        }
+                        free[first..first + n].iter_mut().for_each(|f| *f = false);
+                    }
+                }
+            }
+            let want: Vec<Range> = runs(&free)
+                .into_iter()
+                .map(|(f, len)| r(at(f), at(f + len)))
+                .collect();
+            assert_eq!(s, want, "the set is the model's coalesced free runs");
+        }
+    }
 }

@@ -207,7 +207,7 @@ impl RangeSet {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn r(a: usize, b: usize) -> Range {
@@ -280,19 +280,26 @@ mod tests {
         assert!(is_aligned(0x2000, 0x1000) && !is_aligned(0x2001, 0x1000));
     }
 
-    /// A randomized cross-check against a bitmap model.
-    #[test]
-    fn random_ops_match_bitmap_model() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut rnd = move |n: usize| {
+    /// Rounds for the randomized tests: Miri interprets every step, so it gets fewer.
+    pub(crate) const ROUNDS: usize = if cfg!(miri) { 150 } else { 2000 };
+
+    /// A seeded xorshift source of `0..n` values for the randomized tests.
+    pub(crate) fn rng(mut seed: u64) -> impl FnMut(usize) -> usize {
+        move |n: usize| {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             (seed % n as u64) as usize
-        };
+        }
+    }
+
+    /// A randomized cross-check against a bitmap model.
+    #[test]
+    fn random_ops_match_bitmap_model() {
+        let mut rnd = rng(0x2545_f491_4f6c_dd1d);
         let mut s: Vec<Range> = vec![];
         let mut model = [false; 200];
-        for _ in 0..2000 {
+        for _ in 0..ROUNDS {
             let a = rnd(200);
             let b = (a + rnd(30)).min(200);
             if rnd(2) == 0 {
@@ -309,5 +316,104 @@ mod tests {
                 assert_eq!(RangeSet::contains(&s, i), m);
             }
         }
+    }
+
+    /// Gaps, overlaps, covers and intersects agree with a bitmap for random sets and
+    /// random query ranges.
+    #[test]
+    fn random_queries_match_bitmap_model() {
+        let mut rnd = rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..ROUNDS / 20 {
+            let mut s: Vec<Range> = vec![];
+            let mut model = [false; 120];
+            for _ in 0..rnd(8) {
+                let a = rnd(120);
+                let b = (a + 1 + rnd(20)).min(120);
+                RangeSet::insert(&mut s, r(a, b));
+                model[a..b].iter_mut().for_each(|m| *m = true);
+            }
+            for _ in 0..10 {
+                let a = rnd(120);
+                let q = r(a, (a + rnd(40)).min(120));
+                let (mut gaps, mut over) = (vec![], vec![]);
+                RangeSet::for_each_gap(&s, q, |g| gaps.push(g));
+                RangeSet::for_each_overlap(&s, q, |g| over.push(g));
+                // Expected maximal runs of each kind inside q.
+                let runs = |want: bool| {
+                    let mut out = vec![];
+                    let mut i = q.start;
+                    while i < q.end {
+                        if model[i] == want {
+                            let j = (i..q.end).find(|&j| model[j] != want).unwrap_or(q.end);
+                            out.push(r(i, j));
+                            i = j;
+                        } else {
+                            i += 1;
+                        }
+                    }
+                    out
+                };
+                assert_eq!(gaps, runs(false), "gaps of {q:?} in {s:?}");
+                assert_eq!(over, runs(true), "overlaps of {q:?} in {s:?}");
+                let set_bits = model[q.start..q.end].iter().filter(|&&m| m).count();
+                assert_eq!(RangeSet::covers(&s, q), set_bits == q.len(), "{q:?} {s:?}");
+                // An empty query strictly inside a range counts as intersecting it (as
+                // in the original's Intersects); only non-empty queries are compared.
+                if !q.is_empty() {
+                    assert_eq!(
+                        RangeSet::intersects(&s, q),
+                        set_bits > 0,
+                        "intersects {q:?} {s:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A vector with a hard capacity, like the library's reservations.
+    struct Capped(Vec<Range>, usize);
+
+    impl VecLike<Range> for Capped {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn as_slice(&self) -> &[Range] {
+            &self.0
+        }
+        fn as_mut_slice(&mut self) -> &mut [Range] {
+            &mut self.0
+        }
+        fn insert_at(&mut self, index: usize, v: Range) -> bool {
+            if self.0.len() == self.1 {
+                return false;
+            }
+            self.0.insert(index, v);
+            true
+        }
+        fn remove_at(&mut self, index: usize) -> Range {
+            self.0.remove(index)
+        }
+    }
+
+    #[test]
+    fn full_capacity_is_reported_and_the_set_stays_sorted() {
+        let mut s = Capped(vec![], 2);
+        assert!(RangeSet::insert(&mut s, r(10, 20)));
+        assert!(RangeSet::insert(&mut s, r(30, 40)));
+        assert!(
+            !RangeSet::insert(&mut s, r(50, 60)),
+            "a third range does not fit"
+        );
+        assert_eq!(s.0, vec![r(10, 20), r(30, 40)]);
+        // Merging needs no room, and trimming an end neither.
+        assert!(RangeSet::insert(&mut s, r(20, 25)));
+        assert!(RangeSet::remove(&mut s, r(35, 40)));
+        assert_eq!(s.0, vec![r(10, 25), r(30, 35)]);
+        // Splitting a range needs one more entry.
+        assert!(!RangeSet::remove(&mut s, r(12, 14)));
+        for w in s.0.windows(2) {
+            assert!(w[0].end < w[1].start, "sorted, disjoint, non-adjacent");
+        }
+        assert!(!RangeSet::contains(&s.0, 12), "the removed part is gone");
     }
 }
