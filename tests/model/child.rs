@@ -463,11 +463,13 @@ impl Model {
         self.freed_count += 1;
     }
 
-    fn check_fresh_allocation(&self, what: &str, p: usize, len: usize) {
-        if p == 0 || p % self.ps != 0 {
+    /// `align`: the snapshot page for tracked memory (so it never shares a snapshot page
+    /// with other memory), the kernel's page for untracked memory.
+    fn check_fresh_allocation(&self, what: &str, p: usize, len: usize, align: usize) {
+        if p == 0 || p % align != 0 {
             self.fail(
                 Check::Allocation,
-                format_args!("{what} returned {p:#x}, not aligned to the snapshot page"),
+                format_args!("{what} returned {p:#x}, not aligned to {align:#x}"),
             );
         }
         let b = Block { ptr: p, len };
@@ -506,7 +508,7 @@ impl Model {
             AllocateMemory(len, TRACKED)
         } as usize;
         const W: &str = "AllocateMemory(Tracked)";
-        self.check_fresh_allocation(W, p, len);
+        self.check_fresh_allocation(W, p, len, self.ps);
         let b = Block { ptr: p, len };
         if hint_free && p != at {
             self.fail(
@@ -590,7 +592,9 @@ impl Model {
                 }
                 let len = pages as usize * self.ps;
                 let p = AllocateMemory(len, GENERIC) as usize;
-                self.check_fresh_allocation("AllocateMemory(Generic)", p, len);
+                // SAFETY: sysconf has no preconditions.
+                let kernel_page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+                self.check_fresh_allocation("AllocateMemory(Generic)", p, len, kernel_page);
                 if MemoryRangeIsTracked(p as *mut _, len) {
                     self.fail(
                         Check::Allocation,
