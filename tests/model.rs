@@ -9,8 +9,9 @@
 //! sequence i uses base + i * 0x9e3779b97f4a7c15, so sequence 0 uses the base itself),
 //! MODEL_LEN (operations per sequence, default 80), MODEL_SECONDS (stop launching after
 //! this long; alone it means "as many as fit"), MODEL_JOBS (children at once, default 2),
-//! MODEL_SHRINK=0 (report a failure without shrinking it), MODEL_HEAP_GROWTH=1 (let malloc
-//! grow the heap during the run; exposes a known engine problem, see model/child.rs).
+//! MODEL_SHRINK=0 (report a failure without shrinking it), MODEL_HEAP_GROWTH=0 (grow the
+//! heap before the first snapshot, so that malloc never moves the program break during
+//! the run; by default it does, and rewinds must put the break back).
 //!
 //! harness = false: libtest's threads would make fork() unsafe (a child could inherit a
 //! lock held by another thread).
@@ -299,7 +300,7 @@ fn main() {
     let len = env_u64("MODEL_LEN").unwrap_or(80) as usize;
     let jobs = env_u64("MODEL_JOBS").unwrap_or(2).clamp(1, 64) as usize;
     let shrink_enabled = env_u64("MODEL_SHRINK") != Some(0);
-    let heap_growth = env_u64("MODEL_HEAP_GROWTH") == Some(1);
+    let heap_growth = env_u64("MODEL_HEAP_GROWTH") != Some(0);
     let deadline = seconds.map(|s| Instant::now() + Duration::from_secs(s));
     let page_env = std::env::var("MEMSNAP_PAGE_SIZE").ok();
     println!(
@@ -316,7 +317,11 @@ fn main() {
             .as_ref()
             .map(|p| format!(", MEMSNAP_PAGE_SIZE={p}"))
             .unwrap_or_default(),
-        if heap_growth { ", heap growth on" } else { "" }
+        if heap_growth {
+            ""
+        } else {
+            ", heap grown beforehand"
+        }
     );
     let started = Instant::now();
     let reports = Reports::new(jobs + 1);
@@ -405,7 +410,7 @@ fn main() {
                 .as_ref()
                 .map(|p| format!("MEMSNAP_PAGE_SIZE={p} "))
                 .unwrap_or_default(),
-            if heap_growth { "MODEL_HEAP_GROWTH=1 " } else { "" }
+            if heap_growth { "" } else { "MODEL_HEAP_GROWTH=0 " }
         );
         if !shrink_enabled {
             continue;

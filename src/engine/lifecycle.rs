@@ -43,6 +43,11 @@ impl Engine {
             free_start,
             free_len: m.free.len(),
             allocated: m.allocated.len(),
+            brk: if self.mode() == super::Mode::WholeProcess {
+                sys::program_break()
+            } else {
+                0
+            },
             threads: (self.mode() == super::Mode::WholeProcess)
                 .then(|| m.thread_fingerprint(&self.workers)),
         };
@@ -182,7 +187,7 @@ impl Engine {
     /// After memory equals checkpoint `target`: regions the walk found after it are zeroed
     /// and untracked, and the tracked free set becomes what it was then plus every region
     /// allocated since (FixupFreeRegionsAfterRewind's work, done here).
-    fn settle_after_rewind(&self, m: &mut Meta, target: usize) {
+    fn settle_after_rewind(&self, function: &str, m: &mut Meta, target: usize) {
         let mut i = 0;
         while i < m.regions.len() {
             let r = m.regions[i];
@@ -213,6 +218,20 @@ impl Engine {
             }
         }
         let c = m.checkpoints[target];
+        if c.brk != 0 && sys::program_break() > c.brk {
+            // glibc's cached break (in rewound libc data) says c.brk again; were the
+            // kernel's left higher, glibc's next sbrk would hand out memory below the
+            // kernel's break and later move the break down over tracked memory. The heap
+            // above c.brk was obtained after the target and was zeroed or untracked above.
+            // SAFETY: nothing in the rewound program refers to memory above c.brk.
+            if !unsafe { sys::lower_program_break(c.brk) } {
+                crate::fatal!(
+                    function,
+                    "cannot move the program break back to {:#x}",
+                    c.brk
+                );
+            }
+        }
         m.free.clear();
         for j in c.free_start..c.free_start + c.free_len {
             let r = m.free_snapshots[j];
@@ -256,7 +275,7 @@ impl Engine {
         }
         self.reset_map_budget(m.vmas.len(), m.entries.len());
         m.entries.clear();
-        self.settle_after_rewind(&mut m, newest);
+        self.settle_after_rewind(F, &mut m, newest);
         drop(m);
         self.rewinds.fetch_add(1, Ordering::Relaxed);
         self.record(t0, &self.last_restore_ns, &self.restore_ns);
@@ -348,7 +367,7 @@ impl Engine {
         let c = &mut m.checkpoints[target];
         c.diff_start = c.diff_start.min(top);
         c.diff_len = 0;
-        self.settle_after_rewind(&mut m, target);
+        self.settle_after_rewind(F, &mut m, target);
         drop(m);
         self.rewinds.fetch_add(1, Ordering::Relaxed);
         self.record(t0, &self.last_restore_ns, &self.restore_ns);
@@ -430,6 +449,7 @@ impl Engine {
             free_len: nl,
             allocated: newest.allocated,
             threads: newest.threads,
+            brk: newest.brk,
         };
         let _ = m.checkpoints.push(moved);
         for r in m.regions.iter_mut() {

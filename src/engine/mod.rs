@@ -94,6 +94,10 @@ pub struct Checkpoint {
     /// CPU time of threads that had exited, in whole-process mode; `None` where no thread
     /// probe ran.
     pub threads: Option<(usize, u64, (i64, i64))>,
+    /// The program break at this checkpoint, in whole-process mode (0 otherwise): glibc's
+    /// record of it is in rewound memory, the kernel's is not, so a rewind lowers the
+    /// kernel's back to it.
+    pub brk: usize,
 }
 
 /// Why rewinding before some checkpoint has become impossible.

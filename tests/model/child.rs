@@ -820,14 +820,9 @@ pub fn run(config: Config, ops: &[Op], report: *mut Report) -> ! {
         core::slice::from_raw_parts(ops_copy, ops.len())
     };
     if !config.heap_growth {
-        // Known engine problem (reported, not worked around in memsnap): the kernel's
-        // program break is not rewound. After a rewind to before a brk growth, glibc's
-        // rewound __curbrk is below the kernel's break; the next checkpoint tracks the
-        // memory between them, and glibc's next sbrk moves the break *down* to
-        // __curbrk + increment, unmapping tracked memory, so a later rewind aborts
-        // ("tracked memory ... was unmapped"). Growing the heap once now, before the
-        // first snapshot, keeps run-time mallocs inside it (memsnap pins glibc so it never
-        // trims). MODEL_HEAP_GROWTH=1 skips this and exposes the problem.
+        // MODEL_HEAP_GROWTH=0: grow the heap once now, before the first snapshot, so that
+        // run-time mallocs stay inside it (memsnap pins glibc, which then never trims) and
+        // the program break never moves during the run.
         // SAFETY: a block nobody else sees; the volatile write keeps the compiler from
         // eliding the malloc/free pair.
         unsafe {

@@ -129,8 +129,8 @@ impl fmt::Display for Op {
 pub struct Config {
     /// `memsnap_set_restore_threads` (0 restores on the calling thread).
     pub restore_threads: u8,
-    /// Let `malloc` grow the heap (brk) after the first snapshot. Off by default: see
-    /// `child::run` for the engine problem this exposes.
+    /// Let `malloc` grow the heap (brk) after the first snapshot, so rewinds must move
+    /// the program break back (the default).
     pub heap_growth: bool,
 }
 
@@ -195,7 +195,7 @@ pub fn generate(seed: u64, len: usize) -> (Config, Vec<Op>) {
     let mut rng = Rng::new(seed);
     let config = Config {
         restore_threads: [0u8, 1, 2, 4][rng.below(4) as usize],
-        heap_growth: false,
+        heap_growth: true,
     };
     let mut a = Abstract {
         saved: vec![Live::default()],

@@ -227,6 +227,23 @@ fn region(vma: maps::Vma) -> Region {
     }
 }
 
+/// The program break: the end of the brk heap. The kernel keeps it outside the process's
+/// memory, so rewinding memory does not move it back.
+pub fn program_break() -> usize {
+    // SAFETY: brk(0) only reports the current break.
+    unsafe { raw::brk(0) }
+}
+
+/// Moves the program break down to `addr` (below the current one), unmapping the heap
+/// above it; whether the break is at `addr` afterwards.
+///
+/// # Safety
+/// Nothing may use the memory between `addr` and the current break.
+pub unsafe fn lower_program_break(addr: usize) -> bool {
+    // SAFETY: forwarded contract.
+    unsafe { raw::brk(addr) == addr }
+}
+
 /// The most mappings the kernel lets this process have (`vm.max_map_count`), if known.
 /// Splitting mappings past it makes `mprotect` fail with ENOMEM.
 pub fn max_map_count() -> Option<usize> {

@@ -160,6 +160,15 @@ pub fn getdents64(fd: i32, buf: &mut [u8]) -> Ret {
     }
 }
 
+/// `brk(addr)`: the kernel's program break after the call (0 asks for the current one).
+///
+/// # Safety
+/// See the contract above: lowering the break unmaps the memory above it.
+pub unsafe fn brk(addr: usize) -> usize {
+    // SAFETY: forwarded contract.
+    unsafe { syscall6(sys!(SYS_brk), [addr, 0, 0, 0, 0, 0]) as usize }
+}
+
 pub fn gettid() -> u64 {
     // SAFETY: gettid has no arguments and cannot fail.
     unsafe { syscall6(sys!(SYS_gettid), [0; 6]) as u64 }

@@ -99,6 +99,19 @@ pub fn active_backend() -> Backend {
     }
 }
 
+/// macOS malloc does not use a brk heap: nothing to put back after a rewind.
+pub fn program_break() -> usize {
+    0
+}
+
+/// See [`program_break`].
+///
+/// # Safety
+/// None needed: nothing happens.
+pub unsafe fn lower_program_break(_addr: usize) -> bool {
+    false
+}
+
 /// Nothing to probe ahead of time on macOS; see the Linux backend.
 pub fn prepare() {}
 
