@@ -180,4 +180,36 @@ inline void ArmWatchdog(const char* what, volatile long* step, unsigned seconds)
 
 }  // namespace mstest
 
+namespace mstest {
+
+// Runs fn(arg) in a child whose stderr goes into `out` (NUL-terminated, at most `cap`
+// bytes); returns the raw wait status. For checks on an abort message that depend on
+// values only the running scenario knows (an address range, say). Nothing is allocated.
+inline int StatusAndStderrOfChild(void (*fn)(void*), void* arg, char* out, size_t cap) {
+  int fds[2];
+  if (pipe(fds) != 0) return -1;
+  pid_t pid = fork();
+  if (pid == 0) {
+    close(fds[0]);
+    dup2(fds[1], 2);
+    alarm(30);
+    fn(arg);
+    _exit(0);
+  }
+  close(fds[1]);
+  size_t len = 0;
+  for (;;) {
+    ssize_t n = read(fds[0], out + len, cap - 1 - len);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    len += (size_t)n;
+    if (len == cap - 1) break;
+  }
+  out[len] = 0;
+  close(fds[0]);
+  return pid < 0 ? -1 : WaitStatus(pid);
+}
+
+}  // namespace mstest
+
 #endif  // MEMSNAP_TEST_SUPPORT_H
