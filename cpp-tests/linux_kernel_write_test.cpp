@@ -536,11 +536,13 @@ bool PinTo(int cpu) {
 }
 
 void* RseqThreadMain(void* arg) {
-  const int index = (int)(intptr_t)arg;
+  // The argument packs the thread's index and the round counter at its creation: a late
+  // thread must not take the current round for a new one (it would count twice).
+  const int index = (int)((intptr_t)arg & 0xff);
   RseqShared* s = gRseq;
   volatile struct rseq* area =
       (volatile struct rseq*)((char*)__builtin_thread_pointer() + __rseq_offset);
-  int seen = 0;
+  int seen = (int)((intptr_t)arg >> 8);
   for (int round = 0;; round++) {
     int gval;
     while ((gval = s->gen.load()) == seen) mstest::FutexWaitRaw((volatile int*)&s->gen, seen, FUTEX_WAIT_PRIVATE);
@@ -566,7 +568,8 @@ void RseqRound(RseqShared* s, int threads) {
   s->gen.fetch_add(1);
   mstest::FutexWakeRaw((volatile int*)&s->gen, FUTEX_WAKE_PRIVATE);
   int d;
-  while ((d = s->done.load()) != threads) mstest::FutexWaitRaw((volatile int*)&s->done, d, FUTEX_WAIT_PRIVATE);
+  while ((d = s->done.load()) < threads) mstest::FutexWaitRaw((volatile int*)&s->done, d, FUTEX_WAIT_PRIVATE);
+  MS_CHECK_EQ(d, threads);  // a thread counted twice would be a harness bug
 }
 
 void RseqEveryThreadScenario() {
@@ -592,7 +595,10 @@ void RseqEveryThreadScenario() {
     MS_CHECK_EQ(gRseqSlots[1], expectRound * 1000 + 1);
   }
   // Two late threads: rewinds go only to checkpoints taken after they were created.
-  for (int i = 4; i < 6; i++) MS_CHECK(pthread_create(&t[i], nullptr, RseqThreadMain, (void*)(intptr_t)i) == 0);
+  for (int i = 4; i < 6; i++) {
+    void* arg = (void*)(intptr_t)(i | (s->gen.load() << 8));
+    MS_CHECK(pthread_create(&t[i], nullptr, RseqThreadMain, arg) == 0);
+  }
   TakeDiffMemorySnapshot();
   for (int r = 0; r < 6; r++) {
     RseqRound(s, 6);
@@ -613,6 +619,45 @@ void RseqEveryThreadScenario() {
 TEST(KernelWriteTest, RseqAreaOfEveryThreadIsNeverTracked) {
   if (__rseq_size == 0) GTEST_SKIP() << "glibc registered no rseq area";
   MS_IN_CHILD(RseqEveryThreadScenario());
+}
+
+// ENGINE BUG (disabled until fixed; see the reliability report). A thread whose stack the
+// host placed in tracked memory (pthread_attr_setstack on a malloc'd block) keeps its TCB
+// and rseq area there. README: "not supported". Today, if the thread is alive at the first
+// snapshot, the stack-pointer probe excludes the whole mapping around its stack pointer,
+// the entire [heap], silently, so heap memory is never rewound; created after the first
+// snapshot, the thread dies with SIGSEGV when the kernel cannot push a signal frame onto
+// its protected stack. Expected: a one-line abort naming the thread and its stack.
+void* IdleOnHeapStack(void*) {
+  while (gRelease->load() == 0) mstest::FutexWaitRaw((volatile int*)gRelease, 0, FUTEX_WAIT_PRIVATE);
+  return nullptr;
+}
+
+void StackInTrackedMemoryScenario() {
+  Begin("StackInTrackedMemoryScenario");
+  gRelease = new (AllocateMemory(sizeof(std::atomic<int>), MemoryKind::Generic)) std::atomic<int>(0);
+  const size_t size = 256 * 1024;
+  void* heapProbe = malloc(64);
+  uint8_t* block = (uint8_t*)malloc(size + 3 * 65536);
+  MS_CHECK(heapProbe && block);
+  uint8_t* stack = (uint8_t*)(((uintptr_t)block + 65535) & ~(uintptr_t)65535);
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  MS_CHECK(pthread_attr_setstack(&attr, stack, size) == 0);
+  pthread_t t;
+  MS_CHECK(pthread_create(&t, &attr, IdleOnHeapStack, nullptr) == 0);
+  struct timespec ts = {0, 20 * 1000000};
+  nanosleep(&ts, nullptr);
+  TakeFirstMemorySnapshot();  // expected: refused with a message
+  // Heap memory right above the thread's stack, in the same malloc'd block: ordinary
+  // heap data that must stay tracked. Today it is silently untracked with the stack's
+  // whole mapping.
+  MS_CHECK(MemoryRangeIsTracked(heapProbe, 64));
+  MS_CHECK(MemoryRangeIsTracked(stack + size, 4096));
+}
+
+TEST(KernelWriteTest, DISABLED_ThreadStackInTrackedMemoryIsRefused) {
+  MS_DIES_WITH(StackInTrackedMemoryScenario(), "^memsnap: TakeFirstMemorySnapshot: [^\n]*stack[^\n]*\n$");
 }
 
 }  // namespace kernel_write_test
