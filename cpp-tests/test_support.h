@@ -17,11 +17,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
-#include <sys/syscall.h>
-#include <sys/wait.h>
 #include <unistd.h>
-
-#include <cerrno>
 
 #include "MemorySnapshotHelpers.h"
 
@@ -100,6 +96,11 @@ inline mozilla::recordreplay::MemsnapStats Stats() {
 }
 
 }  // namespace mstest
+
+#include <sys/syscall.h>
+#include <sys/wait.h>
+
+#include <cerrno>
 
 // ---- Added for the reliability suites (concurrency, kernel writes, allocator, foreign
 // faults, fork, bad input). Nothing above changes behaviour.
