@@ -129,4 +129,120 @@ inline mozilla::recordreplay::MemsnapStats Stats() {
 
 }  // namespace mstest
 
+#include <sys/syscall.h>
+#include <sys/wait.h>
+
+#include <cerrno>
+
+// ---- Added for the reliability suites (concurrency, kernel writes, allocator, foreign
+// faults, fork, bad input). Nothing above changes behaviour.
+
+namespace mstest {
+
+// The snapshot granularity: memsnap_page_size() once initialized, the kernel's page size
+// before. Tests size and align everything with it, never with 4096.
+inline size_t Granule() {
+  size_t g = mozilla::recordreplay::memsnap_page_size();
+  return g != 0 ? g : (size_t)sysconf(_SC_PAGESIZE);
+}
+
+#ifdef __linux__
+// Raw futex calls on a word the caller keeps in untracked memory (or only reads).
+inline long FutexWaitRaw(volatile int* word, int expected, int op) {
+  return syscall(SYS_futex, (int*)word, op, expected, nullptr, nullptr, 0);
+}
+inline long FutexWakeRaw(volatile int* word, int op) {
+  return syscall(SYS_futex, (int*)word, op, 1 << 30, nullptr, nullptr, 0);
+}
+#endif
+
+// waitpid, retried on EINTR; returns the raw status, or -1 if the wait failed.
+inline int WaitStatus(pid_t pid) {
+  int status = 0;
+  pid_t w;
+  do {
+    w = waitpid(pid, &status, 0);
+  } while (w < 0 && errno == EINTR);
+  return w == pid ? status : -1;
+}
+
+// Runs fn(arg) in a fresh child process (no memsnap state unless fn creates it) and
+// returns its raw wait status: the control runs of the foreign-fault and fork tests.
+inline int StatusOfChild(void (*fn)(void*), void* arg) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    alarm(30);
+    fn(arg);
+    _exit(0);
+  }
+  return pid < 0 ? -1 : WaitStatus(pid);
+}
+
+// A SIGALRM watchdog that names what was running: `what` and `*step` (kept by the caller
+// in untracked memory) are printed before the child exits with status 1, so a hang fails
+// with a message instead of a bare signal.
+struct Watchdog {
+  const char* what;
+  volatile long* step;
+};
+inline Watchdog* ActiveWatchdog() {
+  static Watchdog w = {nullptr, nullptr};  // written before the first snapshot only
+  return &w;
+}
+inline void WatchdogFired(int) {
+  Watchdog* w = ActiveWatchdog();
+  ms_say("watchdog: %s hung at step %ld\n", w->what ? w->what : "test",
+         w->step ? *w->step : -1L);
+  _exit(1);
+}
+// Arms the watchdog for `seconds`; call again to re-arm. Install it before the first
+// snapshot (sigaction and the static above are then not written while tracked).
+inline void ArmWatchdog(const char* what, volatile long* step, unsigned seconds) {
+  Watchdog* w = ActiveWatchdog();
+  if (w->what != what || w->step != step) {
+    w->what = what;
+    w->step = step;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = WatchdogFired;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGALRM, &sa, nullptr);
+  }
+  alarm(seconds);
+}
+
+}  // namespace mstest
+
+namespace mstest {
+
+// Runs fn(arg) in a child whose stderr goes into `out` (NUL-terminated, at most `cap`
+// bytes); returns the raw wait status. For checks on an abort message that depend on
+// values only the running scenario knows (an address range, say). Nothing is allocated.
+inline int StatusAndStderrOfChild(void (*fn)(void*), void* arg, char* out, size_t cap) {
+  int fds[2];
+  if (pipe(fds) != 0) return -1;
+  pid_t pid = fork();
+  if (pid == 0) {
+    close(fds[0]);
+    dup2(fds[1], 2);
+    alarm(30);
+    fn(arg);
+    _exit(0);
+  }
+  close(fds[1]);
+  size_t len = 0;
+  for (;;) {
+    ssize_t n = read(fds[0], out + len, cap - 1 - len);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    len += (size_t)n;
+    if (len == cap - 1) break;
+  }
+  out[len] = 0;
+  close(fds[0]);
+  return pid < 0 ? -1 : WaitStatus(pid);
+}
+
+}  // namespace mstest
+
 #endif  // MEMSNAP_TEST_SUPPORT_H

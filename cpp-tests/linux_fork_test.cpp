@@ -1,0 +1,214 @@
+// Issue 3, part 6 (suite ForkTest): fork() while tracking. The defined behaviour (README,
+// Hazards): the child keeps the parent's tracking, checkpoints included, with its memory
+// copied; its calling thread becomes the controller and restores run on it (no restore
+// workers survive fork). The parent's snapshots are unaffected by anything the child
+// does. HazardTest.ForkChildKeepsItsOwnTracking covers the sequential case; here the
+// parent and the child snapshot and rewind the same tracked addresses at the same time, a
+// non-controller thread forks (its child may not rewind to checkpoints taken while other
+// threads lived: refused with the thread message, its own checkpoints work), and
+// posix_spawn (a vfork-style child sharing the address space) runs while tracking.
+
+#include <linux/futex.h>
+#include <pthread.h>
+#include <spawn.h>
+#include <sys/mman.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <new>
+
+#include "test_support.h"
+
+extern char** environ;
+
+using namespace mozilla::recordreplay;
+using mstest::ms_say;
+
+namespace fork_test {
+
+using mstest::Granule;
+using mstest::Rewind;
+using mstest::Stats;
+
+alignas(65536) volatile uint32_t gWords[4 * 65536 / 4];  // tracked
+volatile long gStep;
+
+bool Holds(size_t n, uint32_t v) {
+  for (size_t i = 0; i < n; i += 61) {
+    if (gWords[i] != v) return false;
+  }
+  return gWords[n - 1] == v;
+}
+
+void Set(size_t n, uint32_t v) {
+  for (size_t i = 0; i < n; i++) gWords[i] = v;
+}
+
+// One side's turn-taking: each side writes its byte to the other's pipe and waits for the
+// other's, so the two processes' writes, checkpoints and rewinds interleave.
+void Turn(int out, int in) {
+  char c = 1;
+  MS_CHECK(write(out, &c, 1) == 1);
+  MS_CHECK(read(in, &c, 1) == 1);
+}
+
+// Both processes run 40 rounds on the same tracked words: write their own values, take a
+// checkpoint or rewind, and check. memsnap's state is private to each process.
+void Rounds(uint32_t base, int out, int in) {
+  const size_t n = sizeof gWords / 4;
+  int top = 0;
+  uint32_t saved[64];
+  saved[0] = 5;  // checkpoint 1, the newest when the process forked
+  for (int r = 1; r <= 40; r++) {
+    Set(n, base + (uint32_t)r);
+    Turn(out, in);
+    if (r % 3 == 0) {
+      Rewind(0);
+      MS_CHECK(Holds(n, saved[top]));
+    } else if (r % 5 == 0 && top > 0) {
+      Rewind(1);
+      top--;
+      MS_CHECK(Holds(n, saved[top]));
+    } else {
+      TakeDiffMemorySnapshot();
+      saved[++top] = base + (uint32_t)r;
+    }
+    Turn(out, in);
+    MS_CHECK(Holds(n, saved[top]));
+  }
+  while (top > 0) {
+    Set(n, base + 999);
+    Rewind(1);
+    top--;
+    MS_CHECK(Holds(n, saved[top]));
+  }
+}
+
+void ConcurrentScenario() {
+  InitializeMemorySnapshots();
+  mstest::ArmWatchdog("ForkTest concurrent", &gStep, 30);
+  const size_t n = sizeof gWords / 4;
+  Set(n, 1);
+  int toChild[2], toParent[2];
+  MS_CHECK(pipe(toChild) == 0 && pipe(toParent) == 0);
+  TakeFirstMemorySnapshot();  // checkpoint 0: everything 1
+  Set(n, 5);
+  TakeDiffMemorySnapshot();  // checkpoint 1: everything 5
+  pid_t pid = fork();
+  MS_CHECK(pid >= 0);
+  if (pid == 0) {
+    mstest::ArmWatchdog("ForkTest concurrent (child)", &gStep, 30);
+    Rounds(100000, toParent[1], toChild[0]);
+    // The inherited checkpoints are the child's too.
+    Rewind(1);
+    MS_CHECK(Holds(n, 1));
+    _exit(0);
+  }
+  Rounds(200000, toChild[1], toParent[0]);
+  const int status = mstest::WaitStatus(pid);
+  MS_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  // The parent's own checkpoints, untouched by the child's rewinds.
+  MS_CHECK_EQ(Stats().saved_checkpoints, 2);
+  Set(n, 7);
+  Rewind(0);
+  MS_CHECK(Holds(n, 5));
+  Rewind(1);
+  MS_CHECK(Holds(n, 1));
+}
+
+TEST(ForkTest, ParentAndChildRewindConcurrently) { MS_IN_CHILD(ConcurrentScenario()); }
+
+// A fork from a thread other than the controller: the child's only thread takes over.
+struct ForkFromThread {
+  std::atomic<int> go;
+  std::atomic<int> childStatus;
+};
+
+void RewindNewest(void*) { Rewind(0); }
+
+void ChildOfWorker() {
+  const size_t n = sizeof gWords / 4;
+  // At every inherited checkpoint another thread (the controller) was alive; in this child
+  // it is gone, so rewinding to them is refused with the thread message.
+  char msg[512];
+  int status = mstest::StatusAndStderrOfChild(RewindNewest, nullptr, msg, sizeof msg);
+  MS_CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT);
+  const char* want =
+      "memsnap: RestoreMemoryToLastSavedCheckpoint: threads were created or exited since "
+      "checkpoint 2 (1 other threads then, 0 now)";
+  if (strncmp(msg, want, strlen(want)) != 0) {
+    ms_say("unexpected message: %s\n", msg);
+    _exit(1);
+  }
+  // Its own checkpoints work: this thread is the controller now.
+  Set(n, 30);
+  TakeDiffMemorySnapshot();
+  Set(n, 31);
+  Rewind(0);
+  MS_CHECK(Holds(n, 30));
+  _exit(0);
+}
+
+void* WorkerForks(void* arg) {
+  ForkFromThread* s = (ForkFromThread*)arg;
+  while (s->go.load() == 0) mstest::FutexWaitRaw((volatile int*)&s->go, 0, FUTEX_WAIT_PRIVATE);
+  pid_t pid = fork();
+  if (pid == 0) ChildOfWorker();
+  s->childStatus = pid < 0 ? -1 : mstest::WaitStatus(pid);
+  return nullptr;
+}
+
+void ForkFromThreadScenario() {
+  InitializeMemorySnapshots();
+  mstest::ArmWatchdog("ForkTest from a thread", &gStep, 30);
+  const size_t n = sizeof gWords / 4;
+  ForkFromThread* s = new (AllocateMemory(sizeof(ForkFromThread), MemoryKind::Generic)) ForkFromThread();
+  pthread_t t;
+  MS_CHECK(pthread_create(&t, nullptr, WorkerForks, s) == 0);
+  Set(n, 1);
+  TakeFirstMemorySnapshot();  // checkpoint 0 (one other thread)
+  Set(n, 2);
+  TakeDiffMemorySnapshot();   // checkpoint 1
+  Set(n, 3);
+  s->go = 1;
+  mstest::FutexWakeRaw((volatile int*)&s->go, FUTEX_WAKE_PRIVATE);
+  MS_CHECK(pthread_join(t, nullptr) == 0);
+  MS_CHECK_EQ(s->childStatus.load() & 0xffff, 0);
+  // The parent: the worker exited, so only checkpoints taken from now on are reachable.
+  TakeDiffMemorySnapshot();  // checkpoint 2
+  Set(n, 4);
+  Rewind(0);
+  MS_CHECK(Holds(n, 3));
+}
+
+TEST(ForkTest, ForkFromANonControllerThread) { MS_IN_CHILD(ForkFromThreadScenario()); }
+
+// posix_spawn shares the address space with its child until the exec; tracking carries on.
+void SpawnScenario() {
+  InitializeMemorySnapshots();
+  mstest::ArmWatchdog("ForkTest posix_spawn", &gStep, 30);
+  const size_t n = sizeof gWords / 4;
+  Set(n, 1);
+  TakeFirstMemorySnapshot();
+  Set(n, 2);
+  TakeDiffMemorySnapshot();
+  for (int i = 0; i < 5; i++) {
+    Set(n, 10 + (uint32_t)i);
+    pid_t pid;
+    char arg0[] = "true";
+    char* argv[] = {arg0, nullptr};
+    MS_CHECK(posix_spawnp(&pid, "true", nullptr, nullptr, argv, environ) == 0);
+    const int status = mstest::WaitStatus(pid);
+    MS_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    MS_CHECK(Holds(n, 10 + (uint32_t)i));
+    Rewind(0);
+    MS_CHECK(Holds(n, 2));
+  }
+  Rewind(1);
+  MS_CHECK(Holds(n, 1));
+}
+
+TEST(ForkTest, PosixSpawnWhileTracking) { MS_IN_CHILD(SpawnScenario()); }
+
+}  // namespace fork_test
