@@ -93,12 +93,10 @@ void Allocations() {
   TakeFirstMemorySnapshot();
   uint8_t* gone = Unmapped(4 * g);  // after the snapshot's own mappings
   // DeallocateMemory: null or zero size does nothing (misuse_test); garbage of an
-  // untracked kind is unmapped (a no-op where nothing is mapped); garbage of the tracked
-  // kind that is not tracked memory is ignored.
+  // untracked kind is unmapped (a no-op where nothing is mapped). Garbage of the tracked
+  // kind aborts (DeallocateMemoryNotAllocatedByMemsnap).
   uint8_t* gone2 = Unmapped(4 * g);
   DeallocateMemory(gone2, 4 * g, MemoryKind::Generic);
-  DeallocateMemory(gone2, 4 * g, MemoryKind::Tracked);
-  DeallocateMemory(gone2 + 5, 1, MemoryKind::Tracked);
   MS_CHECK(!MemoryRangeIsTracked(gone2, g));
   // An odd size is rounded up to whole pages.
   uint8_t* odd = (uint8_t*)AllocateMemory(1, MemoryKind::Tracked);
@@ -256,9 +254,8 @@ TEST(BadInputDeathTest, TrackingUnmappedMemory) {
                ONE_LINE("RegisterAllocatedMemory", "range 0x[0-9a-f]+ \\+ 0x[0-9a-f]+ is not page-aligned"));
 }
 
-// DeallocateMemory with an untracked kind over tracked memory unmaps it; memsnap notices
-// at the next rewind and refuses it, naming the range (no rewind writes unmapped memory).
-// An earlier refusal, in DeallocateMemory itself, is proposed in the reliability report.
+// DeallocateMemory with an untracked kind over tracked memory would unmap it under a
+// rewind's feet: refused on the spot, naming the range.
 void DeallocateTrackedAsGeneric() {
   Init();
   TakeFirstMemorySnapshot();
@@ -270,13 +267,12 @@ void DeallocateTrackedAsGeneric() {
 
 TEST(BadInputDeathTest, DeallocateTrackedMemoryAsUntrackedKind) {
   MS_DIES_WITH(DeallocateTrackedAsGeneric(),
-               ONE_LINE("RestoreMemoryToLastSavedCheckpoint", "tracked memory 0x[0-9a-f]+-0x[0-9a-f]+ was unmapped"));
+               ONE_LINE("DeallocateMemory", "range 0x[0-9a-f]+-0x[0-9a-f]+ is tracked memory"));
 }
 
-// ENGINE GAP (disabled until fixed; see the reliability report). DeallocateMemory(Tracked)
-// accepts any tracked range, not only memory obtained with AllocateMemory or
-// RegisterAllocatedMemory: a global's page joins the free set, and the next tracked
-// allocation hands it out zeroed, overwriting the global. Expected: a one-line abort.
+// DeallocateMemory(Tracked) takes only memory obtained with AllocateMemory or
+// RegisterAllocatedMemory: were a global's page to join the free set, the next tracked
+// allocation would hand it out zeroed, overwriting the global. A one-line abort instead.
 void DeallocateGlobalAsTracked() {
   Init();
   gCanary[0] = 42;
@@ -287,18 +283,14 @@ void DeallocateGlobalAsTracked() {
   MS_CHECK_EQ(gCanary[0], 42);
 }
 
-TEST(BadInputDeathTest, DISABLED_DeallocateMemoryNotAllocatedByMemsnap) {
+TEST(BadInputDeathTest, DeallocateMemoryNotAllocatedByMemsnap) {
   MS_DIES_WITH(DeallocateGlobalAsTracked(),
                ONE_LINE("DeallocateMemory", "range 0x[0-9a-f]+-0x[0-9a-f]+ was not allocated"));
 }
 
-// ENGINE GAP (disabled until fixed; see the reliability report). DeallocateMemory widens
-// an unaligned range to whole snapshot pages before unmapping it, so it unmaps memory
-// next to the range: a pointer into the middle of a page takes the whole page, and with
-// MEMSNAP_PAGE_SIZE above the kernel's page a kernel-page-aligned range takes its
-// neighbours (here a live page below it, and the process then dies with SIGSEGV).
-// Expected: an unaligned base is refused with a one-line abort, as RegisterAllocatedMemory
-// does (the original's munmap failed with EINVAL and unmapped nothing).
+// DeallocateMemory refuses an unaligned base with a one-line abort, as
+// RegisterAllocatedMemory does (the original's munmap failed with EINVAL and unmapped
+// nothing), instead of widening it to whole pages and unmapping the memory around it.
 void DeallocateUnaligned() {
   Init();
   const size_t k = (size_t)sysconf(_SC_PAGESIZE);
@@ -308,17 +300,15 @@ void DeallocateUnaligned() {
   MS_CHECK_EQ(p[0], 1);  // the first page must still be mapped
 }
 
-TEST(BadInputDeathTest, DISABLED_DeallocateMemoryUnalignedIsRefused) {
+TEST(BadInputDeathTest, DeallocateMemoryUnalignedIsRefused) {
   MS_DIES_WITH(DeallocateUnaligned(), ONE_LINE("DeallocateMemory", "range 0x[0-9a-f]+ \\+ 0x[0-9a-f]+ is not page-aligned"));
 }
 
-// ENGINE BUG at snapshot pages larger than the kernel's (MEMSNAP_PAGE_SIZE=16384 on a
-// 4 KiB kernel; disabled until fixed, see the reliability report). Untracked allocations
-// honour any kernel-page-aligned hint, but DeallocateMemory widens the block to whole
-// snapshot pages and unmaps the neighbouring mapping too. In BadInput's first draft the
-// neighbour was memsnap's own engine state, and the next call died with SIGSEGV.
-// Expected: a legitimate AllocateMemoryTryAddress/DeallocateMemory pair leaves every
-// other mapping alone. Passes when the snapshot page is the kernel's page.
+// With snapshot pages larger than the kernel's (MEMSNAP_PAGE_SIZE=16384 on a 4 KiB
+// kernel), untracked allocations honour any kernel-page-aligned hint, and
+// DeallocateMemory of such a block unmaps whole kernel pages only: a legitimate
+// AllocateMemoryTryAddress/DeallocateMemory pair leaves the neighbouring mapping alone
+// (once it was memsnap's own engine state, and the next call died with SIGSEGV).
 void DeallocateKeepsNeighbours() {
   Init();
   const size_t g = Granule(), k = (size_t)sysconf(_SC_PAGESIZE);
@@ -334,7 +324,7 @@ void DeallocateKeepsNeighbours() {
   MS_CHECK_EQ(base[0], 9);
 }
 
-TEST(BadInput, DISABLED_DeallocateMemoryKeepsNeighbouringMappings) {
+TEST(BadInput, DeallocateMemoryKeepsNeighbouringMappings) {
   MS_IN_CHILD(DeallocateKeepsNeighbours());
 }
 

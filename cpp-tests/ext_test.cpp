@@ -148,6 +148,13 @@ void InvalidArguments() {
   MS_CHECK(memsnap_get_stats(&big.s) == MemsnapStatus::Ok);
   MS_CHECK_EQ(big.s.kernel_page_size, (size_t)sysconf(_SC_PAGESIZE));
   MS_CHECK_EQ(big.extra[0], 0);
+  // A misaligned record is refused, not written through.
+  alignas(8) char raw[sizeof(MemsnapStats) + 8];
+  memset(raw, 0, sizeof raw);
+  size_t size = sizeof(MemsnapStats);
+  memcpy(raw + 1, &size, sizeof size);
+  MS_CHECK(memsnap_get_stats(reinterpret_cast<MemsnapStats*>(raw + 1)) == MemsnapStatus::InvalidArgument);
+  MS_CHECK_EQ(raw[1 + sizeof size], 0);
   // Invalid arguments changed nothing: the default mode and a normal first snapshot.
   MS_CHECK(Stats().tracking_mode == MemsnapTrackingMode::WholeProcess);
   MS_CHECK(memsnap_set_restore_threads(2) == MemsnapStatus::Ok);

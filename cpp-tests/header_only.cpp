@@ -49,7 +49,8 @@ int CallEveryFunction() {
   StartCountdown(0);
   FixupFreeRegionsAfterRewind();
   if (tracked[0] != 0) failures++;
-  DeallocateMemory(tracked, page, MemoryKind::Tracked);
+  // `tracked` went back to the free set with the rewind to before its allocation.
+  DeallocateMemory(AllocateMemory(page, MemoryKind::Tracked), page, MemoryKind::Tracked);
   MemsnapStats stats;
   stats.struct_size = sizeof stats;
   if (memsnap_get_stats(&stats) != MemsnapStatus::Ok || stats.rewinds != 2) failures++;

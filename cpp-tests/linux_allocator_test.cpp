@@ -357,16 +357,12 @@ TEST(AllocatorTest, PinnedHeapIsNotTrimmedExplicitTrimRefusesRewind) {
 
 TEST(AllocatorTest, UnpinnedHeapTrimRefusesRewind) { MS_IN_CHILD(TrimScenario(false)); }
 
-// ENGINE BUG (disabled until fixed; see the reliability report). A rewind across heap
-// growth gives the grown pages back with MADV_DONTNEED but leaves the kernel's break where
-// it was, above glibc's rewound record of it (__curbrk). The next checkpoint tracks that
-// tail again as new memory; glibc's next sbrk then sets the break from its stale record,
-// which moves the kernel's break down over the re-tracked tail (unmapping it) and a later
-// sbrk maps it afresh, writable. memsnap then sees tracked pages "made writable by the
-// program" (or unmapped) and refuses rewinds to every earlier checkpoint, though the
-// program only called malloc. Expected: rewinds to checkpoint 1 work (for instance the
-// rewind resets the kernel's break to glibc's rewound value, or never re-tracks the heap
-// above libc's break).
+// A rewind across heap growth puts the kernel's program break back where it was at the
+// checkpoint, matching glibc's rewound record of it (__curbrk). Were the kernel's break
+// left higher, the next checkpoint would track that tail again as new memory, glibc's
+// next sbrk would move the break down over it (unmapping it) and a later one map it
+// afresh, writable, and memsnap would refuse rewinds to every earlier checkpoint though
+// the program only called malloc.
 void BrkBelowKernelScenario() {
   InitializeMemorySnapshots();
   mstest::ArmWatchdog("BrkBelowKernelScenario", &gSetupStep, 30);
@@ -393,7 +389,7 @@ void BrkBelowKernelScenario() {
   MS_CHECK(z && AllZero(z, 4 << 20));
 }
 
-TEST(AllocatorTest, DISABLED_RewindAcrossHeapGrowthThenRegrowth) {
+TEST(AllocatorTest, RewindAcrossHeapGrowthThenRegrowth) {
   MS_IN_CHILD(BrkBelowKernelScenario());
 }
 

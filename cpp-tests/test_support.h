@@ -139,12 +139,9 @@ inline mozilla::recordreplay::MemsnapStats Stats() {
 
 namespace mstest {
 
-// The snapshot granularity: memsnap_page_size() once initialized, the kernel's page size
-// before. Tests size and align everything with it, never with 4096.
-inline size_t Granule() {
-  size_t g = mozilla::recordreplay::memsnap_page_size();
-  return g != 0 ? g : (size_t)sysconf(_SC_PAGESIZE);
-}
+// The snapshot granularity (SnapshotPage above). Tests size and align everything with
+// it, never with 4096.
+inline size_t Granule() { return SnapshotPage(); }
 
 #ifdef __linux__
 // Raw futex calls on a word the caller keeps in untracked memory (or only reads).

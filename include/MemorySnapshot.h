@@ -224,7 +224,8 @@ MemsnapStatus memsnap_set_pin_allocator(bool enabled);
 MemsnapStatus memsnap_prepare_write(void *addr, size_t size);
 
 /**
- * Fills *out, whose struct_size must be set to sizeof(MemsnapStats) as the caller's
+ * Fills *out (aligned as the record requires), whose struct_size must be set to
+ * sizeof(MemsnapStats) as the caller's
  * header declares it: a caller built against an older, shorter record gets its fields
  * only, and struct_size is left as it was.
  *
@@ -358,10 +359,12 @@ void *AllocateMemoryTryAddress(void *aAddress, size_t aSize, MemoryKind aKind);
 void *AllocateMemory(size_t aSize, MemoryKind aKind);
 
 /**
- * Returns memory obtained with AllocateMemory (the range is widened to whole pages).
- * Before the first snapshot it goes back to the system; after it, tracked memory joins
- * the free set (a rewind may need it) and untracked memory is unmapped. Null or zero
- * size does nothing.
+ * Returns memory obtained with AllocateMemory, or registered with
+ * RegisterAllocatedMemory (the address must be page-aligned; the size is rounded up as
+ * AllocateMemory rounded it). Before the first snapshot it goes back to the system;
+ * after it, tracked memory joins the free set (a rewind may need it) and untracked memory
+ * is unmapped. Null or zero size does nothing. Tracked memory memsnap did not hand out,
+ * or already free, aborts with a message.
  */
 void DeallocateMemory(void *aAddress, size_t aSize, MemoryKind aKind);
 

@@ -143,38 +143,95 @@ impl Engine {
 
     /// `DeallocateMemory`: before the first snapshot memory returns to the system; after
     /// it, tracked memory joins the free set (it may still be needed by a rewind) and
-    /// untracked memory is unmapped.
-    pub fn deallocate(&self, start: usize, end: usize, kind: usize) {
-        let r = Range::new(start, end);
+    /// untracked memory is unmapped. Tracked memory must be memory memsnap handed out
+    /// (AllocateMemory or RegisterAllocatedMemory, Tracked) and not free already: anything
+    /// else would let a later allocation hand out, and zero, live data. Untracked memory
+    /// must not be memsnap's own, nor tracked (deallocated under the wrong kind).
+    /// `[start, end)` arrives widened to kernel pages.
+    pub fn deallocate(&self, function: &str, start: usize, end: usize, kind: usize) {
+        let mut r = Range::new(start, end);
         if start == 0 || r.is_empty() {
             return;
         }
-        self.balance[Self::kind_index(kind)].fetch_sub(r.len() as isize, Ordering::Relaxed);
-        if kind == KIND_TRACKED && self.phase() != Phase::Initialized {
-            if !self.range_is_tracked(start, end) {
+        let mut m = self.meta.lock();
+        if kind == KIND_TRACKED {
+            let handed_out = |m: &Meta, r: Range| {
+                if self.phase() == Phase::Initialized {
+                    m.allocated
+                        .iter()
+                        .any(|a| a.start <= r.start && r.end <= a.end)
+                } else {
+                    Self::allocated_covers(m, r)
+                }
+            };
+            // AllocateMemory rounded the size up to whole snapshot pages: so does this,
+            // unless the memory was registered in smaller pieces.
+            if let Some(w) = r.widen_to_pages(self.page).filter(|&w| handed_out(&m, w)) {
+                r = w;
+            }
+            if !handed_out(&m, r) {
+                crate::fatal!(
+                    function,
+                    "range {:#x}-{:#x} was not allocated by AllocateMemory or RegisterAllocatedMemory with MemoryKind::Tracked",
+                    r.start,
+                    r.end
+                );
+            }
+            if self.phase() != Phase::Initialized {
+                if FreeSet::intersects(&m.free, r) {
+                    crate::fatal!(
+                        function,
+                        "range {:#x}-{:#x} is already free (deallocated twice?)",
+                        r.start,
+                        r.end
+                    );
+                }
+                FreeSet::insert(&mut m.free, r);
+                drop(m);
+                self.balance[KIND_TRACKED].fetch_sub(r.len() as isize, Ordering::Relaxed);
                 return;
             }
-            let mut m = self.meta.lock();
-            FreeSet::insert(&mut m.free, r);
-            return;
-        }
-        {
-            let mut m = self.meta.lock();
-            if kind == KIND_TRACKED {
-                let mut i = 0;
-                while i < m.registered.len() {
-                    if m.registered[i].range.intersects(&r) {
-                        m.registered.remove(i);
-                    } else {
-                        i += 1;
-                    }
-                }
-            } else {
-                RangeSet::remove(&mut m.untracked, r);
+            m.registered.retain(|x| !x.range.intersects(&r));
+            m.allocated
+                .retain(|a| !(r.start <= a.start && a.end <= r.end));
+        } else {
+            if RangeSet::intersects(&m.own, r) {
+                crate::fatal!(
+                    function,
+                    "range {:#x}-{:#x} overlaps memsnap's own memory",
+                    r.start,
+                    r.end
+                );
             }
+            if m.regions.iter().any(|x| x.range.intersects(&r)) {
+                crate::fatal!(
+                    function,
+                    "range {:#x}-{:#x} is tracked memory (deallocate it with MemoryKind::Tracked)",
+                    r.start,
+                    r.end
+                );
+            }
+            RangeSet::remove(&mut m.untracked, r);
         }
-        // SAFETY: the host hands this memory back; it obtained it from the system.
+        drop(m);
+        self.balance[Self::kind_index(kind)].fetch_sub(r.len() as isize, Ordering::Relaxed);
+        // SAFETY: the host hands this memory back; it obtained it from the system, and it
+        // is neither memsnap's own nor tracked.
         unsafe { sys::release(start as *mut u8, r.len()) };
+    }
+
+    /// Whether allocated tracked regions cover all of `r`, without gaps.
+    fn allocated_covers(m: &Meta, r: Range) -> bool {
+        let mut cursor = r.start;
+        let mut i = m.regions.partition_point(|x| x.range.end <= cursor);
+        while cursor < r.end {
+            match m.regions.get(i) {
+                Some(x) if x.allocated && x.range.contains(cursor) => cursor = x.range.end,
+                _ => return false,
+            }
+            i += 1;
+        }
+        true
     }
 
     /// `AddInitialUntrackedMemoryRegion` (before the first snapshot).

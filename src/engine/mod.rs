@@ -263,6 +263,10 @@ fn snapshot_page_size(sub: usize) -> Result<usize, &'static str> {
     // SAFETY: getenv returned a NUL-terminated string that lives as long as the
     // environment, which nothing changes during initialization.
     let text = unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes();
+    if text.is_empty() {
+        // Set but empty, as shells leave a variable they clear: unset.
+        return Ok(sub);
+    }
     let size = parse_size(text).ok_or("not a number of bytes (e.g. 16384 or 16k)")?;
     check_page_size(size, sub)?;
     Ok(size)

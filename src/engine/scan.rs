@@ -56,6 +56,41 @@ impl Engine {
         r.widen_to_pages(self.sub).unwrap_or(r)
     }
 
+    /// Refuses a thread stack in memory that also holds tracked data. A stack is never
+    /// tracked (its thread writes it all the time, and the kernel must be able to push
+    /// signal frames onto it), so memsnap leaves out the whole mapping around a stack
+    /// pointer; that is only right when the mapping is the stack's own. A stack the host
+    /// placed in the brk heap, a file mapping or tracked memory (`pthread_attr_setstack`
+    /// on a malloc'd block, say) would silently take its neighbours out of every
+    /// snapshot, or fault without end once protected.
+    fn check_stack(&self, function: &str, m: &Meta, tid: u64, sp: usize) {
+        let i = m.vmas.partition_point(|v| v.end <= sp);
+        let Some(v) = m.vmas.get(i).filter(|v| v.start <= sp) else {
+            return;
+        };
+        let shared = match v.kind {
+            RegionKind::Heap => Some("the brk heap"),
+            RegionKind::File => Some("a file mapping"),
+            _ if m.region_index(sp).is_some()
+                || m.registered.iter().any(|r| r.range.contains(sp)) =>
+            {
+                Some("tracked memory")
+            }
+            _ => None,
+        };
+        if let Some(what) = shared {
+            crate::fatal!(
+                function,
+                "thread {}'s stack (stack pointer {:#x}) is in {} ({:#x}-{:#x}); thread stacks must have mappings of their own, which memsnap never tracks",
+                tid,
+                sp,
+                what,
+                v.start,
+                v.end
+            );
+        }
+    }
+
     /// Builds, in `m.work2`, every range a scan must never track: library and host
     /// untracked memory, the stack of every live thread, and the controller's
     /// kernel-written areas (signal stack, rseq area, errno).
@@ -78,12 +113,14 @@ impl Engine {
         for i in 0..m.sps.len() {
             let (tid, r) = m.sps[i];
             let found = if r.start != 0 {
+                self.check_stack(function, m, tid, r.start);
                 Self::vma_containing(m, r.start)
             } else {
                 m.stacks.iter().find(|s| s.0 == tid).map(|s| s.1)
             };
             m.sps[i].1 = found.unwrap_or_default();
         }
+        self.check_stack(function, m, sys::tid(), sys::current_sp());
         m.stacks.clear();
         for i in 0..m.sps.len() {
             if !m.sps[i].1.is_empty() {

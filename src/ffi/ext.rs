@@ -218,7 +218,8 @@ pub extern "C" fn memsnap_prepare_write(addr: *mut c_void, size: usize) -> Memsn
     })())
 }
 
-/// Fills *out, whose struct_size must be set to sizeof(MemsnapStats) as the caller's
+/// Fills *out (aligned as the record requires), whose struct_size must be set to
+/// sizeof(MemsnapStats) as the caller's
 /// header declares it: a caller built against an older, shorter record gets its fields
 /// only, and struct_size is left as it was.
 ///
@@ -227,10 +228,10 @@ pub extern "C" fn memsnap_prepare_write(addr: *mut c_void, size: usize) -> Memsn
 #[no_mangle]
 pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapStatus {
     status((|| {
-        if out.is_null() {
+        if out.is_null() || !out.is_aligned() {
             return Err(MemsnapStatus::InvalidArgument);
         }
-        // SAFETY: non-null; struct_size, the first field, is in every version.
+        // SAFETY: non-null and aligned; struct_size, the first field, is in every version.
         let size = unsafe { (*out).struct_size };
         if size < STATS_V1_SIZE {
             return Err(MemsnapStatus::InvalidArgument);

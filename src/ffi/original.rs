@@ -166,10 +166,12 @@ pub extern "C" fn AllocateMemory(aSize: usize, aKind: MemoryKindArg) -> *mut c_v
     allocate(e, F, 0, aSize, k)
 }
 
-/// Returns memory obtained with AllocateMemory (the range is widened to whole pages).
-/// Before the first snapshot it goes back to the system; after it, tracked memory joins
-/// the free set (a rewind may need it) and untracked memory is unmapped. Null or zero
-/// size does nothing.
+/// Returns memory obtained with AllocateMemory, or registered with
+/// RegisterAllocatedMemory (the address must be page-aligned; the size is rounded up as
+/// AllocateMemory rounded it). Before the first snapshot it goes back to the system;
+/// after it, tracked memory joins the free set (a rewind may need it) and untracked memory
+/// is unmapped. Null or zero size does nothing. Tracked memory memsnap did not hand out,
+/// or already free, aborts with a message.
 #[no_mangle]
 pub extern "C" fn DeallocateMemory(aAddress: *mut c_void, aSize: usize, aKind: MemoryKindArg) {
     const F: &str = "DeallocateMemory";
@@ -178,8 +180,17 @@ pub extern "C" fn DeallocateMemory(aAddress: *mut c_void, aSize: usize, aKind: M
     if aAddress.is_null() || aSize == 0 {
         return;
     }
+    if !e.is_aligned(aAddress as usize) {
+        crate::fatal!(
+            F,
+            "range {:#x} + {:#x} is not page-aligned (page size {:#x})",
+            aAddress as usize,
+            aSize,
+            e.sub
+        );
+    }
     let r = range(F, aAddress as usize, aSize);
-    let Some(w) = r.widen_to_pages(e.page) else {
+    let Some(w) = r.widen_to_pages(e.sub) else {
         crate::fatal!(
             F,
             "range {:#x} + {:#x} wraps around the address space",
@@ -187,7 +198,7 @@ pub extern "C" fn DeallocateMemory(aAddress: *mut c_void, aSize: usize, aKind: M
             aSize
         )
     };
-    e.deallocate(w.start, w.end, k);
+    e.deallocate(F, w.start, w.end, k);
 }
 
 /// Records memory the host obtained from the system itself (page-aligned base and size).

@@ -111,6 +111,22 @@ impl<T: Copy> RawVec<T> {
         self.len = self.len.min(len);
     }
 
+    /// Keeps the elements for which `keep` is true, in order.
+    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        let mut kept = 0;
+        for i in 0..self.len {
+            // SAFETY: i < len, and kept <= i: both in bounds; T is Copy.
+            unsafe {
+                let v = self.ptr.add(i).read();
+                if keep(&v) {
+                    self.ptr.add(kept).write(v);
+                    kept += 1;
+                }
+            }
+        }
+        self.len = kept;
+    }
+
     pub fn clear(&mut self) {
         self.len = 0;
     }
