@@ -129,7 +129,9 @@ inline mozilla::recordreplay::MemsnapStats Stats() {
 
 }  // namespace mstest
 
-#include <sys/syscall.h>
+#ifdef __linux__
+#include <sys/syscall.h>  // the raw futex helpers below
+#endif
 #include <sys/wait.h>
 
 #include <cerrno>
