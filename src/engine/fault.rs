@@ -22,7 +22,7 @@
 //! Pages captured but never written cost a copy and are dropped at the next checkpoint as
 //! unchanged.
 
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicU32, Ordering};
 
 /// Snapshot pages captured together once the single-page budget is spent.
 pub const BLOCK_PAGES: usize = 64;
@@ -134,15 +134,7 @@ impl Engine {
                 let _ = self.protect_unit(page, cur, true);
                 break true;
             }
-            if word
-                .compare_exchange(
-                    cur.0,
-                    cur.0 | PageState::BUSY,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                )
-                .is_err()
-            {
+            if !claim(word, cur) {
                 continue;
             }
             let slot = self.capture(function, page, cur);
@@ -293,15 +285,7 @@ impl Engine {
                 if n == mine.len() {
                     return false;
                 }
-                if word
-                    .compare_exchange(
-                        cur.0,
-                        cur.0 | PageState::BUSY,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    )
-                    .is_ok()
-                {
+                if claim(word, cur) {
                     mine[n] = (u, self.capture(function, u, cur));
                     n += 1;
                     return true;
@@ -358,6 +342,18 @@ impl Engine {
             }
         }
     }
+}
+
+/// Takes the BUSY bit of a unit whose state word still reads `cur`: the one thread that
+/// succeeds copies the unit; the others wait for it or go around.
+fn claim(word: &AtomicU32, cur: PageState) -> bool {
+    word.compare_exchange(
+        cur.0,
+        cur.0 | PageState::BUSY,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    )
+    .is_ok()
 }
 
 /// The callback handed to the platform's fault capture.
