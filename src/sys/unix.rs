@@ -15,6 +15,35 @@ pub fn now_us() -> f64 {
     ts.tv_sec as f64 * 1e6 + ts.tv_nsec as f64 / 1e3
 }
 
+/// The disposition a write-fault handler is installed with, on either platform: with
+/// `siginfo`, on the alternate signal stack when the thread has one (so a stack overflow
+/// still reaches the previous handler), re-entrant (a fault inside a chained handler must
+/// reach it again), with asynchronous signals blocked while a page is being claimed and
+/// the synchronous ones left deliverable, so a fault inside a chained handler is
+/// reported, not hidden.
+pub fn fault_action(
+    handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void),
+) -> libc::sigaction {
+    // SAFETY: sigaction is plain data; zeroed is a valid starting value, and the mask
+    // calls only write the struct on this frame.
+    unsafe {
+        let mut action: libc::sigaction = core::mem::zeroed();
+        action.sa_sigaction = handler as usize;
+        action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER;
+        libc::sigfillset(&mut action.sa_mask);
+        for sig in [
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+            libc::SIGTRAP,
+        ] {
+            libc::sigdelset(&mut action.sa_mask, sig);
+        }
+        action
+    }
+}
+
 /// The `PROT_*` bits for an access.
 pub fn prot_bits(access: Access) -> i32 {
     match access {

@@ -31,25 +31,11 @@ pub fn install(callback: FaultCallback) -> Result<(), i32> {
     if INSTALLED.load(Ordering::Acquire) {
         return Ok(());
     }
+    let action = super::super::fault_action(on_sigsegv);
     // SAFETY: sigaction structs are plain data; zeroed is a valid starting value. PREVIOUS
     // is written here only, before INSTALLED is published, on the single thread that
     // initializes the library.
     unsafe {
-        let mut action: libc::sigaction = core::mem::zeroed();
-        action.sa_sigaction = on_sigsegv as *const () as usize;
-        action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER;
-        // Block asynchronous signals while a page is being claimed; leave the synchronous
-        // ones deliverable so that a fault inside a chained handler is reported, not hidden.
-        libc::sigfillset(&mut action.sa_mask);
-        for s in [
-            libc::SIGSEGV,
-            libc::SIGBUS,
-            libc::SIGILL,
-            libc::SIGFPE,
-            libc::SIGTRAP,
-        ] {
-            libc::sigdelset(&mut action.sa_mask, s);
-        }
         let mut previous: libc::sigaction = core::mem::zeroed();
         if libc::sigaction(libc::SIGSEGV, &action, &mut previous) != 0 {
             return Err(*libc::__errno_location());

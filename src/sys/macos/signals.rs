@@ -16,25 +16,11 @@ pub(super) fn install(s: &Shared) -> Result<(), i32> {
     if s.signals_installed.load(Ordering::Acquire) {
         return Ok(());
     }
+    let action = super::super::fault_action(on_fault);
     // SAFETY: sigaction structs are plain data; zeroed is a valid starting value.
     // `previous` is written here only, before `signals_installed` is published, by the
     // thread that installs the handler (or the only thread of a fork child).
     unsafe {
-        let mut action: libc::sigaction = core::mem::zeroed();
-        action.sa_sigaction = on_fault as *const () as usize;
-        action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER;
-        // Asynchronous signals wait while a page is being claimed; synchronous ones stay
-        // deliverable so a fault inside a chained handler is reported, not hidden.
-        libc::sigfillset(&mut action.sa_mask);
-        for sig in [
-            libc::SIGSEGV,
-            libc::SIGBUS,
-            libc::SIGILL,
-            libc::SIGFPE,
-            libc::SIGTRAP,
-        ] {
-            libc::sigdelset(&mut action.sa_mask, sig);
-        }
         let previous = &mut *s.previous.get();
         for (i, sig) in SIGNALS.into_iter().enumerate() {
             let mut old: libc::sigaction = core::mem::zeroed();
