@@ -540,6 +540,8 @@ impl Mechanism for CopyProtect {
         }
         let t0 = Instant::now();
         for (i, &o) in offsets.iter().enumerate() {
+            // SAFETY: `saved` holds one page per offset; each target page is inside the
+            // mapping and was made writable above.
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     saved.as_ptr().add(i * page),
