@@ -316,6 +316,49 @@ fn scattered_writes_stay_under_map_limit() {
     check(maps() < limit, "mapping count after the rewind");
 }
 
+/// Tracked memory the program unmaps and maps afresh at the same address between two
+/// checkpoints, with dirty pages at both ends: the fresh pages in between are writable
+/// but clean, which the next checkpoint must notice (its saved contents are gone), even
+/// though it write-protects dirty pages in merged spans before walking the mappings.
+fn remapped_tracked_memory_is_noticed() {
+    // SAFETY: sysconf has no preconditions.
+    let k = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    check(memsnap_set_page_size(k) == MemsnapStatus::Ok, "page size");
+    InitializeMemorySnapshots();
+    let len = 8 * k;
+    let map = |at: usize, flags: i32| {
+        // SAFETY: an anonymous mapping; with MAP_FIXED only over our own mapping.
+        unsafe {
+            libc::mmap(
+                at as *mut _,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
+                -1,
+                0,
+            ) as usize
+        }
+    };
+    let base = map(0, 0);
+    check(base != libc::MAP_FAILED as usize, "mmap");
+    // SAFETY: the mapping is `len` bytes.
+    unsafe { std::ptr::write_bytes(base as *mut u8, 1, len) };
+    TakeFirstMemorySnapshot();
+    check(MemoryRangeIsTracked(base as *mut _, len), "tracked");
+    // SAFETY: the first and last pages of the mapping.
+    unsafe {
+        *(base as *mut u8) = 2;
+        *((base + 7 * k) as *mut u8) = 2;
+    }
+    check(map(base, libc::MAP_FIXED) == base, "mapped afresh in place");
+    check(stats().oldest_restorable == 0, "nothing noticed yet");
+    TakeDiffMemorySnapshot();
+    check(
+        stats().oldest_restorable == 1,
+        "the checkpoint before the remap is no longer restorable",
+    );
+}
+
 /// The perms column of the mapping containing `addr`, from /proc/self/maps.
 fn perms_at(addr: usize) -> String {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
@@ -460,7 +503,7 @@ fn partial_snapshot_pages() {
 }
 
 fn main() {
-    let scenarios: [(&str, fn()); 7] = [
+    let scenarios: [(&str, fn()); 8] = [
         (
             "whole_process_five_checkpoints",
             whole_process_five_checkpoints,
@@ -473,6 +516,10 @@ fn main() {
         (
             "scattered_writes_stay_under_map_limit",
             scattered_writes_stay_under_map_limit,
+        ),
+        (
+            "remapped_tracked_memory_is_noticed",
+            remapped_tracked_memory_is_noticed,
         ),
     ];
     let (mut passed, mut failed) = (0, 0);

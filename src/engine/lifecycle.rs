@@ -125,10 +125,12 @@ impl Engine {
             // Write-protect the dirty pages before the region walk: their mappings merge
             // back, so the walk reads a handful of mappings instead of two per scattered
             // dirty page (the walk was most of a checkpoint with 1% of a large heap
-            // dirty). Protection succeeding also proves the dirty pages are all still
-            // mapped; if some vanished (ENOMEM), the scan finds out and untracks them
-            // first, and protection is done again afterwards.
-            let protected = match self.write_protect(&m.regions, pages.len(), |i| pages[i]) {
+            // dirty). Clean pages get covered by a merged span only where the kernel
+            // confirms none is writable; the walk must still see any that are. Protection
+            // succeeding also proves the dirty pages are all still mapped; if some
+            // vanished (ENOMEM), the scan finds out and untracks them first, and
+            // protection is done again afterwards.
+            let protected = match self.write_protect(&m.regions, pages.len(), |i| pages[i], false) {
                 Ok(()) => true,
                 Err((_, _, libc::ENOMEM)) => false,
                 Err((at, len, e)) => {

@@ -208,12 +208,26 @@ impl Engine {
     /// scattered dirty pages cost one call (one lock hold, one TLB flush) per stretch
     /// instead of one per page. Returns the first failing range and errno (ENOMEM when
     /// part of it is no longer mapped).
+    ///
+    /// `walked`: the region walk has vouched for the clean units since they were last
+    /// protected. Before it has, a span may cover clean units only if the kernel confirms
+    /// that none of them is writable: a clean unit the host unmapped and mapped afresh is
+    /// writable, which is how the walk notices it, and protecting it first would hide
+    /// that. Otherwise the listed units are protected run by run.
     pub(super) fn write_protect(
         &self,
         regions: &[TrackedRegion],
         n: usize,
         unit: impl Fn(usize) -> usize,
+        walked: bool,
     ) -> Result<(), (usize, usize, i32)> {
+        let protect = |start: usize, stop: usize, exec: bool| {
+            // SAFETY: tracked host memory (a stretch of tracked regions), whose
+            // protection the engine owns; the listed units in it are done being written
+            // and the others are clean.
+            unsafe { sys::protect(start, stop - start, Access::Read { exec }) }
+                .map_err(|e| (start, stop - start, e))
+        };
         let mut i = 0;
         while i < n {
             let u = unit(i);
@@ -236,6 +250,7 @@ impl Engine {
                 end = regions[k].range.end;
                 k += 1;
             }
+            let first = i;
             let mut last = u;
             i += 1;
             while i < n && unit(i) < end && !self.table.get(unit(i)).partial() {
@@ -243,16 +258,41 @@ impl Engine {
                 i += 1;
             }
             let stop = (last + self.page).min(end);
-            // SAFETY: tracked host memory (a stretch of tracked regions), whose
-            // protection the engine owns; every listed unit in it is done being written
-            // and the others are clean.
-            unsafe { sys::protect(u, stop - u, Access::Read { exec }) }
-                .map_err(|e| (u, stop - u, e))?;
+            if walked || self.no_clean_writable(u, stop) {
+                protect(u, stop, exec)?;
+                continue;
+            }
+            // Run by run over the listed units, leaving the clean ones to the walk.
+            let mut a = first;
+            while a < i {
+                let mut b = a + 1;
+                while b < i && unit(b) == unit(b - 1) + self.page {
+                    b += 1;
+                }
+                protect(unit(a), (unit(b - 1) + self.page).min(end), exec)?;
+                a = b;
+            }
         }
         Ok(())
     }
 
-    /// [`Engine::write_protect`], aborting with a message naming `function` on failure.
+    /// Whether the kernel confirms that no clean tracked unit of `[start, stop)` is
+    /// writable (it lists only the writable mappings, which should all be dirty units).
+    fn no_clean_writable(&self, start: usize, stop: usize) -> bool {
+        let mut clean = false;
+        let known = sys::for_each_writable_mapping(start, stop, |a, b| {
+            let mut p = self.page_base(a);
+            while p < b && !clean {
+                let st = self.table.get(p);
+                clean = st.tracked() && st.slot().is_none();
+                p += self.page;
+            }
+        });
+        known && !clean
+    }
+
+    /// [`Engine::write_protect`] across clean units (the walk has run), aborting with a
+    /// message naming `function` on failure.
     pub(super) fn write_protect_or_die(
         &self,
         function: &str,
@@ -260,7 +300,7 @@ impl Engine {
         n: usize,
         unit: impl Fn(usize) -> usize,
     ) {
-        if let Err((at, len, e)) = self.write_protect(regions, n, unit) {
+        if let Err((at, len, e)) = self.write_protect(regions, n, unit, true) {
             crate::fatal!(
                 function,
                 "cannot write-protect {:#x}+{:#x} (errno {})",

@@ -163,6 +163,12 @@ pub enum WalkError {
 /// may write it once snapshots are taken.
 static PROCMAP_QUERY: AtomicBool = AtomicBool::new(false);
 
+/// Calls `f(start, end)` for each writable mapping overlapping `[start, end)`, clipped to
+/// it; `false` when the platform cannot tell cheaply (the caller must not rely on it).
+pub fn for_each_writable_mapping(start: usize, end: usize, f: impl FnMut(usize, usize)) -> bool {
+    PROCMAP_QUERY.load(Ordering::Relaxed) && procmap::writable(start, end, f).is_ok()
+}
+
 /// Probes what the platform offers; called by `InitializeMemorySnapshots`, before
 /// anything is write-protected.
 pub fn prepare() {

@@ -109,9 +109,78 @@ pub fn walk(mut f: impl FnMut(Vma)) -> Result<(), i32> {
     result
 }
 
+/// Calls `f(start, end)` for every writable mapping overlapping `[start, end)`, clipped
+/// to it, in ascending order: the kernel filters, so read-only mappings cost nothing.
+/// `Err(errno)` when the ioctl is missing.
+pub fn writable(start: usize, end: usize, mut f: impl FnMut(usize, usize)) -> Result<(), i32> {
+    let fd = raw::check(raw::open(b"/proc/self/maps\0", 0))? as i32;
+    let mut addr = start as u64;
+    let result = loop {
+        if addr >= end as u64 {
+            break Ok(());
+        }
+        let mut q = ProcmapQuery {
+            query_flags: COVERING_OR_NEXT_VMA | VMA_WRITABLE,
+            query_addr: addr,
+            ..Default::default()
+        };
+        match query(fd, &mut q) {
+            Ok(()) => {}
+            Err(libc::ENOENT) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+        if q.vma_start >= end as u64 || q.vma_end <= addr {
+            break Ok(());
+        }
+        f(
+            (q.vma_start as usize).max(start),
+            (q.vma_end as usize).min(end),
+        );
+        addr = q.vma_end;
+    };
+    raw::close(fd);
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::maps::{Backing, MapsIter};
+
+    /// The writable-mappings query sees a writable page between two read-only ones, and
+    /// only it.
+    #[test]
+    fn finds_writable_mappings() {
+        // SAFETY: sysconf has no preconditions.
+        let k = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        // SAFETY: a fresh anonymous mapping of 3 pages, then one page of it made writable.
+        let base = unsafe {
+            let p = libc::mmap(
+                core::ptr::null_mut(),
+                3 * k,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            assert_eq!(
+                libc::mprotect(
+                    (p as usize + k) as *mut _,
+                    k,
+                    libc::PROT_READ | libc::PROT_WRITE
+                ),
+                0
+            );
+            p as usize
+        };
+        let mut found = Vec::new();
+        if super::writable(base, base + 3 * k, |a, b| found.push((a, b))).is_err() {
+            return; // an older kernel
+        }
+        assert_eq!(found, vec![(base + k, base + 2 * k)]);
+        // SAFETY: our mapping.
+        unsafe { libc::munmap(base as *mut _, 3 * k) };
+    }
 
     /// Both walks describe the same mappings (on kernels with the ioctl).
     #[test]

@@ -112,6 +112,11 @@ pub unsafe fn lower_program_break(_addr: usize) -> bool {
     false
 }
 
+/// No cheap query for writable regions only; see the Linux backend.
+pub fn for_each_writable_mapping(_start: usize, _end: usize, _f: impl FnMut(usize, usize)) -> bool {
+    false
+}
+
 /// Nothing to probe ahead of time on macOS; see the Linux backend.
 pub fn prepare() {}
 
