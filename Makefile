@@ -82,8 +82,10 @@ $(BUILD)/memsnap-demo: $(DEMO_SRCS) include/MemorySnapshot.h include/MemorySnaps
 demo: $(BUILD)/memsnap-demo
 	./$(BUILD)/memsnap-demo
 
-# The Rust suites for Linux aarch64, cross-built and run under qemu-user (Debian's
-# gcc-aarch64-linux-gnu and qemu-user). Not part of `make test`.
+# The Rust unit tests and scenarios for Linux aarch64, cross-built and run under qemu-user
+# (Debian's gcc-aarch64-linux-gnu and qemu-user). Not part of `make test`; the model test
+# is left out (too slow emulated, and it trips qemu-user itself: see README, Platform
+# matrix).
 AARCH64_ENV := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
   CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
 test-aarch64:
@@ -91,7 +93,7 @@ test-aarch64:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user >/dev/null; }
 	rustup target add aarch64-unknown-linux-gnu
-	$(AARCH64_ENV) $(CARGO) test --release --target aarch64-unknown-linux-gnu
+	$(AARCH64_ENV) $(CARGO) test --release --target aarch64-unknown-linux-gnu --lib --test scenarios
 
 lint:
 	$(CARGO) fmt --check
