@@ -44,6 +44,40 @@ pub fn fault_action(
     }
 }
 
+/// Passes a fault that is not memsnap's to the disposition installed before memsnap's
+/// handler: that handler, with or without `siginfo`; for the default or ignore, the
+/// default is put back and the handler returns, so the instruction faults again and the
+/// process dies of its own signal, as it would have without memsnap.
+///
+/// # Safety
+/// Called from a signal handler with the kernel's arguments; `previous` is the
+/// disposition saved when memsnap's handler was installed.
+pub unsafe fn chain(
+    previous: &libc::sigaction,
+    signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    context: *mut libc::c_void,
+) {
+    let handler = previous.sa_sigaction;
+    // SAFETY: a non-default, non-ignore disposition is a handler of the kind its
+    // SA_SIGINFO flag says, installed by whoever was there before us; sigaction gets a
+    // zeroed struct on this frame.
+    unsafe {
+        if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
+            let mut default: libc::sigaction = core::mem::zeroed();
+            default.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(signal, &default, core::ptr::null_mut());
+        } else if previous.sa_flags & libc::SA_SIGINFO != 0 {
+            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                core::mem::transmute(handler);
+            f(signal, info, context);
+        } else {
+            let f: extern "C" fn(libc::c_int) = core::mem::transmute(handler);
+            f(signal);
+        }
+    }
+}
+
 /// The `PROT_*` bits for an access.
 pub fn prot_bits(access: Access) -> i32 {
     match access {

@@ -136,23 +136,9 @@ extern "C" fn on_sigsegv(signal: i32, info: *mut libc::siginfo_t, context: *mut 
 /// Called from the SIGSEGV handler with the kernel's arguments.
 unsafe fn delegate(signal: i32, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     // SAFETY: PREVIOUS was initialized before the handler was installed and is never
-    // written again.
+    // written again; the arguments are the kernel's.
     unsafe {
         let previous = &*(*core::ptr::addr_of!(PREVIOUS)).as_ptr();
-        let handler = previous.sa_sigaction;
-        if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
-            // Restore the default disposition and return: the instruction faults again and
-            // the kernel kills the process with SIGSEGV, as it would have without us.
-            let mut default: libc::sigaction = core::mem::zeroed();
-            default.sa_sigaction = libc::SIG_DFL;
-            libc::sigaction(signal, &default, core::ptr::null_mut());
-        } else if previous.sa_flags & libc::SA_SIGINFO != 0 {
-            let f: extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void) =
-                core::mem::transmute(handler);
-            f(signal, info, context);
-        } else {
-            let f: extern "C" fn(i32) = core::mem::transmute(handler);
-            f(signal);
-        }
+        super::super::chain(previous, signal, info, context);
     }
 }

@@ -92,23 +92,9 @@ extern "C" fn on_fault(signal: i32, info: *mut libc::siginfo_t, context: *mut li
 unsafe fn delegate(s: &Shared, signal: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let i = usize::from(signal != libc::SIGBUS);
     // SAFETY: `previous` was initialized before the handler was installed and is never
-    // written again.
+    // written again; the arguments are the kernel's.
     unsafe {
         let previous = (*s.previous.get())[i].assume_init_ref();
-        let handler = previous.sa_sigaction;
-        if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
-            // Restore the default and return: the instruction faults again and the
-            // process dies of its own signal, as it would have without us.
-            let mut default: libc::sigaction = core::mem::zeroed();
-            default.sa_sigaction = libc::SIG_DFL;
-            libc::sigaction(signal, &default, core::ptr::null_mut());
-        } else if previous.sa_flags & libc::SA_SIGINFO != 0 {
-            let f: extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void) =
-                core::mem::transmute(handler);
-            f(signal, info, ctx);
-        } else {
-            let f: extern "C" fn(i32) = core::mem::transmute(handler);
-            f(signal);
-        }
+        super::super::chain(previous, signal, info, ctx);
     }
 }
