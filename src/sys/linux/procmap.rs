@@ -57,16 +57,19 @@ fn query(fd: i32, q: &mut ProcmapQuery) -> Result<(), i32> {
     raw::check(r).map(|_| ())
 }
 
-/// Calls `f` for every mapping in ascending order. `Err(errno)` before any call to `f`
-/// when the kernel lacks the ioctl (ENOTTY, EINVAL), so the caller can fall back to the
-/// text listing.
-pub fn walk(mut f: impl FnMut(Vma)) -> Result<(), i32> {
+/// Calls `f(fd, query)` for each mapping in `[start, end)` (mappings overlapping it,
+/// ascending) that has every permission in `only` (`VMA_*` bits), on an open
+/// `/proc/self/maps` it closes afterwards. `Err(errno)` when a query fails (ENOTTY or
+/// EINVAL: the kernel lacks the ioctl).
+fn each(start: u64, end: u64, only: u64, mut f: impl FnMut(i32, &ProcmapQuery)) -> Result<(), i32> {
     let fd = raw::check(raw::open(b"/proc/self/maps\0", 0))? as i32;
-    let mut addr = 0u64;
-    let mut name = [0u8; 256];
+    let mut addr = start;
     let result = loop {
+        if addr >= end {
+            break Ok(());
+        }
         let mut q = ProcmapQuery {
-            query_flags: COVERING_OR_NEXT_VMA,
+            query_flags: COVERING_OR_NEXT_VMA | only,
             query_addr: addr,
             ..Default::default()
         };
@@ -76,6 +79,22 @@ pub fn walk(mut f: impl FnMut(Vma)) -> Result<(), i32> {
             Err(libc::ENOENT) => break Ok(()),
             Err(e) => break Err(e),
         }
+        if q.vma_start >= end || q.vma_end <= addr {
+            break Ok(());
+        }
+        f(fd, &q);
+        addr = q.vma_end;
+    };
+    raw::close(fd);
+    result
+}
+
+/// Calls `f` for every mapping in ascending order. `Err(errno)` before any call to `f`
+/// when the kernel lacks the ioctl (ENOTTY, EINVAL), so the caller can fall back to the
+/// text listing.
+pub fn walk(mut f: impl FnMut(Vma)) -> Result<(), i32> {
+    let mut name = [0u8; 256];
+    each(0, u64::MAX, 0, |fd, q| {
         let has_inode = q.inode != 0;
         let mut label: Option<&[u8]> = None;
         if !has_inode {
@@ -100,46 +119,19 @@ pub fn walk(mut f: impl FnMut(Vma)) -> Result<(), i32> {
             private: q.vma_flags & VMA_SHARED == 0,
             backing: classify(label, has_inode),
         });
-        if q.vma_end <= addr {
-            break Ok(());
-        }
-        addr = q.vma_end;
-    };
-    raw::close(fd);
-    result
+    })
 }
 
 /// Calls `f(start, end)` for every writable mapping overlapping `[start, end)`, clipped
 /// to it, in ascending order: the kernel filters, so read-only mappings cost nothing.
 /// `Err(errno)` when the ioctl is missing.
 pub fn writable(start: usize, end: usize, mut f: impl FnMut(usize, usize)) -> Result<(), i32> {
-    let fd = raw::check(raw::open(b"/proc/self/maps\0", 0))? as i32;
-    let mut addr = start as u64;
-    let result = loop {
-        if addr >= end as u64 {
-            break Ok(());
-        }
-        let mut q = ProcmapQuery {
-            query_flags: COVERING_OR_NEXT_VMA | VMA_WRITABLE,
-            query_addr: addr,
-            ..Default::default()
-        };
-        match query(fd, &mut q) {
-            Ok(()) => {}
-            Err(libc::ENOENT) => break Ok(()),
-            Err(e) => break Err(e),
-        }
-        if q.vma_start >= end as u64 || q.vma_end <= addr {
-            break Ok(());
-        }
+    each(start as u64, end as u64, VMA_WRITABLE, |_, q| {
         f(
             (q.vma_start as usize).max(start),
             (q.vma_end as usize).min(end),
-        );
-        addr = q.vma_end;
-    };
-    raw::close(fd);
-    result
+        )
+    })
 }
 
 #[cfg(test)]
