@@ -6,12 +6,14 @@ mod procmap;
 pub mod raw;
 pub mod signals;
 pub mod threads;
+pub mod uffd;
 
 pub use signals::FaultCallback;
 pub use threads::{
     current_errno_location, current_rseq_area, current_signal_stack, current_sp,
     exited_threads_cpu_ns, for_each_thread_sp, rseq_layout, settle_threads,
 };
+pub use uffd::*;
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
