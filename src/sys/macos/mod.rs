@@ -410,3 +410,103 @@ pub fn fault_handler_installed() -> bool {
 /// (its tunables are environment variables read at process start), so tracked memory
 /// that malloc returns to the kernel is reported as unmapped by the next scan.
 pub fn pin_allocator(_pin: bool) {}
+
+pub use uffd::*;
+
+/// The userfaultfd/PAGEMAP_SCAN interface of the Linux backend (`linux/uffd.rs`), with the
+/// same types and signatures, so the engine compiles one way on every platform: nothing is
+/// supported, every call fails with ENOSYS.
+mod uffd {
+    use core::sync::atomic::AtomicU64;
+
+    const UNSUPPORTED: &str = "userfaultfd is Linux-only";
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum UffdMode {
+        Sync,
+        Async,
+    }
+
+    /// See the Linux backend.
+    #[derive(Clone, Copy, Debug)]
+    pub struct UffdSupport {
+        pub sync: Result<(), &'static str>,
+        pub async_wp: Result<(), &'static str>,
+        pub user_mode_only: bool,
+        pub features: u64,
+    }
+
+    /// See the Linux backend.
+    #[derive(Default)]
+    pub struct UffdCounters {
+        pub faults: AtomicU64,
+        pub wakeups: AtomicU64,
+        pub spin_hits: AtomicU64,
+        pub foreign: AtomicU64,
+    }
+
+    pub fn uffd_support() -> UffdSupport {
+        UffdSupport {
+            sync: Err(UNSUPPORTED),
+            async_wp: Err(UNSUPPORTED),
+            user_mode_only: false,
+            features: 0,
+        }
+    }
+
+    pub fn uffd_open(_mode: UffdMode) -> Result<i32, i32> {
+        Err(libc::ENOSYS)
+    }
+
+    pub fn uffd_close(_fd: i32) {}
+
+    pub fn uffd_register(_fd: i32, _start: usize, _len: usize) -> Result<(), i32> {
+        Err(libc::ENOSYS)
+    }
+
+    pub fn uffd_unregister(_fd: i32, _start: usize, _len: usize) -> Result<(), i32> {
+        Err(libc::ENOSYS)
+    }
+
+    pub fn uffd_wake(_fd: i32, _start: usize, _len: usize) -> Result<(), i32> {
+        Err(libc::ENOSYS)
+    }
+
+    /// # Safety
+    /// None needed: nothing happens.
+    pub unsafe fn uffd_protect(_fd: i32, _start: usize, _len: usize, _wp: bool) -> Result<(), i32> {
+        Err(libc::ENOSYS)
+    }
+
+    pub fn pagemap_open() -> Result<i32, i32> {
+        Err(libc::ENOSYS)
+    }
+
+    pub fn scan_written(
+        _pagemap: i32,
+        _start: usize,
+        _end: usize,
+        _rearm: bool,
+        _f: impl FnMut(usize, usize),
+    ) -> Result<(), i32> {
+        Err(libc::ENOSYS)
+    }
+
+    pub fn scan_populated(
+        _pagemap: i32,
+        _start: usize,
+        _end: usize,
+        _f: impl FnMut(usize, usize),
+    ) -> Result<(), i32> {
+        Err(libc::ENOSYS)
+    }
+
+    pub fn uffd_serve(
+        _fd: i32,
+        _spin_ns: u64,
+        _counters: &UffdCounters,
+        _on_fault: &dyn Fn(usize, u64) -> bool,
+    ) -> ! {
+        crate::fatal!("memsnap fault server", "userfaultfd is Linux-only")
+    }
+}
