@@ -726,7 +726,8 @@ fn wait_readable(fd: i32) -> Result<(), i32> {
 
 /// The sync-mode fault server: runs forever on the calling (library-owned) thread.
 /// Reads uffd_msg batches (non-blocking read of up to 32 msgs); for each WP pagefault calls
-/// `on_fault(addr, ptid)` (`addr` page-aligned, kernel page size); when it returns false
+/// `on_fault(addr, ptid)` (`addr` aligned to the kernel page; returning true means it has
+/// disarmed the page with `uffd_protect(.., false)`, which wakes the writer); when it returns false
 /// (not memsnap's page any more) disarms that one kernel page itself so the faulting thread
 /// never stays blocked. After each batch it keeps reading without blocking for `spin_ns`
 /// (the cross-CPU wake-up of a sleeping server is the dominant cost) before sleeping in
@@ -1303,6 +1304,79 @@ mod tests {
                 );
             });
             assert_eq!(peek(base + k), 0, "the child's write stayed in the child");
+        });
+    }
+
+    /// Not a check: prints what the backend costs here
+    /// (`cargo test --release --lib uffd::tests::measure -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn measure() {
+        if !available(UffdMode::Sync) || !available(UffdMode::Async) {
+            return;
+        }
+        let say = |s: String| {
+            raw::write(2, s.as_bytes());
+        };
+        for spin in [0u64, 200_000] {
+            in_child(move || {
+                let k = page();
+                let n = 4096;
+                let (_fd, base) = sync_setup(n, spin);
+                let t = now_ns();
+                for i in 0..n {
+                    poke(base + i * k, 2);
+                }
+                let dt = (now_ns() - t) as f64 / n as f64 / 1e3;
+                say(format!(
+                    "sync, spin {} us: {dt:.2} us/fault; wakeups {}, spin hits {}\n",
+                    spin / 1000,
+                    COUNTERS.wakeups.load(Ordering::Relaxed),
+                    COUNTERS.spin_hits.load(Ordering::Relaxed)
+                ));
+            });
+        }
+        in_child(move || {
+            let k = page();
+            let n = (64 << 20) / k;
+            let base = map(n);
+            for i in 0..n {
+                poke(base + i * k, 1);
+            }
+            let fd = uffd_open(UffdMode::Async).unwrap();
+            uffd_register(fd, base, n * k).unwrap();
+            let t = now_ns();
+            // SAFETY: the test's own mapping, in a forked child.
+            unsafe { uffd_protect(fd, base, n * k, true) }.unwrap();
+            let arm = (now_ns() - t) as f64 / 1e3;
+            let pm = pagemap_open().unwrap();
+            let t = now_ns();
+            for i in 0..n {
+                poke(base + i * k, 2);
+            }
+            let w = (now_ns() - t) as f64 / n as f64 / 1e3;
+            let mut pages = 0;
+            let t = now_ns();
+            scan_written(pm, base, base + n * k, true, |s, e| pages += (e - s) / k).unwrap();
+            let scan = (now_ns() - t) as f64 / 1e3;
+            assert_eq!(pages, n);
+            let t = now_ns();
+            scan_written(pm, base, base + n * k, true, |_, _| pages += 1).unwrap();
+            let clean = (now_ns() - t) as f64 / 1e3;
+            for i in (0..n).step_by(2) {
+                poke(base + i * k, 3);
+            }
+            let t = now_ns();
+            let mut runs = 0;
+            scan_written(pm, base, base + n * k, true, |_, _| runs += 1).unwrap();
+            let alt = (now_ns() - t) as f64 / 1e3;
+            let t = now_ns();
+            let mut populated = 0;
+            scan_populated(pm, base, base + n * k, |_, _| populated += 1).unwrap();
+            let pop = (now_ns() - t) as f64 / 1e3;
+            say(format!(
+                "async, 64 MiB: arm {arm:.0} us; first writes {w:.2} us/page; scan all written + rearm {scan:.0} us; clean rescan {clean:.0} us; every other page written ({runs} runs) + rearm {alt:.0} us; scan_populated {pop:.0} us\n"
+            ));
         });
     }
 }
