@@ -33,7 +33,17 @@ pub fn all() -> Vec<Box<dyn Mechanism>> {
     vec![
         Box::new(Memsnap {
             label: "memsnap",
-            env: &[],
+            env: &[("MEMSNAP_BACKEND", "mprotect")],
+            configure: || {},
+        }),
+        Box::new(Memsnap {
+            label: "memsnap-uffd",
+            env: &[("MEMSNAP_BACKEND", "uffd")],
+            configure: || {},
+        }),
+        Box::new(Memsnap {
+            label: "memsnap-uffd-async",
+            env: &[("MEMSNAP_BACKEND", "uffd-async")],
             configure: || {},
         }),
         Box::new(ForkCow),
@@ -145,6 +155,8 @@ fn backend_name(b: MemsnapBackend) -> &'static str {
         MemsnapBackend::LinuxMprotect => "mprotect+SIGSEGV",
         MemsnapBackend::MacExceptionPort => "mach-exception-port",
         MemsnapBackend::MacSignal => "mac-signal",
+        MemsnapBackend::LinuxUffd => "uffd-wp",
+        MemsnapBackend::LinuxUffdAsync => "uffd-wp-async",
     }
 }
 

@@ -35,6 +35,10 @@ enum class MemsnapStatus {
    * Part of the range is not tracked.
    */
   NotTracked = 4,
+  /**
+   * This kernel or process cannot provide what was asked for (memsnap_set_backend).
+   */
+  Unsupported = 5,
 };
 
 /**
@@ -57,6 +61,18 @@ enum class MemsnapBackend {
    * macOS: SIGBUS/SIGSEGV fault capture.
    */
   MacSignal = 3,
+  /**
+   * Linux: synchronous userfaultfd write protection, faults served by a library thread;
+   * system calls may write tracked memory. Private file mappings (.data of loaded
+   * objects) stay on mprotect: see uffd_tracked_bytes.
+   */
+  LinuxUffd = 4,
+  /**
+   * Linux: asynchronous userfaultfd write protection (Linux 6.7+): writes never stop,
+   * written pages are found at each checkpoint, and a base copy of the resident
+   * tracked memory is kept (base_copy_bytes).
+   */
+  LinuxUffdAsync = 5,
 };
 
 /**
@@ -178,7 +194,27 @@ struct MemsnapStats {
    * writable pages would have split the mappings past vm.max_map_count.
    */
   uint64_t block_faults;
+  /**
+   * Tracked bytes guarded by userfaultfd (the rest by mprotect).
+   */
+  size_t uffd_tracked_bytes;
+  /**
+   * uffd-async: bytes of the base copy, the contents of every resident tracked page
+   * at the newest checkpoint (included in copy_bytes).
+   */
+  size_t base_copy_bytes;
+  /**
+   * uffd: how often the fault server went to sleep and was woken, and how many faults
+   * it found while spinning instead.
+   */
+  uint64_t uffd_server_wakeups;
+  uint64_t uffd_spin_hits;
 };
+
+/**
+ * A `MemsnapBackendRequest` as received from C.
+ */
+using MemsnapBackendRequestArg = int;
 
 extern "C" {
 
@@ -238,6 +274,16 @@ MemsnapStatus memsnap_get_stats(MemsnapStats *out);
  * A static, NUL-terminated description of a status.
  */
 const char *memsnap_status_string(MemsnapStatus status);
+
+/**
+ * Chooses the write-tracking mechanism (Linux): Auto (the default), Mprotect, Uffd or
+ * UffdAsync. Before InitializeMemorySnapshots or between it and the first snapshot
+ * (AlreadyStarted after); overrides the environment variable MEMSNAP_BACKEND (`auto`,
+ * `mprotect`, `uffd`, `uffd-async`). Unsupported when this kernel or process cannot
+ * provide it (no userfaultfd permission, a kernel before 6.7 for UffdAsync, macOS),
+ * InvalidArgument for an unknown value. memsnap_get_stats reports what was chosen.
+ */
+MemsnapStatus memsnap_set_backend(MemsnapBackendRequestArg backend);
 
 /**
  * The snapshot page size in bytes: the unit memsnap tracks, copies and restores, and

@@ -94,6 +94,7 @@ impl Engine {
                     exec: false,
                     born: 0,
                     allocated: true,
+                    uffd: false,
                 };
                 if m.registered.push(region).is_err() || m.allocated.push(r).is_err() {
                     crate::fatal!(function, "out of room for tracked ranges");
@@ -131,6 +132,7 @@ impl Engine {
                             exec: false,
                             born,
                             allocated: true,
+                            uffd: false,
                         },
                     );
                 }
@@ -250,6 +252,7 @@ impl Engine {
             exec,
             born: 0,
             allocated: false,
+            uffd: false,
         };
         if m.registered.push(region).is_err() {
             crate::fatal!(function, "out of room for tracked ranges");

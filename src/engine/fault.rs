@@ -79,8 +79,14 @@ impl Engine {
     /// Waits until memory changes are allowed; aborts if the caller is the thread that
     /// disallowed them (it would wait forever: the original hangs here).
     pub(crate) fn wait_allowed(&self, function: &str, addr: usize) {
+        self.wait_allowed_for(function, addr, sys::tid())
+    }
+
+    /// [`Engine::wait_allowed`] for a write by thread `writer` (the sync userfaultfd
+    /// server waits on behalf of the thread whose fault it serves).
+    fn wait_allowed_for(&self, function: &str, addr: usize, writer: u64) {
         while !self.allowed.load(Ordering::SeqCst) {
-            if self.disallower.load(Ordering::SeqCst) == sys::tid() {
+            if self.disallower.load(Ordering::SeqCst) == writer {
                 crate::fatal!(
                     function,
                     "the thread that disallowed memory changes wrote tracked memory at {:#x} (writes to tracked memory are forbidden inside AutoDisallowMemoryChanges)",
@@ -92,14 +98,14 @@ impl Engine {
     }
 
     /// Enters the section that `set_allowed(false)` waits to drain.
-    fn enter(&self, function: &str, addr: usize) {
+    fn enter(&self, function: &str, addr: usize, writer: u64) {
         loop {
             self.in_flight.fetch_add(1, Ordering::SeqCst);
             if self.allowed.load(Ordering::SeqCst) {
                 return;
             }
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            self.wait_allowed(function, addr);
+            self.wait_allowed_for(function, addr, writer);
         }
     }
 
@@ -109,15 +115,35 @@ impl Engine {
 
     /// Resolves a write to `addr`: `true` when the address is tracked and the page is now
     /// writable with its pre-image saved, `false` when the fault is not ours.
+    ///
+    /// Called directly (`HandleDirtyMemoryFault`, `memsnap_prepare_write`): a page guarded
+    /// by userfaultfd is resolved the same way (sync mode), or needs nothing (async mode,
+    /// where tracked pages are always writable).
     pub fn handle_fault(&self, function: &str, addr: usize) -> bool {
+        let st = self.table.get(addr);
+        if self.async_unit(st) {
+            return self.armed() && self.tracked_at(addr);
+        }
+        self.resolve(function, addr, sys::tid(), st.uffd())
+    }
+
+    /// [`Engine::handle_fault`] for a write by thread `writer`, reported by a signal
+    /// (`via_uffd` false: only mprotect-guarded pages are ours) or by the sync userfaultfd
+    /// (only userfaultfd-guarded pages are).
+    pub(super) fn resolve(&self, function: &str, addr: usize, writer: u64, via_uffd: bool) -> bool {
         let Some(word) = self.table.word(addr) else {
             return false;
         };
         let st = PageState(word.load(Ordering::Acquire));
-        if !st.tracked() || !self.armed() || (st.partial() && !self.tracked_at(addr)) {
+        if !st.tracked()
+            || !self.armed()
+            || (st.partial() && !self.tracked_at(addr))
+            || st.uffd() != via_uffd
+            || self.async_unit(st)
+        {
             return false;
         }
-        self.enter(function, addr);
+        self.enter(function, addr, writer);
         let page = self.page_base(addr);
         let handled = loop {
             let cur = PageState(word.load(Ordering::Acquire));
@@ -146,7 +172,8 @@ impl Engine {
                 }
                 word.store(cur.with_slot(slot).0, Ordering::Release);
                 page + self.page
-            } else if self.map_budget.fetch_sub(2, Ordering::Relaxed) <= 2 {
+            } else if !st.uffd() && self.map_budget.fetch_sub(2, Ordering::Relaxed) <= 2 {
+                // (userfaultfd protection lives in page-table entries: no mapping splits.)
                 self.block_faults.fetch_add(1, Ordering::Relaxed);
                 let (lo, hi) = self.bridge(page, block);
                 self.capture_run(function, page, cur, slot, lo, hi)
@@ -276,7 +303,12 @@ impl Engine {
             };
             loop {
                 let cur = PageState(word.load(Ordering::Acquire));
-                if !cur.tracked() || cur.partial() || cur.exec() != st.exec() || cur.busy() {
+                if !cur.tracked()
+                    || cur.partial()
+                    || cur.exec() != st.exec()
+                    || cur.uffd() != st.uffd()
+                    || cur.busy()
+                {
                     return false;
                 }
                 if cur.slot().is_some() {
@@ -300,10 +332,9 @@ impl Engine {
         while start > lo && take(start - self.page) {
             start -= self.page;
         }
-        let access = sys::Access::ReadWrite { exec: st.exec() };
         // SAFETY: whole tracked units of the host whose pre-images are all saved (by
         // this thread or by the ones that published them).
-        if let Err(e) = unsafe { sys::protect(start, end - start, access) } {
+        if let Err(e) = unsafe { self.set_access(start, end - start, st.exec(), st.uffd(), true) } {
             Self::unprotect_failed(function, (start, end - start, e));
         }
         for &(u, s) in &mine[..n] {
@@ -330,8 +361,10 @@ impl Engine {
     pub fn prepare_write(&self, start: usize, end: usize) {
         let mut p = start & !(self.sub - 1);
         while p < end {
-            if self.table.get(p).slot().is_some() {
-                // Captured already (writable).
+            let st = self.table.get(p);
+            if st.slot().is_some() || st.uffd() {
+                // Captured already (writable), or guarded by userfaultfd, which lets the
+                // kernel's own writes through.
                 p = self.next_unit(p);
             } else if self.tracked_at(p) {
                 self.handle_fault("memsnap_prepare_write", p);
@@ -359,7 +392,8 @@ fn claim(word: &AtomicU32, cur: PageState) -> bool {
 /// The callback handed to the platform's fault capture.
 pub fn on_write_fault(addr: usize) -> bool {
     match super::get() {
-        Some(e) => e.handle_fault("HandleDirtyMemoryFault", addr),
+        // A signal is never a userfaultfd-guarded page's write fault.
+        Some(e) => e.resolve("HandleDirtyMemoryFault", addr, sys::tid(), false),
         None => false,
     }
 }

@@ -80,6 +80,7 @@ impl Engine {
         self.controller.store(sys::tid(), Ordering::Relaxed);
         self.owner_pid.store(sys::pid(), Ordering::Relaxed);
         self.spawn_workers(F);
+        self.choose_backend(F);
         if let Err(e) = sys::install_fault_handler(super::fault::on_write_fault) {
             crate::fatal!(F, "cannot install the write-fault handler (error {})", e);
         }
@@ -130,14 +131,22 @@ impl Engine {
             // succeeding also proves the dirty pages are all still mapped; if some
             // vanished (ENOMEM), the scan finds out and untracks them first, and
             // protection is done again afterwards.
-            let protected = match self.write_protect(&m.regions, pages.len(), |i| pages[i], false) {
-                Ok(()) => true,
-                Err((_, _, libc::ENOMEM)) => false,
-                Err((at, len, e)) => {
-                    crate::fatal!(F, "cannot write-protect {:#x}+{:#x} (errno {})", at, len, e)
-                }
-            };
+            let protected =
+                match self.write_protect(&m.regions, pages.len(), |i| pages[i], false, false) {
+                    Ok(()) => true,
+                    Err((_, _, libc::ENOMEM | libc::ENOENT)) => false,
+                    Err((at, len, e)) => {
+                        crate::fatal!(F, "cannot write-protect {:#x}+{:#x} (errno {})", at, len, e)
+                    }
+                };
             self.scan_checkpoint(F, &mut m, newest + 1);
+            // Async units written since the newest checkpoint join the dirty log (their
+            // pre-images come from the base copy) and are armed again. After the scan,
+            // which has untracked any part the program unmapped and mapped afresh.
+            self.collect_async(F, &m.regions);
+            // SAFETY: as above.
+            let pages = unsafe { self.log.quiescent_slice() };
+            pages.sort_unstable();
             let diff_start = m.diffs.len();
             for &page in pages.iter() {
                 let st = self.table.get(page);
@@ -149,8 +158,9 @@ impl Engine {
                     continue;
                 }
                 // SAFETY: the slot belongs to this dirty page; its tracked pages are
-                // mapped (the scan checked) and readable.
-                let same = unsafe { self.unit_matches(page, st, slot) };
+                // mapped (the scan checked) and readable. (An async unit was logged
+                // because its bytes changed.)
+                let same = !self.async_unit(st) && unsafe { self.unit_matches(page, st, slot) };
                 if same {
                     self.pool.free(slot);
                 } else if m.diffs.push(DiffEntry { page, slot }).is_err() {
@@ -207,11 +217,15 @@ impl Engine {
             // holds no reference to it. It is made writable again, as it was mapped.
             unsafe {
                 let _ = sys::discard(r.range.start, r.range.len());
-                let _ = sys::protect(
-                    r.range.start,
-                    r.range.len(),
-                    Access::ReadWrite { exec: r.exec },
-                );
+                if r.uffd {
+                    self.unregister_region(r.range);
+                } else {
+                    let _ = sys::protect(
+                        r.range.start,
+                        r.range.len(),
+                        Access::ReadWrite { exec: r.exec },
+                    );
+                }
             }
         }
         for r in m.regions.iter_mut() {
@@ -274,6 +288,7 @@ impl Engine {
             } = &*m;
             // The active dirty set: its pages are writable already.
             self.restore_entries(F, entries, regions, true);
+            self.restore_async_written(F, regions);
         }
         self.reset_map_budget(m.vmas.len(), m.entries.len());
         m.entries.clear();
@@ -339,14 +354,14 @@ impl Engine {
         self.require_armed(F);
         self.check_controller(F);
         self.require_disallowed(F);
-        if !self.log.is_empty() {
+        let t0 = sys::now_us();
+        let mut m = self.meta.lock();
+        if !self.log.is_empty() || self.async_written_since_armed(F, &m.regions) {
             crate::fatal!(
                 F,
                 "pages were written since the newest checkpoint (call RestoreMemoryToLastSavedCheckpoint first)"
             );
         }
-        let t0 = sys::now_us();
-        let mut m = self.meta.lock();
         if m.checkpoints.len() < 2 {
             crate::fatal!(F, "no saved diff: only one checkpoint is saved");
         }
@@ -478,6 +493,11 @@ impl Engine {
         }
         let Some(m) = guard else { return };
         for r in m.regions.iter() {
+            if r.uffd {
+                // Unregistering disarms the range and wakes any thread blocked on it.
+                self.unregister_region(r.range);
+                continue;
+            }
             // SAFETY: host memory; making it writable is the point of this call.
             let _ = unsafe {
                 sys::protect(

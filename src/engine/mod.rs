@@ -25,6 +25,7 @@ mod lifecycle;
 mod pages;
 mod scan;
 mod stats;
+mod uffd;
 mod workers;
 
 use core::sync::atomic::{
@@ -36,6 +37,7 @@ use dirty::DiffEntry;
 use ranges::{Range, RangeSet};
 
 pub use stats::Stats;
+pub use uffd::{unavailable as backend_unavailable, BackendChoice};
 pub use workers::Workers;
 
 /// Number of `MemoryKind` values the balance counters cover.
@@ -77,6 +79,8 @@ pub struct TrackedRegion {
     /// stay tracked forever and return to the free set after a rewind (the original's
     /// rule); regions found by the region walk are untracked and zeroed instead.
     pub allocated: bool,
+    /// Guarded by userfaultfd rather than mprotect (see `uffd`).
+    pub uffd: bool,
 }
 
 /// One saved checkpoint.
@@ -205,6 +209,8 @@ pub struct Engine {
     pub countdown_started: AtomicBool,
     /// glibc's rseq layout, looked up at initialization.
     pub rseq: Option<(isize, usize)>,
+    /// The userfaultfd backends' state (Linux).
+    pub uffd: uffd::UffdState,
 }
 
 static ENGINE: AtomicPtr<Engine> = AtomicPtr::new(core::ptr::null_mut());
@@ -270,6 +276,60 @@ fn snapshot_page_size(sub: usize) -> Result<usize, &'static str> {
     let size = parse_size(text).ok_or("not a number of bytes (e.g. 16384 or 16k)")?;
     check_page_size(size, sub)?;
     Ok(size)
+}
+
+/// The text of environment variable `name`, if set and not empty.
+fn env(name: &core::ffi::CStr) -> Option<&'static [u8]> {
+    // SAFETY: a NUL-terminated name; getenv neither allocates nor keeps the pointer.
+    let v = unsafe { libc::getenv(name.as_ptr()) };
+    if v.is_null() {
+        return None;
+    }
+    // SAFETY: getenv returned a NUL-terminated string that lives as long as the
+    // environment, which nothing changes during initialization.
+    let text = unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes();
+    (!text.is_empty()).then_some(text)
+}
+
+/// A backend asked for with `memsnap_set_backend` before initialization (`u32::MAX`:
+/// none).
+static REQUESTED_BACKEND: AtomicU32 = AtomicU32::new(u32::MAX);
+
+/// Records the backend for `InitializeMemorySnapshots` to use.
+pub fn request_backend(b: BackendChoice) {
+    REQUESTED_BACKEND.store(b as u32, Ordering::Relaxed);
+}
+
+/// The backend asked for: by `memsnap_set_backend`, else `MEMSNAP_BACKEND`, else auto.
+fn requested_backend(function: &str) -> BackendChoice {
+    let asked = REQUESTED_BACKEND.load(Ordering::Relaxed);
+    if asked != u32::MAX {
+        return BackendChoice::from_u32(asked);
+    }
+    let Some(text) = env(c"MEMSNAP_BACKEND") else {
+        return BackendChoice::Auto;
+    };
+    match BackendChoice::parse(text) {
+        Some(b) => b,
+        None => crate::fatal!(
+            function,
+            "MEMSNAP_BACKEND: expected auto, mprotect, uffd or uffd-async"
+        ),
+    }
+}
+
+/// `MEMSNAP_UFFD_SPIN_US`: how long the sync fault server polls before sleeping.
+fn spin_ns() -> Option<u64> {
+    let text = env(c"MEMSNAP_UFFD_SPIN_US")?;
+    parse_size(text).map(|us| us as u64 * 1000)
+}
+
+/// The async mode's base-copy table, reserved when the kernel offers that mode.
+fn base_table(page_shift: u32) -> Option<PageTable> {
+    if crate::sys::uffd_support().async_wp.is_err() {
+        return None;
+    }
+    PageTable::new(ADDRESS_LIMIT, page_shift)
 }
 
 /// Parses `16384`, `16k` or `16K`.
@@ -407,6 +467,7 @@ impl Engine {
             countdown: AtomicUsize::new(0),
             countdown_started: AtomicBool::new(false),
             rseq: crate::sys::rseq_layout(),
+            uffd: uffd::UffdState::new(requested_backend(F), base_table(page_shift), spin_ns()),
         };
         let bytes = core::mem::size_of::<Engine>();
         let Some(block) = crate::sys::reserve(bytes) else {
@@ -429,6 +490,9 @@ impl Engine {
             own[4] = e.log.reservation();
             if let Some(t) = &e.masks {
                 own[31] = t.reservation();
+            }
+            if let Some(r) = e.uffd.base_reservation() {
+                own[30] = r;
             }
             let vecs = [
                 m.own.reservation(),

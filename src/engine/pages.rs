@@ -11,7 +11,7 @@ use super::granule::{bits_in, Mask};
 use super::ranges::Range;
 use super::{Engine, TrackedRegion};
 use crate::mem::PageState;
-use crate::sys::{self, Access};
+use crate::sys;
 
 impl Engine {
     /// The kernel pages of the unit at `unit` that are tracked, given its state word.
@@ -69,17 +69,19 @@ impl Engine {
     /// Marks every kernel page of `r` (kernel-page aligned) tracked, with execute bit
     /// `exec`. A unit that already has a pre-image copy gets the current bytes of its newly
     /// tracked pages copied in, so the copy stays a faithful pre-image of the whole unit.
-    pub(super) fn mark(&self, r: Range, exec: bool) {
-        self.update(r, |mask, bits| mask.with(bits, exec));
+    /// `uffd`: the range is guarded by userfaultfd (whole units only, see
+    /// `register_region`).
+    pub(super) fn mark(&self, r: Range, exec: bool, uffd: bool) {
+        self.update(r, Some(uffd), |mask, bits| mask.with(bits, exec));
     }
 
     /// Marks every kernel page of `r` untracked; copy slots stay, for the dirty-log pass
     /// to release.
     pub(super) fn unmark(&self, r: Range) {
-        self.update(r, |mask, bits| mask.without(bits));
+        self.update(r, None, |mask, bits| mask.without(bits));
     }
 
-    fn update(&self, r: Range, change: impl Fn(Mask, u32) -> Mask) {
+    fn update(&self, r: Range, uffd: Option<bool>, change: impl Fn(Mask, u32) -> Mask) {
         let n = self.subpages();
         let mut unit = self.page_base(r.start);
         while unit < r.end {
@@ -95,9 +97,14 @@ impl Engine {
                     }
                     let old = self.mask(unit, cur);
                     let new = change(old, bits);
-                    let keep = cur.0 & PageState::SLOT_MASK;
+                    let keep = cur.0 & PageState::SLOT_MASK
+                        | match uffd {
+                            Some(true) => PageState::UFFD,
+                            Some(false) => 0,
+                            None => cur.0 & PageState::UFFD,
+                        };
                     let next = if new.is_empty() {
-                        keep
+                        keep & PageState::SLOT_MASK
                     } else if let Some(exec) = new.is_uniform(n) {
                         keep | PageState::TRACKED | if exec { PageState::EXEC } else { 0 }
                     } else {
@@ -146,13 +153,8 @@ impl Engine {
     ) -> Result<(), (usize, usize, i32)> {
         let mut result = Ok(());
         self.for_each_span(unit, st, |addr, len, exec| {
-            let access = if write {
-                Access::ReadWrite { exec }
-            } else {
-                Access::Read { exec }
-            };
             // SAFETY: tracked host memory, whose protection the engine owns.
-            if let Err(e) = unsafe { sys::protect(addr, len, access) } {
+            if let Err(e) = unsafe { self.set_access(addr, len, exec, st.uffd(), write) } {
                 if result.is_ok() {
                     result = Err((addr, len, e));
                 }
@@ -214,26 +216,31 @@ impl Engine {
     /// that none of them is writable: a clean unit the host unmapped and mapped afresh is
     /// writable, which is how the walk notices it, and protecting it first would hide
     /// that. Otherwise the listed units are protected run by run.
+    ///
+    /// Userfaultfd-guarded units are armed run by run: arming walks every page-table entry
+    /// of its range, so a span over clean units costs in proportion to its length. Async
+    /// units are skipped unless `arm_async` (a checkpoint's scan armed them already).
     pub(super) fn write_protect(
         &self,
         regions: &[TrackedRegion],
         n: usize,
         unit: impl Fn(usize) -> usize,
         walked: bool,
+        arm_async: bool,
     ) -> Result<(), (usize, usize, i32)> {
-        let protect = |start: usize, stop: usize, exec: bool| {
+        let protect = |start: usize, stop: usize, exec: bool, uffd: bool| {
             // SAFETY: tracked host memory (a stretch of tracked regions), whose
             // protection the engine owns; the listed units in it are done being written
             // and the others are clean.
-            unsafe { sys::protect(start, stop - start, Access::Read { exec }) }
+            unsafe { self.set_access(start, stop - start, exec, uffd, false) }
                 .map_err(|e| (start, stop - start, e))
         };
         let mut i = 0;
         while i < n {
             let u = unit(i);
             let st = self.table.get(u);
-            if !st.tracked() {
-                // Gone since (the scan untracked it): nothing to protect.
+            if !st.tracked() || (!arm_async && self.async_unit(st)) {
+                // Gone since (the scan untracked it), or armed already: nothing to do.
                 i += 1;
                 continue;
             }
@@ -244,9 +251,14 @@ impl Engine {
                 continue;
             }
             let exec = regions[r].exec;
+            let uffd = regions[r].uffd;
             let mut end = regions[r].range.end;
             let mut k = r + 1;
-            while k < regions.len() && regions[k].range.start == end && regions[k].exec == exec {
+            while k < regions.len()
+                && regions[k].range.start == end
+                && regions[k].exec == exec
+                && regions[k].uffd == uffd
+            {
                 end = regions[k].range.end;
                 k += 1;
             }
@@ -258,8 +270,8 @@ impl Engine {
                 i += 1;
             }
             let stop = (last + self.page).min(end);
-            if walked || self.no_clean_writable(u, stop) {
-                protect(u, stop, exec)?;
+            if !uffd && (walked || self.no_clean_writable(u, stop)) {
+                protect(u, stop, exec, false)?;
                 continue;
             }
             // Run by run over the listed units, leaving the clean ones to the walk.
@@ -269,7 +281,7 @@ impl Engine {
                 while b < i && unit(b) == unit(b - 1) + self.page {
                     b += 1;
                 }
-                protect(unit(a), (unit(b - 1) + self.page).min(end), exec)?;
+                protect(unit(a), (unit(b - 1) + self.page).min(end), exec, uffd)?;
                 a = b;
             }
         }
@@ -300,7 +312,7 @@ impl Engine {
         n: usize,
         unit: impl Fn(usize) -> usize,
     ) {
-        if let Err((at, len, e)) = self.write_protect(regions, n, unit, true) {
+        if let Err((at, len, e)) = self.write_protect(regions, n, unit, true, true) {
             crate::fatal!(
                 function,
                 "cannot write-protect {:#x}+{:#x} (errno {})",

@@ -197,12 +197,15 @@ impl Engine {
                 }
                 let piece = Range::new(v.start.max(rr.start), v.end.min(rr.end));
                 cursor = piece.end;
-                if !v.private || !v.read {
+                // A userfaultfd-guarded piece that is no longer registered was unmapped
+                // and mapped afresh.
+                if !v.private || !v.read || (region.uffd && !self.uffd_piece_registered(piece)) {
                     report(Problem {
                         range: piece,
                         what: FloorReason::Unmapped,
                     });
-                } else if v.write {
+                } else if v.write && !region.uffd {
+                    // (Userfaultfd-guarded memory stays writable in the mappings.)
                     let clean = |p: usize| self.table.get(p).slot().is_none();
                     let mut p = piece.start;
                     while p < piece.end {
@@ -262,6 +265,7 @@ impl Engine {
                         exec: v.exec,
                         born: 0,
                         allocated: false,
+                        uffd: false,
                     });
                 });
             });
@@ -270,14 +274,18 @@ impl Engine {
 
     /// Starts tracking `region`: marks its pages and write-protects it.
     pub(super) fn track(&self, function: &str, m: &mut Meta, region: TrackedRegion) {
-        self.mark(region.range, region.exec);
+        let uffd = self.register_region(region.range);
+        let region = TrackedRegion { uffd, ..region };
+        self.mark(region.range, region.exec, uffd);
         m.insert_region(region);
         // SAFETY: host memory the engine now owns the protection of.
         if let Err(e) = unsafe {
-            sys::protect(
+            self.set_access(
                 region.range.start,
                 region.range.len(),
-                Access::Read { exec: region.exec },
+                region.exec,
+                uffd,
+                false,
             )
         } {
             crate::fatal!(
@@ -288,6 +296,9 @@ impl Engine {
                 e
             );
         }
+        if uffd && self.is_async() {
+            self.copy_base(function, region.range);
+        }
     }
 
     /// Stops tracking the pages of `r` (they are gone): clears their state, keeping any
@@ -297,6 +308,10 @@ impl Engine {
         let mut i = m.regions.partition_point(|x| x.range.end <= r.start);
         while i < m.regions.len() && m.regions[i].range.start < r.end {
             let x = m.regions[i];
+            if x.uffd {
+                let piece = Range::new(x.range.start.max(r.start), x.range.end.min(r.end));
+                self.unregister_region(piece);
+            }
             let head = Range::new(x.range.start, r.start.max(x.range.start));
             let tail = Range::new(r.end.min(x.range.end), x.range.end);
             m.regions.remove(i);

@@ -10,7 +10,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use super::dirty::{chunk_bounds, for_each_run, DiffEntry};
 use super::{Engine, TrackedRegion};
-use crate::sys::{self, Access};
+use crate::sys;
 
 const STACK_BYTES: usize = 256 << 10;
 const PARALLEL_MIN_PAGES: usize = 256;
@@ -80,6 +80,11 @@ impl Workers {
                 return;
             }
         }
+    }
+
+    /// How many library threads have recorded their ids.
+    pub(super) fn registered(&self) -> usize {
+        self.own_tids().count()
     }
 
     /// Waits until `n` library threads have recorded their ids, so that a thread probe
@@ -277,7 +282,11 @@ impl Engine {
             |i| entries[i].page,
             |i| {
                 let st = self.table.get(entries[i].page);
-                (st.exec(), st.partial().then_some(entries[i].page))
+                (
+                    st.exec(),
+                    st.uffd(),
+                    st.partial().then_some(entries[i].page),
+                )
             },
             |first, count| {
                 let start = entries[first].page;
@@ -286,10 +295,11 @@ impl Engine {
                 let result = if st.partial() {
                     self.protect_unit(start, st, true)
                 } else {
-                    let access = Access::ReadWrite { exec: st.exec() };
-                    // SAFETY: tracked host pages; nothing runs on them while the
-                    // controller holds memory changes disallowed.
-                    unsafe { sys::protect(start, len, access) }.map_err(|e| (start, len, e))
+                    // SAFETY: tracked host pages about to get their saved bytes back;
+                    // nothing runs on them while the controller holds memory changes
+                    // disallowed.
+                    unsafe { self.set_access(start, len, st.exec(), st.uffd(), true) }
+                        .map_err(|e| (start, len, e))
                 };
                 if let Err((at, len, e)) = result {
                     crate::fatal!(
@@ -319,7 +329,15 @@ impl Engine {
             // controller holds memory changes disallowed.
             unsafe { self.copy_unit(e.page, st, e.slot, false) };
             self.table.set(e.page, st.clean());
-            freed.add(e.slot);
+            if self.async_unit(st) {
+                // The restored bytes are the unit's contents at the checkpoint that is
+                // now the newest: its pre-image becomes its base copy.
+                if let Some(old) = self.rebase(e.page, e.slot) {
+                    freed.add(old);
+                }
+            } else {
+                freed.add(e.slot);
+            }
         }
     }
 }

@@ -4,6 +4,8 @@
 use core::ffi::{c_char, c_void};
 
 use crate::engine::{self, Mode, Phase};
+use core::sync::atomic::Ordering;
+
 use crate::sys::Backend;
 
 /// The result of an extension call.
@@ -20,6 +22,8 @@ pub enum MemsnapStatus {
     InvalidArgument = 3,
     /// Part of the range is not tracked.
     NotTracked = 4,
+    /// This kernel or process cannot provide what was asked for (memsnap_set_backend).
+    Unsupported = 5,
 }
 
 /// A `MemsnapStatus` as received from C.
@@ -44,7 +48,35 @@ pub enum MemsnapBackend {
     MacExceptionPort = 2,
     /// macOS: SIGBUS/SIGSEGV fault capture.
     MacSignal = 3,
+    /// Linux: synchronous userfaultfd write protection, faults served by a library thread;
+    /// system calls may write tracked memory. Private file mappings (.data of loaded
+    /// objects) stay on mprotect: see uffd_tracked_bytes.
+    LinuxUffd = 4,
+    /// Linux: asynchronous userfaultfd write protection (Linux 6.7+): writes never stop,
+    /// written pages are found at each checkpoint, and a base copy of the resident
+    /// tracked memory is kept (base_copy_bytes).
+    LinuxUffdAsync = 5,
 }
+
+/// A write-tracking mechanism the caller asks for with memsnap_set_backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemsnapBackendRequest {
+    /// The best the kernel and the process's privileges allow: uffd-async, else uffd,
+    /// else mprotect (the default).
+    Auto = 0,
+    /// mprotect + SIGSEGV (macOS: its only mechanisms; this is the default there).
+    Mprotect = 1,
+    /// Synchronous userfaultfd write protection.
+    Uffd = 2,
+    /// Asynchronous userfaultfd write protection with PAGEMAP_SCAN.
+    UffdAsync = 3,
+}
+
+/// A `MemsnapBackendRequest` as received from C.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemsnapBackendRequestArg(pub libc::c_int);
 
 /// What the first snapshot tracks.
 #[repr(C)]
@@ -106,6 +138,15 @@ pub struct MemsnapStats {
     /// Faults resolved by capturing a whole block of pages at once because isolated
     /// writable pages would have split the mappings past vm.max_map_count.
     pub block_faults: u64,
+    /// Tracked bytes guarded by userfaultfd (the rest by mprotect).
+    pub uffd_tracked_bytes: usize,
+    /// uffd-async: bytes of the base copy, the contents of every resident tracked page
+    /// at the newest checkpoint (included in copy_bytes).
+    pub base_copy_bytes: usize,
+    /// uffd: how often the fault server went to sleep and was woken, and how many faults
+    /// it found while spinning instead.
+    pub uffd_server_wakeups: u64,
+    pub uffd_spin_hits: u64,
 }
 
 /// The smallest struct_size memsnap_get_stats accepts: the first release's record.
@@ -239,7 +280,7 @@ pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapSta
         let e = engine::get().ok_or(MemsnapStatus::NotInitialized)?;
         let s = e.stats();
         let backend = match if e.armed() {
-            crate::sys::backend()
+            e.backend()
         } else {
             Backend::None
         } {
@@ -247,7 +288,10 @@ pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapSta
             Backend::LinuxMprotect => MemsnapBackend::LinuxMprotect,
             Backend::MacExceptionPort => MemsnapBackend::MacExceptionPort,
             Backend::MacSignal => MemsnapBackend::MacSignal,
+            Backend::LinuxUffd => MemsnapBackend::LinuxUffd,
+            Backend::LinuxUffdAsync => MemsnapBackend::LinuxUffdAsync,
         };
+        let counters = &e.uffd.counters;
         let record = MemsnapStats {
             struct_size: size,
             backend,
@@ -275,6 +319,10 @@ pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapSta
             total_restore_ns: s.total_restore_ns,
             kernel_page_size: e.sub,
             block_faults: s.block_faults,
+            uffd_tracked_bytes: e.uffd.uffd_bytes.load(Ordering::Relaxed),
+            base_copy_bytes: e.base_bytes(),
+            uffd_server_wakeups: counters.wakeups.load(Ordering::Relaxed),
+            uffd_spin_hits: counters.spin_hits.load(Ordering::Relaxed),
         };
         let n = size.min(core::mem::size_of::<MemsnapStats>());
         // SAFETY: the caller provides `size` writable bytes at `out`; `n` is no more than
@@ -299,9 +347,38 @@ pub extern "C" fn memsnap_status_string(status: MemsnapStatusArg) -> *const c_ch
         2 => c"only allowed before the first snapshot",
         3 => c"invalid argument",
         4 => c"part of the range is not tracked",
+        5 => c"not supported by this kernel or process",
         _ => c"unknown status",
     };
     s.as_ptr()
+}
+
+/// Chooses the write-tracking mechanism (Linux): Auto (the default), Mprotect, Uffd or
+/// UffdAsync. Before InitializeMemorySnapshots or between it and the first snapshot
+/// (AlreadyStarted after); overrides the environment variable MEMSNAP_BACKEND (`auto`,
+/// `mprotect`, `uffd`, `uffd-async`). Unsupported when this kernel or process cannot
+/// provide it (no userfaultfd permission, a kernel before 6.7 for UffdAsync, macOS),
+/// InvalidArgument for an unknown value. memsnap_get_stats reports what was chosen.
+#[no_mangle]
+pub extern "C" fn memsnap_set_backend(backend: MemsnapBackendRequestArg) -> MemsnapStatus {
+    status((|| {
+        let choice = match backend.0 {
+            0 => engine::BackendChoice::Auto,
+            1 => engine::BackendChoice::Mprotect,
+            2 => engine::BackendChoice::Uffd,
+            3 => engine::BackendChoice::UffdAsync,
+            _ => return Err(MemsnapStatus::InvalidArgument),
+        };
+        if engine::backend_unavailable(choice).is_some() {
+            return Err(MemsnapStatus::Unsupported);
+        }
+        match engine::get() {
+            None => engine::request_backend(choice),
+            Some(e) if e.phase() == Phase::Initialized => e.uffd.set_requested(choice),
+            Some(_) => return Err(MemsnapStatus::AlreadyStarted),
+        }
+        Ok(())
+    })())
 }
 
 /// The snapshot page size in bytes: the unit memsnap tracks, copies and restores, and

@@ -307,9 +307,9 @@ pub extern "C" fn DumpTimers() {
     crate::fatal::print_line(
         "DumpTimers",
         format_args!(
-            "backend {:?}, {} snapshots ({:.3}s), {} rewinds ({:.3}s), {} faults",
+            "backend {:?}, {} snapshots ({:.3}s), {} rewinds ({:.3}s), {} faults, {} KiB tracked by userfaultfd, {} KiB base copy",
             if e.armed() {
-                crate::sys::backend()
+                e.backend()
             } else {
                 crate::sys::Backend::None
             },
@@ -317,7 +317,9 @@ pub extern "C" fn DumpTimers() {
             s.total_snapshot_ns as f64 / 1e9,
             s.rewinds,
             s.total_restore_ns as f64 / 1e9,
-            s.faults_handled
+            s.faults_handled,
+            e.uffd.uffd_bytes.load(core::sync::atomic::Ordering::Relaxed) >> 10,
+            e.base_bytes() >> 10
         ),
     );
 }

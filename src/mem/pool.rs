@@ -8,7 +8,8 @@ use super::Reservation;
 
 /// The state word of one snapshot page.
 ///
-/// `TRACKED` and `EXEC` describe the page; `PARTIAL` says only some of its kernel pages
+/// `TRACKED`, `EXEC` and `UFFD` (which protection mechanism guards it) describe the
+/// page; `PARTIAL` says only some of its kernel pages
 /// are tracked (the engine's mask table says which, see `engine::granule`). The low bits
 /// hold `slot + 1` of the page's pre-image copy while the page is in the active dirty
 /// set, 0 while it is clean and write-protected. `BUSY` is held by the one fault handler
@@ -21,7 +22,9 @@ impl PageState {
     pub const EXEC: u32 = 1 << 30;
     pub const BUSY: u32 = 1 << 29;
     pub const PARTIAL: u32 = 1 << 28;
-    pub const SLOT_MASK: u32 = (1 << 28) - 1;
+    /// Protected with userfaultfd write protection instead of `mprotect` (Linux).
+    pub const UFFD: u32 = 1 << 27;
+    pub const SLOT_MASK: u32 = (1 << 27) - 1;
 
     pub fn tracked(self) -> bool {
         self.0 & Self::TRACKED != 0
@@ -35,6 +38,9 @@ impl PageState {
     pub fn partial(self) -> bool {
         self.0 & Self::PARTIAL != 0
     }
+    pub fn uffd(self) -> bool {
+        self.0 & Self::UFFD != 0
+    }
     /// The pre-image slot while the page is dirty.
     pub fn slot(self) -> Option<u32> {
         match self.0 & Self::SLOT_MASK {
@@ -44,7 +50,7 @@ impl PageState {
     }
     /// The page's description with no dirty or busy bits.
     pub fn clean(self) -> PageState {
-        PageState(self.0 & (Self::TRACKED | Self::EXEC | Self::PARTIAL))
+        PageState(self.0 & (Self::TRACKED | Self::EXEC | Self::PARTIAL | Self::UFFD))
     }
     pub fn with_slot(self, slot: u32) -> PageState {
         PageState(self.clean().0 | (slot + 1))

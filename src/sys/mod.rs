@@ -31,6 +31,12 @@ pub enum Backend {
     MacExceptionPort = 2,
     /// macOS: pages protected with `mach_vm_protect`, faults caught as SIGBUS/SIGSEGV.
     MacSignal = 3,
+    /// Linux: userfaultfd write protection, faults served by a library thread (private
+    /// file mappings stay on mprotect).
+    LinuxUffd = 4,
+    /// Linux: asynchronous userfaultfd write protection, written pages found with
+    /// PAGEMAP_SCAN at each checkpoint.
+    LinuxUffdAsync = 5,
 }
 
 /// The write-tracking mechanism in use (`Backend::None` on macOS until the first snapshot

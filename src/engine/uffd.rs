@@ -1,0 +1,771 @@
+//! The userfaultfd backends (Linux): choosing the write-tracking mechanism, routing every
+//! protection change to it, the synchronous mode's fault server, and the asynchronous
+//! mode's base copy.
+//!
+//! Three mechanisms can guard a tracked page, chosen once at the first snapshot and then
+//! per region (the page-state word's `UFFD` bit says which guards a page):
+//!
+//! - **mprotect**: the page is read-only; a write raises SIGSEGV on the writing thread,
+//!   whose handler saves the pre-image and makes the page writable. Works everywhere, but
+//!   a system call writing the page fails with EFAULT, and every isolated writable page
+//!   splits a mapping.
+//! - **uffd (synchronous write protection)**: the page stays PROT_WRITE and carries the
+//!   uffd-wp bit in its page-table entry; a write (the kernel's own, inside a system call,
+//!   included) blocks the writing thread and queues a message, which a library thread
+//!   (the fault server) answers by saving the pre-image and disarming the page, which
+//!   wakes the writer. No mapping splits and system calls just work; the price is a
+//!   cross-thread round trip per fault, which is why the server spins briefly after each
+//!   message before sleeping. Private file mappings (the `.data` of loaded objects) cannot
+//!   register in this mode and stay on mprotect.
+//! - **uffd-async (`UFFD_FEATURE_WP_ASYNC` + `PAGEMAP_SCAN`, Linux 6.7)**: a write to an
+//!   armed page just clears its uffd-wp bit, with no message and no signal (under a
+//!   microsecond). The checkpoint asks the kernel which pages were written (and re-arms
+//!   them in the same call), so pre-images cannot be taken at write time: the engine keeps
+//!   a *base copy*, the contents of every populated tracked unit as of the newest
+//!   checkpoint, and a written unit's base copy becomes its pre-image while the current
+//!   bytes become the new base. The memory cost is one copy of the resident tracked
+//!   memory, reported by the stats call. Every mapping type registers in this mode.
+//!
+//! The fault server, the workers and the restore path keep to the engine's rules: no
+//! allocation, no locks a writer could hold, no tracked memory.
+
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use super::ranges::Range;
+use super::Engine;
+use crate::mem::{PageState, PageTable};
+use crate::sys::{self, Access, UffdMode};
+
+/// A write-tracking mechanism the host can ask for (`memsnap_set_backend`,
+/// `MEMSNAP_BACKEND`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum BackendChoice {
+    /// The best one the kernel and the process's privileges allow.
+    Auto = 0,
+    Mprotect = 1,
+    Uffd = 2,
+    UffdAsync = 3,
+}
+
+impl BackendChoice {
+    pub(super) fn from_u32(v: u32) -> BackendChoice {
+        match v {
+            1 => BackendChoice::Mprotect,
+            2 => BackendChoice::Uffd,
+            3 => BackendChoice::UffdAsync,
+            _ => BackendChoice::Auto,
+        }
+    }
+
+    /// Parses `MEMSNAP_BACKEND`'s value.
+    pub fn parse(text: &[u8]) -> Option<BackendChoice> {
+        match text {
+            b"" | b"auto" => Some(BackendChoice::Auto),
+            b"mprotect" => Some(BackendChoice::Mprotect),
+            b"uffd" => Some(BackendChoice::Uffd),
+            b"uffd-async" => Some(BackendChoice::UffdAsync),
+            _ => None,
+        }
+    }
+}
+
+/// Stack of the fault server thread.
+const SERVER_STACK_BYTES: usize = 256 << 10;
+
+/// How long the fault server keeps polling for the next message before sleeping, unless
+/// `MEMSNAP_UFFD_SPIN_US` says otherwise. Waking a sleeping server from another CPU costs
+/// tens of microseconds; spinning a little catches bursts of faults without that cost.
+const DEFAULT_SPIN_NS: u64 = 50_000;
+
+/// The userfaultfd state, in the engine's own block.
+pub struct UffdState {
+    requested: AtomicU32,
+    /// 0: mprotect only; 1: sync; 2: async.
+    mode: AtomicU32,
+    fd: AtomicI32,
+    pagemap: AtomicI32,
+    spin_ns: AtomicU64,
+    server_started: AtomicBool,
+    pub counters: sys::UffdCounters,
+    /// Async mode: `slot + 1` of each unit's contents at the newest checkpoint (0: the
+    /// unit was unpopulated, i.e. zero). Created at initialization when the kernel
+    /// supports the async mode.
+    base: Option<PageTable>,
+    /// Units with a base copy.
+    pub base_units: AtomicUsize,
+    /// Tracked bytes guarded by userfaultfd.
+    pub uffd_bytes: AtomicUsize,
+}
+
+impl UffdState {
+    pub fn new(requested: BackendChoice, base: Option<PageTable>, spin_ns: Option<u64>) -> Self {
+        UffdState {
+            requested: AtomicU32::new(requested as u32),
+            mode: AtomicU32::new(0),
+            fd: AtomicI32::new(-1),
+            pagemap: AtomicI32::new(-1),
+            spin_ns: AtomicU64::new(spin_ns.unwrap_or(DEFAULT_SPIN_NS)),
+            server_started: AtomicBool::new(false),
+            counters: sys::UffdCounters::default(),
+            base,
+            base_units: AtomicUsize::new(0),
+            uffd_bytes: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn base_reservation(&self) -> Option<crate::mem::Reservation> {
+        self.base.as_ref().map(|t| t.reservation())
+    }
+
+    pub fn requested(&self) -> BackendChoice {
+        BackendChoice::from_u32(self.requested.load(Ordering::Relaxed))
+    }
+
+    pub fn set_requested(&self, b: BackendChoice) {
+        self.requested.store(b as u32, Ordering::Relaxed);
+    }
+}
+
+/// Why the requested backend cannot be used here, if it cannot.
+pub fn unavailable(b: BackendChoice) -> Option<&'static str> {
+    let s = sys::uffd_support();
+    match b {
+        BackendChoice::Auto | BackendChoice::Mprotect => None,
+        BackendChoice::Uffd => s.sync.err(),
+        BackendChoice::UffdAsync => s.async_wp.err(),
+    }
+}
+
+/// The base copy's state word for a unit: `slot + 1`, or 0.
+fn base_slot(word: u32) -> Option<u32> {
+    word.checked_sub(1)
+}
+
+impl Engine {
+    /// The userfaultfd mode chosen at the first snapshot, if any.
+    pub fn uffd_mode(&self) -> Option<UffdMode> {
+        match self.uffd.mode.load(Ordering::Acquire) {
+            1 => Some(UffdMode::Sync),
+            2 => Some(UffdMode::Async),
+            _ => None,
+        }
+    }
+
+    pub(super) fn is_async(&self) -> bool {
+        self.uffd_mode() == Some(UffdMode::Async)
+    }
+
+    /// Whether the unit with state `st` is guarded by the async mode (never faults).
+    pub(super) fn async_unit(&self, st: PageState) -> bool {
+        st.uffd() && self.is_async()
+    }
+
+    /// The mechanism the stats call reports.
+    pub fn backend(&self) -> sys::Backend {
+        match self.uffd_mode() {
+            Some(UffdMode::Sync) => sys::Backend::LinuxUffd,
+            Some(UffdMode::Async) => sys::Backend::LinuxUffdAsync,
+            None => sys::backend(),
+        }
+    }
+
+    /// Picks and opens the mechanism at the first snapshot (before the scan tracks
+    /// anything). A forced choice the kernel refuses ends the process with the reason.
+    pub(super) fn choose_backend(&self, function: &str) {
+        let req = self.uffd.requested();
+        let support = sys::uffd_support();
+        let mode = match req {
+            BackendChoice::Mprotect => None,
+            BackendChoice::Uffd => match support.sync {
+                Ok(()) => Some(UffdMode::Sync),
+                Err(why) => crate::fatal!(function, "the uffd backend is unavailable: {}", why),
+            },
+            BackendChoice::UffdAsync => match (support.async_wp, &self.uffd.base) {
+                (Ok(()), Some(_)) => Some(UffdMode::Async),
+                (Err(why), _) => {
+                    crate::fatal!(function, "the uffd-async backend is unavailable: {}", why)
+                }
+                (Ok(()), None) => crate::fatal!(
+                    function,
+                    "the uffd-async backend is unavailable: no base-copy table was reserved"
+                ),
+            },
+            BackendChoice::Auto => {
+                if support.async_wp.is_ok() && self.uffd.base.is_some() {
+                    Some(UffdMode::Async)
+                } else if support.sync.is_ok() {
+                    Some(UffdMode::Sync)
+                } else {
+                    None
+                }
+            }
+        };
+        let Some(mode) = mode else { return };
+        let fd = match sys::uffd_open(mode) {
+            Ok(fd) => fd,
+            Err(e) if req == BackendChoice::Auto => {
+                let _ = e;
+                return;
+            }
+            Err(e) => crate::fatal!(function, "cannot open a userfaultfd (errno {})", e),
+        };
+        if mode == UffdMode::Async {
+            match sys::pagemap_open() {
+                Ok(p) => self.uffd.pagemap.store(p, Ordering::Relaxed),
+                Err(e) if req == BackendChoice::Auto => {
+                    let _ = e;
+                    sys::uffd_close(fd);
+                    return;
+                }
+                Err(e) => crate::fatal!(function, "cannot open /proc/self/pagemap (errno {})", e),
+            }
+        }
+        self.uffd.fd.store(fd, Ordering::Relaxed);
+        self.uffd.mode.store(
+            match mode {
+                UffdMode::Sync => 1,
+                UffdMode::Async => 2,
+            },
+            Ordering::Release,
+        );
+        if mode == UffdMode::Sync {
+            self.start_fault_server(function);
+        }
+        // SAFETY: registering plain functions; pthread_atfork has no other preconditions.
+        unsafe {
+            libc::pthread_atfork(
+                Some(before_fork),
+                Some(after_fork_in_parent),
+                Some(after_fork_in_child),
+            )
+        };
+    }
+
+    /// Before `fork()`: the metadata lock is held across it, so the child starts with
+    /// consistent tables; in async mode the pages written since the newest checkpoint
+    /// are listed (`m.work`), since the child's page tables lose that information.
+    fn prepare_fork(&self) {
+        let mut m = self.meta.lock();
+        m.work.clear();
+        if self.is_async() {
+            let pm = self.uffd.pagemap.load(Ordering::Relaxed);
+            let crate::engine::Meta { regions, work, .. } = &mut *m;
+            for r in regions.iter().filter(|r| r.uffd) {
+                let _ = sys::scan_written(pm, r.range.start, r.range.end, false, |a, b| {
+                    let _ = work.push(Range::new(a, b));
+                });
+            }
+        }
+        core::mem::forget(m);
+    }
+
+    /// In the child of `fork()`: the inherited userfaultfd and pagemap descriptors act on
+    /// the parent's address space, and the child's mappings lost their registration and
+    /// their page-table write-protect bits. Both are rebuilt here, before the program
+    /// writes anything, and the sync mode gets a fault server of its own.
+    fn rebuild_after_fork(&self) {
+        const F: &str = "fork";
+        let Some(mode) = self.uffd_mode() else { return };
+        sys::uffd_close(self.uffd.fd.load(Ordering::Relaxed));
+        let fd = match sys::uffd_open(mode) {
+            Ok(fd) => fd,
+            Err(e) => crate::fatal!(
+                F,
+                "cannot open a userfaultfd in the child (errno {}); its writes would go untracked",
+                e
+            ),
+        };
+        self.uffd.fd.store(fd, Ordering::Relaxed);
+        if mode == UffdMode::Async {
+            let old = self.uffd.pagemap.load(Ordering::Relaxed);
+            // SAFETY: closing the inherited descriptor this engine opened.
+            unsafe { libc::close(old) };
+            match sys::pagemap_open() {
+                Ok(p) => self.uffd.pagemap.store(p, Ordering::Relaxed),
+                Err(e) => crate::fatal!(
+                    F,
+                    "cannot open /proc/self/pagemap in the child (errno {})",
+                    e
+                ),
+            }
+        }
+        {
+            let m = self.meta.lock();
+            for r in m.regions.iter().filter(|r| r.uffd) {
+                if sys::uffd_register(fd, r.range.start, r.range.len()).is_err() {
+                    // Part of it is no longer mapped (the program unmapped or trimmed
+                    // it). The next scan reports the region as unregistered memory and
+                    // refuses rewinds that would need it, as it does in the parent.
+                    continue;
+                }
+                // SAFETY: tracked memory; dirty units are disarmed again below.
+                let armed = unsafe { sys::uffd_protect(fd, r.range.start, r.range.len(), true) };
+                if let Err(e) = armed {
+                    crate::fatal!(F, "cannot arm tracked memory in the child (errno {})", e);
+                }
+                if mode == UffdMode::Sync {
+                    let mut u = r.range.start;
+                    while u < r.range.end {
+                        if self.table.get(u).slot().is_some() {
+                            // SAFETY: a dirty unit: its pre-image is saved.
+                            let _ = unsafe { sys::uffd_protect(fd, u, self.page, false) };
+                        }
+                        u += self.page;
+                    }
+                }
+            }
+            // Async: what the parent had written since the newest checkpoint is written
+            // again (same bytes), so the next scan in the child finds it.
+            for w in m.work.iter() {
+                let mut p = w.start;
+                while p < w.end {
+                    // SAFETY: tracked, mapped, writable memory of the child's only thread;
+                    // the byte is written back unchanged.
+                    unsafe {
+                        let b = core::ptr::read_volatile(p as *const u8);
+                        core::ptr::write_volatile(p as *mut u8, b);
+                    }
+                    p += self.sub;
+                }
+            }
+        }
+        if mode == UffdMode::Sync {
+            self.uffd.server_started.store(false, Ordering::Release);
+            self.start_fault_server(F);
+        }
+    }
+
+    /// Starts the sync mode's fault server on a stack the library maps for itself.
+    fn start_fault_server(&self, function: &str) {
+        if self.uffd.server_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Some(stack) = sys::reserve(SERVER_STACK_BYTES) else {
+            crate::fatal!(function, "cannot map the fault server's stack")
+        };
+        self.meta.lock().add_own(crate::mem::Reservation {
+            base: stack as usize,
+            len: SERVER_STACK_BYTES,
+        });
+        let before = self.workers.registered();
+        // SAFETY: the stack is library memory reserved for this thread forever; the
+        // entry point only reads the never-freed engine.
+        if let Err(e) = unsafe {
+            sys::spawn(
+                stack,
+                SERVER_STACK_BYTES,
+                server_main,
+                self as *const Engine as *mut libc::c_void,
+            )
+        } {
+            crate::fatal!(
+                function,
+                "cannot start the userfaultfd fault server (error {})",
+                e
+            );
+        }
+        self.workers.wait_registered(before + 1);
+    }
+
+    /// Changes write access to `[start, start + len)`, tracked memory guarded by userfaultfd
+    /// (`uffd`) or mprotect. In async mode unprotecting is nothing to do: a write to an
+    /// armed page simply goes through.
+    ///
+    /// # Safety
+    /// The range is tracked host memory whose protection the engine owns, and when `write`
+    /// is true its pre-images are saved.
+    pub(super) unsafe fn set_access(
+        &self,
+        start: usize,
+        len: usize,
+        exec: bool,
+        uffd: bool,
+        write: bool,
+    ) -> Result<(), i32> {
+        if uffd {
+            if write && self.is_async() {
+                return Ok(());
+            }
+            let fd = self.uffd.fd.load(Ordering::Relaxed);
+            // SAFETY: per this function's contract.
+            return unsafe { sys::uffd_protect(fd, start, len, !write) };
+        }
+        let access = if write {
+            Access::ReadWrite { exec }
+        } else {
+            Access::Read { exec }
+        };
+        // SAFETY: per this function's contract.
+        unsafe { sys::protect(start, len, access) }
+    }
+
+    /// Registers a region about to be tracked with the userfaultfd, if one is open and
+    /// the region suits it: whole units only (a unit's protection is changed as one), and
+    /// a mapping type the mode accepts. `false` leaves it to mprotect.
+    pub(super) fn register_region(&self, r: Range) -> bool {
+        if self.uffd_mode().is_none()
+            || r.start % self.page != 0
+            || r.end % self.page != 0
+            || r.is_empty()
+        {
+            return false;
+        }
+        let fd = self.uffd.fd.load(Ordering::Relaxed);
+        if sys::uffd_register(fd, r.start, r.len()).is_err() {
+            return false;
+        }
+        self.uffd.uffd_bytes.fetch_add(r.len(), Ordering::Relaxed);
+        true
+    }
+
+    /// Stops guarding `r` with the userfaultfd: it is no longer tracked. Its base copies
+    /// are released.
+    pub(super) fn unregister_region(&self, r: Range) {
+        let fd = self.uffd.fd.load(Ordering::Relaxed);
+        let _ = sys::uffd_unregister(fd, r.start, r.len());
+        self.uffd.uffd_bytes.fetch_sub(
+            r.len().min(self.uffd.uffd_bytes.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        self.drop_base(r);
+    }
+
+    /// Releases the base copies of the units of `r`.
+    pub(super) fn drop_base(&self, r: Range) {
+        let Some(base) = &self.uffd.base else { return };
+        let mut u = self.page_base(r.start);
+        while u < r.end {
+            if let Some(w) = base.word(u) {
+                if let Some(s) = base_slot(w.swap(0, Ordering::AcqRel)) {
+                    self.pool.free(s);
+                    self.uffd.base_units.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            u += self.page;
+        }
+    }
+
+    /// Async mode, a region just armed: copies its populated units as their base (the
+    /// others are zero, which is what the absence of a base copy means).
+    pub(super) fn copy_base(&self, function: &str, r: Range) {
+        let Some(base) = &self.uffd.base else { return };
+        let pm = self.uffd.pagemap.load(Ordering::Relaxed);
+        let mut last = usize::MAX;
+        let res = sys::scan_populated(pm, r.start, r.end, |a, b| {
+            let mut u = self.page_base(a).max(self.page_base(r.start));
+            while u < b && u < r.end {
+                if u != last {
+                    last = u;
+                    let st = self.table.get(u);
+                    if st.tracked() && base.word(u).is_some_and(|w| w.load(Ordering::Relaxed) == 0)
+                    {
+                        let slot = self.alloc_slot(function);
+                        // SAFETY: a fresh slot of one unit; the unit's tracked spans are
+                        // mapped and readable.
+                        unsafe { self.copy_unit(u, st, slot, true) };
+                        self.set_base(u, Some(slot));
+                    }
+                }
+                u += self.page;
+            }
+        });
+        if let Err(e) = res {
+            crate::fatal!(
+                function,
+                "cannot scan tracked memory {:#x}-{:#x} for populated pages (errno {})",
+                r.start,
+                r.end,
+                e
+            );
+        }
+    }
+
+    fn alloc_slot(&self, function: &str) -> u32 {
+        match self.pool.alloc() {
+            Some(s) => s,
+            None => crate::fatal!(
+                function,
+                "out of page-copy slots ({} pages saved); erase or rewind checkpoints to free some",
+                self.pool.capacity()
+            ),
+        }
+    }
+
+    /// Replaces a unit's base copy, releasing the previous one.
+    pub(super) fn set_base(&self, unit: usize, slot: Option<u32>) {
+        let Some(base) = &self.uffd.base else { return };
+        let Some(w) = base.word(unit) else { return };
+        let old = w.swap(slot.map_or(0, |s| s + 1), Ordering::AcqRel);
+        match (base_slot(old), slot) {
+            (Some(o), _) => {
+                self.pool.free(o);
+                if slot.is_none() {
+                    self.uffd.base_units.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            (None, Some(_)) => {
+                self.uffd.base_units.fetch_add(1, Ordering::Relaxed);
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// Takes a unit's base copy out of the table (the caller now owns the slot).
+    fn take_base(&self, unit: usize) -> Option<u32> {
+        let base = self.uffd.base.as_ref()?;
+        let s = base_slot(base.word(unit)?.swap(0, Ordering::AcqRel))?;
+        self.uffd.base_units.fetch_sub(1, Ordering::Relaxed);
+        Some(s)
+    }
+
+    fn peek_base(&self, unit: usize) -> Option<u32> {
+        let base = self.uffd.base.as_ref()?;
+        base_slot(base.word(unit)?.load(Ordering::Acquire))
+    }
+
+    /// Calls `f(unit)` once for every tracked async unit written since it was last armed,
+    /// in address order; `rearm` arms them again in the same kernel call.
+    fn for_each_written(
+        &self,
+        function: &str,
+        regions: &[super::TrackedRegion],
+        rearm: bool,
+        mut f: impl FnMut(usize),
+    ) {
+        let pm = self.uffd.pagemap.load(Ordering::Relaxed);
+        for r in regions.iter().filter(|r| r.uffd) {
+            let mut last = usize::MAX;
+            let res = sys::scan_written(pm, r.range.start, r.range.end, rearm, |a, b| {
+                let mut u = self.page_base(a);
+                while u < b {
+                    if u != last {
+                        last = u;
+                        f(u);
+                    }
+                    u += self.page;
+                }
+            });
+            if let Err(e) = res {
+                crate::fatal!(
+                    function,
+                    "cannot scan tracked memory {:#x}-{:#x} for written pages (errno {}{})",
+                    r.range.start,
+                    r.range.end,
+                    e,
+                    if e == libc::EPERM {
+                        ": part of it was unmapped and mapped afresh by the program"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+    }
+
+    /// Async mode, at a checkpoint: every unit written since the newest checkpoint whose
+    /// bytes changed joins the dirty log with its base copy as its pre-image, and its
+    /// current bytes become its base. The scan arms the written pages again.
+    pub(super) fn collect_async(&self, function: &str, regions: &[super::TrackedRegion]) {
+        if !self.is_async() {
+            return;
+        }
+        self.for_each_written(function, regions, true, |u| {
+            let st = self.table.get(u);
+            if !st.tracked() || !st.uffd() || st.slot().is_some() {
+                return;
+            }
+            let old = self.peek_base(u);
+            // SAFETY: the unit is tracked and readable; `old` is its base slot.
+            let same = match old {
+                Some(s) => unsafe { self.unit_matches(u, st, s) },
+                None => unsafe { self.unit_is_zero(u, st) },
+            };
+            if same {
+                return;
+            }
+            let pre = match self.take_base(u) {
+                Some(s) => s,
+                None => {
+                    let s = self.alloc_slot(function);
+                    // SAFETY: a slot this thread holds, one unit long.
+                    unsafe {
+                        core::ptr::write_bytes(self.pool.bytes(s).as_mut_ptr(), 0, self.page)
+                    };
+                    s
+                }
+            };
+            let now = self.alloc_slot(function);
+            // SAFETY: a fresh slot; the unit is readable.
+            unsafe { self.copy_unit(u, st, now, true) };
+            self.set_base(u, Some(now));
+            self.table.set(u, st.with_slot(pre));
+            if !self.log.push(u) {
+                crate::fatal!(function, "the dirty-page log is full");
+            }
+        });
+    }
+
+    /// Async mode: whether any tracked unit was written since it was last armed.
+    pub(super) fn async_written_since_armed(
+        &self,
+        function: &str,
+        regions: &[super::TrackedRegion],
+    ) -> bool {
+        if !self.is_async() {
+            return false;
+        }
+        let mut any = false;
+        self.for_each_written(function, regions, false, |u| {
+            let st = self.table.get(u);
+            any |= st.tracked() && st.uffd();
+        });
+        any
+    }
+
+    /// Async mode, `RestoreMemoryToLastSavedCheckpoint`: every unit written since the
+    /// newest checkpoint gets its base copy back (or zeroes) and is armed again.
+    pub(super) fn restore_async_written(&self, function: &str, regions: &[super::TrackedRegion]) {
+        if !self.is_async() {
+            return;
+        }
+        let fd = self.uffd.fd.load(Ordering::Relaxed);
+        let mut run = (0usize, 0usize);
+        let arm = |a: usize, b: usize| {
+            if b > a {
+                // SAFETY: tracked units whose contents were just restored.
+                if let Err(e) = unsafe { sys::uffd_protect(fd, a, b - a, true) } {
+                    crate::fatal!(
+                        function,
+                        "cannot arm {:#x}+{:#x} again (errno {})",
+                        a,
+                        b - a,
+                        e
+                    );
+                }
+            }
+        };
+        self.for_each_written(function, regions, false, |u| {
+            let st = self.table.get(u);
+            if !st.tracked() || !st.uffd() {
+                return;
+            }
+            // SAFETY: the unit is tracked, mapped and writable (async units always are);
+            // nothing else runs while memory changes are disallowed.
+            unsafe {
+                match self.peek_base(u) {
+                    Some(s) => self.copy_unit(u, st, s, false),
+                    None => self.for_each_span(u, st, |a, len, _| {
+                        core::ptr::write_bytes(a as *mut u8, 0, len)
+                    }),
+                }
+            }
+            if run.1 == u {
+                run.1 = u + self.page;
+            } else {
+                arm(run.0, run.1);
+                run = (u, u + self.page);
+            }
+        });
+        arm(run.0, run.1);
+    }
+
+    /// Whether a unit's tracked bytes are all zero.
+    ///
+    /// # Safety
+    /// The unit's tracked spans are mapped and readable.
+    unsafe fn unit_is_zero(&self, unit: usize, st: PageState) -> bool {
+        let mut zero = true;
+        self.for_each_span(unit, st, |a, len, _| {
+            // SAFETY: per the function's contract.
+            let bytes = unsafe { core::slice::from_raw_parts(a as *const u8, len) };
+            zero = zero && bytes.iter().all(|&b| b == 0);
+        });
+        zero
+    }
+
+    /// A restored async unit's pre-image becomes its base copy (instead of returning to
+    /// the pool); returns the slot to release instead, if any.
+    pub(super) fn rebase(&self, unit: usize, slot: u32) -> Option<u32> {
+        let base = self.uffd.base.as_ref()?;
+        let w = base.word(unit)?;
+        let old = base_slot(w.swap(slot + 1, Ordering::AcqRel));
+        if old.is_none() {
+            self.uffd.base_units.fetch_add(1, Ordering::Relaxed);
+        }
+        old
+    }
+
+    /// Whether the mapping piece `piece` of a userfaultfd-guarded region is still
+    /// registered: memory the program unmapped and mapped afresh is not, and its writes
+    /// would go unseen (the mprotect backend notices the same thing as a clean page that
+    /// became writable). One page is probed per piece, without disturbing its state:
+    /// async mode scans it (the kernel refuses to scan unregistered memory), sync mode
+    /// arms a clean unit again, which is a no-op on registered memory and fails on
+    /// unregistered memory; a piece without a clean unit was just re-armed by its
+    /// checkpoint, which fails the same way.
+    pub(super) fn uffd_piece_registered(&self, piece: Range) -> bool {
+        if piece.is_empty() {
+            return true;
+        }
+        if self.is_async() {
+            let pm = self.uffd.pagemap.load(Ordering::Relaxed);
+            let probe = piece.start + self.sub;
+            return sys::scan_written(pm, piece.start, probe.min(piece.end), false, |_, _| {})
+                != Err(libc::EPERM);
+        }
+        let fd = self.uffd.fd.load(Ordering::Relaxed);
+        let mut u = self.page_base(piece.start);
+        while u < piece.end {
+            let st = self.table.get(u);
+            if st.tracked() && st.slot().is_none() && !st.busy() {
+                // SAFETY: a clean tracked unit, armed already (arming it is a no-op).
+                return unsafe { sys::uffd_protect(fd, u, self.page, true) } != Err(libc::ENOENT);
+            }
+            u += self.page;
+        }
+        true
+    }
+
+    /// The sync fault server's answer to one fault.
+    fn serve_fault(&self, addr: usize, tid: u64) -> bool {
+        // Named as the original names its fault path, whatever caught the fault.
+        self.resolve("HandleDirtyMemoryFault", addr, tid, true)
+    }
+
+    pub fn base_bytes(&self) -> usize {
+        self.uffd.base_units.load(Ordering::Relaxed) * self.page
+    }
+}
+
+extern "C" fn before_fork() {
+    if let Some(e) = super::get() {
+        e.prepare_fork();
+    }
+}
+
+extern "C" fn after_fork_in_parent() {
+    if let Some(e) = super::get() {
+        // SAFETY: `before_fork` left the lock held, on this thread, across fork().
+        unsafe { e.meta.force_unlock() };
+    }
+}
+
+extern "C" fn after_fork_in_child() {
+    if let Some(e) = super::get() {
+        // SAFETY: as in the parent: the child's only thread inherited the held lock.
+        unsafe { e.meta.force_unlock() };
+        e.rebuild_after_fork();
+    }
+}
+
+extern "C" fn server_main(arg: *mut libc::c_void) -> *mut libc::c_void {
+    // SAFETY: the argument is the never-freed engine.
+    let engine: &'static Engine = unsafe { &*(arg as *const Engine) };
+    engine.workers.register_own_thread();
+    let fd = engine.uffd.fd.load(Ordering::Relaxed);
+    let spin = engine.uffd.spin_ns.load(Ordering::Relaxed);
+    sys::uffd_serve(fd, spin, &engine.uffd.counters, &|addr, tid| {
+        engine.serve_fault(addr, tid)
+    })
+}
