@@ -273,8 +273,60 @@ impl Engine {
     }
 
     /// Starts tracking `region`: marks its pages and write-protects it.
+    ///
+    /// With a userfaultfd open, the whole snapshot pages inside the region are offered to
+    /// it; a head or tail that shares a snapshot page with other memory stays on mprotect
+    /// (a unit's protection changes as one, through one mechanism).
     pub(super) fn track(&self, function: &str, m: &mut Meta, region: TrackedRegion) {
-        let uffd = self.register_region(region.range);
+        let r = region.range;
+        if self.uffd_mode().is_some() {
+            let lo = crate::mem::round_up(r.start, self.page).unwrap_or(r.end);
+            let hi = r.end & !(self.page - 1);
+            if lo < hi {
+                if r.start < lo {
+                    let head = Range::new(r.start, lo);
+                    self.track_piece(
+                        function,
+                        m,
+                        TrackedRegion {
+                            range: head,
+                            ..region
+                        },
+                        false,
+                    );
+                }
+                let mid = Range::new(lo, hi);
+                let uffd = self.register_region(mid);
+                self.track_piece(
+                    function,
+                    m,
+                    TrackedRegion {
+                        range: mid,
+                        ..region
+                    },
+                    uffd,
+                );
+                if hi < r.end {
+                    let tail = Range::new(hi, r.end);
+                    self.track_piece(
+                        function,
+                        m,
+                        TrackedRegion {
+                            range: tail,
+                            ..region
+                        },
+                        false,
+                    );
+                }
+                return;
+            }
+        }
+        self.track_piece(function, m, region, false);
+    }
+
+    /// Tracks one piece of a region, guarded by userfaultfd (`uffd`, registered already)
+    /// or mprotect.
+    fn track_piece(&self, function: &str, m: &mut Meta, region: TrackedRegion, uffd: bool) {
         let region = TrackedRegion { uffd, ..region };
         self.mark(region.range, region.exec, uffd);
         m.insert_region(region);

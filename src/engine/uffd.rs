@@ -400,6 +400,30 @@ impl Engine {
         unsafe { sys::protect(start, len, access) }
     }
 
+    /// Makes `[start, start + len)` writable for a restore to copy into. Unlike
+    /// [`Engine::set_access`], a thread blocked on a userfaultfd-guarded page stays
+    /// blocked: its write must wait until the page holds its restored bytes and is armed
+    /// again, then be served as a first write (with mprotect the same writer waits in the
+    /// signal handler for memory changes to be allowed).
+    ///
+    /// # Safety
+    /// As for [`Engine::set_access`].
+    pub(super) unsafe fn open_for_restore(
+        &self,
+        start: usize,
+        len: usize,
+        exec: bool,
+        uffd: bool,
+    ) -> Result<(), i32> {
+        if uffd && !self.is_async() {
+            let fd = self.uffd.fd.load(Ordering::Relaxed);
+            // SAFETY: per this function's contract.
+            return unsafe { sys::uffd_disarm_quietly(fd, start, len) };
+        }
+        // SAFETY: per this function's contract.
+        unsafe { self.set_access(start, len, exec, uffd, true) }
+    }
+
     /// Registers a region about to be tracked with the userfaultfd, if one is open and
     /// the region suits it: whole units only (a unit's protection is changed as one), and
     /// a mapping type the mode accepts. `false` leaves it to mprotect.

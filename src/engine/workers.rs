@@ -298,7 +298,7 @@ impl Engine {
                     // SAFETY: tracked host pages about to get their saved bytes back;
                     // nothing runs on them while the controller holds memory changes
                     // disallowed.
-                    unsafe { self.set_access(start, len, st.exec(), st.uffd(), true) }
+                    unsafe { self.open_for_restore(start, len, st.exec(), st.uffd()) }
                         .map_err(|e| (start, len, e))
                 };
                 if let Err((at, len, e)) = result {

@@ -81,6 +81,7 @@ pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 /// userfaultfd(2) flag: only faults raised in user mode are delivered.
 const UFFD_USER_MODE_ONLY: i32 = 1;
 
@@ -550,6 +551,32 @@ pub unsafe fn uffd_protect(fd: i32, start: usize, len: usize, wp: bool) -> Resul
     };
     // SAFETY: UFFDIO_WRITEPROTECT reads the struct on this frame; the caller owns the
     // protection of the range.
+    unsafe {
+        ioctl(
+            fd,
+            UFFDIO_WRITEPROTECT,
+            &mut w as *mut UffdioWriteprotect as usize,
+        )
+    }
+    .map(|_| ())
+}
+
+/// Disarms `[start, start + len)` without waking threads blocked on it
+/// (`UFFDIO_WRITEPROTECT_MODE_DONTWAKE`): a restore opens pages to copy into them while a
+/// writer's fault on one may be queued, and that writer must stay blocked until the page
+/// is armed again and its fault is served properly.
+///
+/// # Safety
+/// As for [`uffd_protect`].
+pub unsafe fn uffd_disarm_quietly(fd: i32, start: usize, len: usize) -> Result<(), i32> {
+    let mut w = UffdioWriteprotect {
+        range: UffdioRange {
+            start: start as u64,
+            len: len as u64,
+        },
+        mode: UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+    };
+    // SAFETY: as in `uffd_protect`.
     unsafe {
         ioctl(
             fd,

@@ -478,6 +478,12 @@ mod uffd {
         Err(libc::ENOSYS)
     }
 
+    /// # Safety
+    /// None needed: nothing happens.
+    pub unsafe fn uffd_disarm_quietly(_fd: i32, _start: usize, _len: usize) -> Result<(), i32> {
+        Err(libc::ENOSYS)
+    }
+
     pub fn pagemap_open() -> Result<i32, i32> {
         Err(libc::ENOSYS)
     }
