@@ -140,19 +140,46 @@ fn main() {
         .collect();
     let shared = child::map_shared(1 << 20);
     let t_start = Instant::now();
+    // Asked once per mechanism, in a child (probing userfaultfd opens descriptors); an
+    // unavailable mechanism is recorded with the reason and never run.
+    let unavailable: Vec<Option<String>> = mechanisms
+        .iter()
+        .map(|m| {
+            let s = child::in_child(|r| {
+                if let Some(why) = m.unavailable() {
+                    r.text("unavailable", &why);
+                }
+            });
+            s.text.get("unavailable").cloned()
+        })
+        .collect();
+    for (m, why) in mechanisms.iter().zip(&unavailable) {
+        if let Some(why) = why {
+            eprintln!("bench: {} is unavailable here: {why}", m.name());
+        }
+    }
     let mut records: Vec<Record> = vec![];
     for w in &plan {
         let t0 = Instant::now();
         let first = records.len();
-        for m in mechanisms.iter().filter(|m| m.supports(w)) {
+        let runs: Vec<_> = mechanisms
+            .iter()
+            .zip(&unavailable)
+            .filter(|(m, _)| m.supports(w))
+            .collect();
+        for (m, why) in &runs {
             records.push(Record {
                 workload: w.clone(),
                 mechanism: m.name(),
+                unavailable: (*why).clone(),
                 samples: vec![],
             });
         }
-        for _ in 0..workloads::reps(w.heap(), quick) {
-            for (i, m) in (first..).zip(mechanisms.iter().filter(|m| m.supports(w))) {
+        for _ in 0..workloads::reps(w, quick) {
+            for (i, (m, why)) in (first..).zip(&runs) {
+                if why.is_some() {
+                    continue;
+                }
                 shared.fill(0);
                 let mut s = child::in_child(|r| m.run(w, shared, r));
                 if matches!(w, Workload::Maps { .. }) && !s.nums.contains_key("max_maps") {
@@ -178,7 +205,7 @@ fn main() {
         "run_seconds".into(),
         format!("{:.1}", t_start.elapsed().as_secs_f64()),
     );
-    let ratios = report::ratios(&records, "memsnap");
+    let ratios = report::all_ratios(&records);
     println!("{}", report::table(&records, &ratios));
     println!(
         "run: {:.1}s, load average at start {} / end {}",

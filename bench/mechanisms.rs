@@ -27,24 +27,55 @@ pub trait Mechanism {
     /// Runs `w` once, in a child. `shared` is MAP_SHARED memory the parent reads even if
     /// the child dies. Reports the `#backend` text field and the workload's metrics.
     fn run(&self, w: &Workload, shared: &mut [u8], r: &mut Report);
+    /// Why this mechanism cannot run on this machine, if it cannot. Called in a child, so
+    /// probing leaves the parent as it was.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
+}
+
+/// The memsnap backends' own workloads, and the sync backend's wake-up study.
+fn memsnap_workloads(w: &Workload) -> bool {
+    !matches!(w, Workload::PageCopy | Workload::Wakeup { .. })
+}
+fn uffd_workloads(w: &Workload) -> bool {
+    !matches!(w, Workload::PageCopy)
+}
+fn wakeup_only(w: &Workload) -> bool {
+    matches!(w, Workload::Wakeup { .. })
 }
 
 pub fn all() -> Vec<Box<dyn Mechanism>> {
     vec![
         Box::new(Memsnap {
             label: "memsnap",
-            env: &[("MEMSNAP_BACKEND", "mprotect")],
+            backend: MemsnapBackendRequest::Mprotect,
+            env: &[],
             configure: || {},
+            workloads: memsnap_workloads,
         }),
         Box::new(Memsnap {
             label: "memsnap-uffd",
-            env: &[("MEMSNAP_BACKEND", "uffd")],
+            backend: MemsnapBackendRequest::Uffd,
+            env: &[],
             configure: || {},
+            workloads: uffd_workloads,
+        }),
+        // The sync backend with a fault server that sleeps after every message: each
+        // fault pays a full wake-up.
+        Box::new(Memsnap {
+            label: "memsnap-uffd-spin0",
+            backend: MemsnapBackendRequest::Uffd,
+            env: &[("MEMSNAP_UFFD_SPIN_US", "0")],
+            configure: || {},
+            workloads: wakeup_only,
         }),
         Box::new(Memsnap {
             label: "memsnap-uffd-async",
-            env: &[("MEMSNAP_BACKEND", "uffd-async")],
+            backend: MemsnapBackendRequest::UffdAsync,
+            env: &[],
             configure: || {},
+            workloads: memsnap_workloads,
         }),
         Box::new(ForkCow),
         Box::new(FullCopy),
@@ -122,13 +153,16 @@ fn fork_and_wait(f: impl FnOnce()) -> f64 {
 // ---------------------------------------------------------------------------------------
 
 /// memsnap through its C ABI, as a host uses it: whole-process tracking, the heap from
-/// AllocateMemory(Tracked). `env` is set before InitializeMemorySnapshots (backend or
-/// granularity selection).
+/// AllocateMemory(Tracked). `backend` is asked for with memsnap_set_backend and `env` is
+/// set before InitializeMemorySnapshots (settings with no API, such as the fault
+/// server's spin).
 pub struct Memsnap {
     pub label: &'static str,
+    pub backend: MemsnapBackendRequest,
     pub env: &'static [(&'static str, &'static str)],
     /// Settings applied right after InitializeMemorySnapshots (memsnap_set_* calls).
     pub configure: fn(),
+    pub workloads: fn(&Workload) -> bool,
 }
 
 /// A tracked heap, committed, before the first snapshot; plus untracked scratch memory the
@@ -160,13 +194,52 @@ fn backend_name(b: MemsnapBackend) -> &'static str {
     }
 }
 
+fn backend_choice(b: MemsnapBackendRequest) -> memsnap::engine::BackendChoice {
+    use memsnap::engine::BackendChoice;
+    match b {
+        MemsnapBackendRequest::Auto => BackendChoice::Auto,
+        MemsnapBackendRequest::Mprotect => BackendChoice::Mprotect,
+        MemsnapBackendRequest::Uffd => BackendChoice::Uffd,
+        MemsnapBackendRequest::UffdAsync => BackendChoice::UffdAsync,
+    }
+}
+
+/// Binds the calling thread (the whole process, as long as it has only this one) to the
+/// CPU it is running on, so that threads it creates later inherit that single CPU.
+fn pin_to_current_cpu() -> i32 {
+    // SAFETY: sched_getcpu has no preconditions; the cpu_set_t is zeroed, then filled by
+    // CPU_SET with an index the kernel just returned, and passed with its own size.
+    unsafe {
+        let cpu = libc::sched_getcpu().max(0);
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(rc, 0, "sched_setaffinity failed");
+        cpu
+    }
+}
+
 impl Memsnap {
-    fn host(&self, heap: usize) -> Host {
+    /// Selects the backend and initializes memsnap. `false` (with `#unavailable` reported)
+    /// when this machine cannot provide the backend.
+    fn init(&self, r: &mut Report) -> bool {
         for (k, v) in self.env {
             std::env::set_var(k, v);
         }
+        let st = memsnap_set_backend(MemsnapBackendRequestArg(self.backend as libc::c_int));
+        if st != MemsnapStatus::Ok {
+            let why = memsnap::engine::backend_unavailable(backend_choice(self.backend))
+                .unwrap_or("memsnap_set_backend refused it");
+            r.text("unavailable", why);
+            return false;
+        }
         InitializeMemorySnapshots();
         (self.configure)();
+        true
+    }
+
+    /// The tracked heap, after [`Memsnap::init`].
+    fn host(&self, heap: usize) -> Host {
         let page = memsnap_page_size();
         let base = AllocateMemory(heap, TRACKED) as *mut u8;
         // SAFETY: AllocateMemory returned `heap` bytes of readable, writable memory.
@@ -195,6 +268,8 @@ fn describe(s: &MemsnapStats, r: &mut Report) {
     r.text("backend", backend_name(s.backend));
     r.num("page_size", s.page_size as f64);
     r.num("restore_threads", s.restore_threads as f64);
+    r.num("uffd_tracked_bytes", s.uffd_tracked_bytes as f64);
+    r.num("base_copy_bytes", s.base_copy_bytes as f64);
 }
 
 fn rewind_all(levels: usize) -> (f64, f64) {
@@ -217,10 +292,23 @@ impl Mechanism for Memsnap {
     }
 
     fn supports(&self, w: &Workload) -> bool {
-        !matches!(w, Workload::PageCopy)
+        (self.workloads)(w)
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        memsnap::engine::backend_unavailable(backend_choice(self.backend)).map(String::from)
     }
 
     fn run(&self, w: &Workload, shared: &mut [u8], r: &mut Report) {
+        if let Workload::Wakeup { pinned: true, .. } = w {
+            // Before initialization: the fault server, created at the first snapshot,
+            // inherits the single CPU.
+            r.num("pinned_cpu", pin_to_current_cpu() as f64);
+        }
+        // The overhead workload measures initialization too, so it initializes itself.
+        if !matches!(w, Workload::Overhead { .. }) && !self.init(r) {
+            return;
+        }
         match *w {
             Workload::FirstWrite {
                 heap,
@@ -318,15 +406,21 @@ impl Mechanism for Memsnap {
                 let base = child::map_private(heap);
                 child::touch(base, child::os_page());
                 let rss0 = child::status_bytes(scratch, "VmRSS");
-                InitializeMemorySnapshots();
-                (self.configure)();
+                if !self.init(r) {
+                    return;
+                }
                 memsnap_untrack_region(scratch.as_mut_ptr() as *mut _, scratch.len());
                 let first = self.first_snapshot();
                 describe(&first, r);
                 let rss1 = child::status_bytes(scratch, "VmRSS");
                 let s = stats();
                 let gib = s.tracked_bytes as f64 / (1u64 << 30) as f64;
+                // uffd-async's base copy is a copy of the tracked heap, counted in own_bytes.
                 r.num("own_bytes", rss1 - rss0)
+                    .num(
+                        "own_bytes_less_base_copy",
+                        rss1 - rss0 - s.base_copy_bytes as f64,
+                    )
                     .num("tracked_bytes", s.tracked_bytes as f64)
                     .num("own_bytes_per_tracked_gib", (rss1 - rss0) / gib);
             }
@@ -338,9 +432,122 @@ impl Mechanism for Memsnap {
                 r.flush();
                 map_curve(h.base, h.scratch, &offsets, shared, r);
             }
+            Workload::Cycle { heap, fraction } => {
+                let h = self.host(heap);
+                let sets = cycle_sets(heap, h.page, fraction);
+                let k: usize = sets.iter().map(|s| s.len()).sum();
+                let page = h.page;
+                // The kernel writes one page of the heap in read(2), outside the timed
+                // cycles: a page no cycle writes, so its restore is checked on its own.
+                let probe = (0..heap / page)
+                    .map(|p| p * page)
+                    .find(|o| sets.iter().all(|s| !s.contains(o)))
+                    .expect("a page outside the cycles");
+                let fds = pipe_with(b"memsnap!");
+                let first = self.first_snapshot();
+                // C1: the harness's own writes since the first snapshot land in this one.
+                TakeDiffMemorySnapshot();
+                let (mut write, mut ckpt, mut total) = (0.0, 0.0, 0.0);
+                let mut ok = true;
+                for set in &sets {
+                    let t0 = Instant::now();
+                    for &o in set {
+                        dirty(h.base, o);
+                    }
+                    let w = ns_since(t0);
+                    TakeDiffMemorySnapshot();
+                    let c = ns_since(t0);
+                    rewind_all(1);
+                    let t = ns_since(t0);
+                    write += w;
+                    ckpt += c - w;
+                    total += t;
+                    // SAFETY: offsets inside the tracked heap; touch wrote 1 at each.
+                    ok &= set.iter().all(|&o| unsafe { *h.base.add(o) } == 1);
+                }
+                let before = stats();
+                // SAFETY: reading 8 bytes into the tracked heap at an in-bounds offset
+                // (the page is at least 8 bytes); the pipe holds exactly those bytes.
+                let n = unsafe { libc::read(fds.0, h.base.add(probe) as *mut _, 8) };
+                let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                // SAFETY: the 8 bytes just read (or left alone) inside the heap.
+                let got = unsafe { std::slice::from_raw_parts(h.base.add(probe), 8) };
+                let read_ok = n == 8 && got == b"memsnap!";
+                TakeDiffMemorySnapshot();
+                rewind_all(1);
+                // SAFETY: as above; touch wrote 1 then zeros.
+                let back = unsafe { std::slice::from_raw_parts(h.base.add(probe), 8) };
+                let read_restored = back == [1, 0, 0, 0, 0, 0, 0, 0];
+                let s = stats();
+                describe(&first, r);
+                let kf = k as f64;
+                r.num("cycle_ns_per_dirty_page", total / kf)
+                    .num("write_ns_per_page", write / kf)
+                    .num("checkpoint_ns_per_page", ckpt / kf)
+                    .num("restore_ns_per_page", (total - write - ckpt) / kf)
+                    .num("dirty_pages", (k / sets.len()) as f64)
+                    .num("cycles", sets.len() as f64)
+                    .num("verified", if ok && read_restored { 1.0 } else { 0.0 })
+                    .num("read_into_tracked", if read_ok { 1.0 } else { 0.0 })
+                    .num("read_errno", if n == 8 { 0.0 } else { errno as f64 })
+                    .num(
+                        "read_faults",
+                        (s.faults_handled - before.faults_handled) as f64,
+                    );
+            }
+            Workload::Wakeup { heap, pages, .. } => {
+                let h = self.host(heap);
+                let offsets = first_write_offsets(heap, h.page, Order::Random, Some(pages));
+                let first = self.first_snapshot();
+                let before = stats();
+                let base = h.base as usize;
+                let (ns, cpu) = child::timed_threads(1, |t| write_split(base, &offsets, 1, t));
+                let s = stats();
+                let faults = (s.faults_handled - before.faults_handled).max(1) as f64;
+                describe(&first, r);
+                r.num("ns_per_page", ns / offsets.len() as f64)
+                    .num("cpu_ns_per_page", cpu / offsets.len() as f64)
+                    .num("faults", faults)
+                    .num(
+                        "wakeups_per_fault",
+                        (s.uffd_server_wakeups - before.uffd_server_wakeups) as f64 / faults,
+                    )
+                    .num(
+                        "spin_hits_per_fault",
+                        (s.uffd_spin_hits - before.uffd_spin_hits) as f64 / faults,
+                    );
+            }
             Workload::PageCopy => unreachable!(),
         }
     }
+}
+
+/// The cycle workload's page sets: `CYCLES` independent random subsets of `fraction` of
+/// the heap's pages, each in random write order, as byte offsets.
+const CYCLES: u64 = 3;
+fn cycle_sets(heap: usize, page: usize, fraction: f64) -> Vec<Vec<usize>> {
+    let pages = heap / page;
+    let k = ((pages as f64 * fraction).round() as usize).max(1);
+    (0..CYCLES)
+        .map(|c| {
+            let mut v = child::permutation(pages, SEED + 100 + c);
+            v.truncate(k);
+            v.iter().map(|p| p * page).collect()
+        })
+        .collect()
+}
+
+/// A pipe holding `bytes`, for a read(2) into tracked memory: (read end, write end).
+fn pipe_with(bytes: &[u8]) -> (i32, i32) {
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid two-element array; writing a live buffer to our own pipe
+    // (far below the pipe's capacity, so it does not block).
+    unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0, "pipe failed");
+        let n = libc::write(fds[1], bytes.as_ptr() as *const _, bytes.len());
+        assert_eq!(n, bytes.len() as isize);
+    }
+    (fds[0], fds[1])
 }
 
 /// Writes `offsets` in order, recording in `shared` after every step: slot 0 = samples,
@@ -384,7 +591,10 @@ impl Mechanism for ForkCow {
     fn supports(&self, w: &Workload) -> bool {
         matches!(
             w,
-            Workload::FirstWrite { .. } | Workload::Checkpoint { .. } | Workload::Maps { .. }
+            Workload::FirstWrite { .. }
+                | Workload::Checkpoint { .. }
+                | Workload::Maps { .. }
+                | Workload::Cycle { .. }
         )
     }
 
@@ -447,6 +657,26 @@ impl Mechanism for ForkCow {
                     .num("max_maps", *shared_f64(shared, 1))
                     .num("pages_written", offsets.len() as f64)
                     .num("completed", 1.0);
+            }
+            Workload::Cycle { fraction, .. } => {
+                // The same page sets as memsnap's cycles: fork() is the checkpoint, the
+                // child's first writes the interval, its exit (and our wait) the rewind.
+                let sets = cycle_sets(heap, page, fraction);
+                let k: usize = sets.iter().map(|s| s.len()).sum();
+                let (mut write, mut total) = (0.0, 0.0);
+                for set in &sets {
+                    let t0 = Instant::now();
+                    fork_and_wait(|| {
+                        *shared_f64(shared, 0) = write_all(base as *mut u8, set);
+                    });
+                    total += ns_since(t0);
+                    write += *shared_f64(shared, 0);
+                }
+                let kf = k as f64;
+                r.num("cycle_ns_per_dirty_page", total / kf)
+                    .num("write_ns_per_page", write / kf)
+                    .num("dirty_pages", (k / sets.len()) as f64)
+                    .num("cycles", sets.len() as f64);
             }
             _ => unreachable!(),
         }

@@ -11,6 +11,8 @@ use crate::workloads::{size_name, Order, Workload};
 pub struct Record {
     pub workload: Workload,
     pub mechanism: String,
+    /// Why the mechanism could not run here (then there are no samples).
+    pub unavailable: Option<String>,
     pub samples: Vec<Sample>,
 }
 
@@ -28,6 +30,15 @@ impl Record {
             .iter()
             .find_map(|s| s.text.get("backend").cloned())
             .unwrap_or_else(|| "-".into())
+    }
+
+    /// Why the mechanism could not run: known before running, or reported by a child.
+    pub fn unavailable(&self) -> Option<String> {
+        self.unavailable.clone().or_else(|| {
+            self.samples
+                .iter()
+                .find_map(|s| s.text.get("unavailable").cloned())
+        })
     }
 
     pub fn metric(&self, key: &str) -> Option<Summary> {
@@ -94,6 +105,96 @@ fn find<'a>(
 
 fn ratio_of(a: Option<&Record>, ak: &str, b: Option<&Record>, bk: &str) -> Option<f64> {
     Some(a?.metric(ak)?.median / b?.metric(bk)?.median)
+}
+
+/// The ratios for every memsnap backend, then the comparisons across backends.
+pub fn all_ratios(records: &[Record]) -> Vec<Ratio> {
+    let mut labels: Vec<&str> = vec![];
+    for r in records {
+        if r.mechanism.starts_with("memsnap") && !labels.contains(&r.mechanism.as_str()) {
+            labels.push(&r.mechanism);
+        }
+    }
+    let mut out = vec![];
+    let ran = |label: &str| {
+        records
+            .iter()
+            .any(|r| r.mechanism == label && r.unavailable().is_none())
+    };
+    for label in labels.iter().filter(|l| ran(l)) {
+        for mut q in ratios(records, label) {
+            q.name = format!("[{label}] {}", q.name);
+            out.push(q);
+        }
+    }
+    out.extend(best_cycle(records, &labels));
+    out.extend(wakeups(records));
+    out
+}
+
+fn fork_cycle(records: &[Record], heap: usize, fraction: f64) -> Option<&Record> {
+    find(
+        records,
+        "fork-cow",
+        |w| matches!(*w, Workload::Cycle { heap: h, fraction: f } if h == heap && f == fraction),
+    )
+}
+
+/// The target: the best backend's whole cycle per dirty page below fork COW's
+/// first write per page, with read(2) into tracked memory working under that backend.
+fn best_cycle(records: &[Record], labels: &[&str]) -> Vec<Ratio> {
+    let mut out = vec![];
+    let mut seen: Vec<(usize, u64)> = vec![];
+    for r in records {
+        let Workload::Cycle { heap, fraction } = r.workload else {
+            continue;
+        };
+        if seen.contains(&(heap, fraction.to_bits())) {
+            continue;
+        }
+        seen.push((heap, fraction.to_bits()));
+        let fork = fork_cycle(records, heap, fraction);
+        let best = records
+            .iter()
+            .filter(|q| labels.contains(&q.mechanism.as_str()))
+            .filter(|q| matches!(q.workload, Workload::Cycle { heap: h, fraction: f } if h == heap && f == fraction))
+            .filter(|q| q.metric("read_into_tracked").is_some_and(|m| m.min == 1.0))
+            .filter_map(|q| Some((q, q.metric("cycle_ns_per_dirty_page")?.median)))
+            .min_by(|a, b| a.1.partial_cmp(&b.1).unwrap());
+        out.push(Ratio {
+            name: format!(
+                "best backend with read(2) working ({}): cycle / fork COW first write ({}, {} dirty)",
+                best.map_or("none".to_string(), |b| b.0.mechanism.clone()),
+                size_name(heap),
+                crate::workloads::pct(fraction)
+            ),
+            value: ratio_of(best.map(|b| b.0), "cycle_ns_per_dirty_page", fork, "write_ns_per_page"),
+            target: Some(1.0),
+        });
+    }
+    out
+}
+
+/// The sync backend's cross-CPU wake-up: unpinned over pinned, per spin setting.
+fn wakeups(records: &[Record]) -> Vec<Ratio> {
+    let mut out = vec![];
+    for r in records {
+        let Workload::Wakeup { pinned: false, .. } = r.workload else {
+            continue;
+        };
+        let pinned = find(records, &r.mechanism, |w| {
+            matches!(w, Workload::Wakeup { pinned: true, .. })
+        });
+        out.push(Ratio {
+            name: format!(
+                "[{}] sync uffd first write, unpinned / pinned to one CPU",
+                r.mechanism
+            ),
+            value: ratio_of(Some(r), "ns_per_page", pinned, "ns_per_page"),
+            target: None,
+        });
+    }
+    out
 }
 
 pub fn ratios(records: &[Record], memsnap: &str) -> Vec<Ratio> {
@@ -168,6 +269,37 @@ pub fn ratios(records: &[Record], memsnap: &str) -> Vec<Ratio> {
                     target: Some(2.0),
                 });
             }
+            Workload::Cycle { heap, fraction } => {
+                let fork = fork_cycle(records, heap, fraction);
+                out.push(Ratio {
+                    name: format!(
+                        "cycle per dirty page / fork COW first write ({}, {} dirty)",
+                        size_name(heap),
+                        crate::workloads::pct(fraction)
+                    ),
+                    value: ratio_of(
+                        Some(r),
+                        "cycle_ns_per_dirty_page",
+                        fork,
+                        "write_ns_per_page",
+                    ),
+                    target: None,
+                });
+                out.push(Ratio {
+                    name: format!(
+                        "  cycle / fork COW cycle, fork + first writes + exit ({}, {} dirty)",
+                        size_name(heap),
+                        crate::workloads::pct(fraction)
+                    ),
+                    value: ratio_of(
+                        Some(r),
+                        "cycle_ns_per_dirty_page",
+                        fork,
+                        "cycle_ns_per_dirty_page",
+                    ),
+                    target: None,
+                });
+            }
             _ => {}
         }
     }
@@ -237,6 +369,19 @@ pub fn table(records: &[Record], ratios: &[Ratio]) -> String {
                 fmt_value(key, s.max),
             ]);
         }
+        if r.unavailable().is_some() {
+            rows.push([
+                r.workload.name().into(),
+                size_name(r.workload.heap()),
+                params_text(&r.workload),
+                r.mechanism.clone(),
+                "-".into(),
+                "unavailable (below)".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
         let failed = r.failures().len();
         if failed > 0 {
             rows.push([
@@ -271,6 +416,13 @@ pub fn table(records: &[Record], ratios: &[Ratio]) -> String {
         if i == 0 {
             out.push_str(&"-".repeat(widths.iter().sum::<usize>() + 18));
             out.push('\n');
+        }
+    }
+    let mut told: Vec<&str> = vec![];
+    for r in records {
+        if let (Some(why), false) = (r.unavailable(), told.contains(&r.mechanism.as_str())) {
+            told.push(&r.mechanism);
+            let _ = writeln!(out, "\n{} is unavailable here: {why}", r.mechanism);
         }
     }
     for r in records {
@@ -374,7 +526,9 @@ pub fn json(records: &[Record], ratios: &[Ratio], machine: &BTreeMap<String, Str
                 })
                 .collect();
             s.push_str(&ms.join(","));
-            s.push_str("},\n     \"failures\": [");
+            s.push_str("},\n     \"unavailable\": ");
+            s.push_str(&r.unavailable().map_or("null".into(), |w| js(&w)));
+            s.push_str(",\n     \"failures\": [");
             let fs: Vec<String> = r.failures().iter().map(|f| js(f)).collect();
             s.push_str(&fs.join(", "));
             s.push(']');

@@ -7,10 +7,10 @@ use std::fmt::Write as _;
 use crate::report::Record;
 use crate::workloads::{size_name, Workload, GIB};
 
-const W: f64 = 860.0;
+const W: f64 = 960.0;
 const H: f64 = 540.0;
 const LEFT: f64 = 80.0;
-const RIGHT: f64 = 250.0;
+const RIGHT: f64 = 350.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
 const COLORS: [&str; 6] = [

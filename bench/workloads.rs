@@ -53,6 +53,22 @@ pub enum Workload {
     /// One page copied with memcpy (pages of a 64 MiB buffer in random order, and one hot
     /// page).
     PageCopy,
+    /// The whole price of a dirty page over one checkpoint interval and a rewind, from a
+    /// diff checkpoint C1: first writes to `fraction` of the heap's pages (random order),
+    /// TakeDiffMemorySnapshot (C2), then the rewind back to C1 as the host protocol does
+    /// it (changes disallowed; RestoreMemoryToLastSavedCheckpoint, which finds the active
+    /// set empty; RestoreMemoryToLastSavedDiffCheckpoint, which restores the pages;
+    /// changes allowed; FixupFreeRegionsAfterRewind), timed as a whole and divided by the
+    /// pages written. Fork's counterpart: fork(), the child's first writes, its exit.
+    Cycle { heap: usize, fraction: f64 },
+    /// The synchronous uffd fault path's cross-CPU cost: first writes to `pages` random
+    /// pages from one thread, with the process (and so the fault server it starts) pinned
+    /// to the CPU it runs on, or free to run the server on another CPU.
+    Wakeup {
+        heap: usize,
+        pages: usize,
+        pinned: bool,
+    },
 }
 
 impl Workload {
@@ -64,6 +80,8 @@ impl Workload {
             Workload::Overhead { .. } => "overhead",
             Workload::Maps { .. } => "map_count",
             Workload::PageCopy => "page_copy",
+            Workload::Cycle { .. } => "cycle",
+            Workload::Wakeup { .. } => "uffd_wakeup",
         }
     }
 
@@ -73,7 +91,9 @@ impl Workload {
             | Workload::Checkpoint { heap, .. }
             | Workload::Restore { heap, .. }
             | Workload::Overhead { heap }
-            | Workload::Maps { heap } => heap,
+            | Workload::Maps { heap }
+            | Workload::Cycle { heap, .. }
+            | Workload::Wakeup { heap, .. } => heap,
             Workload::PageCopy => 64 * MIB,
         }
     }
@@ -96,7 +116,13 @@ impl Workload {
                 }
                 v
             }
-            Workload::Checkpoint { fraction, .. } => vec![("dirty", pct(fraction))],
+            Workload::Checkpoint { fraction, .. } | Workload::Cycle { fraction, .. } => {
+                vec![("dirty", pct(fraction))]
+            }
+            Workload::Wakeup { pages, pinned, .. } => vec![
+                ("pages", pages.to_string()),
+                ("pinned", if pinned { "yes" } else { "no" }.to_string()),
+            ],
             Workload::Restore {
                 fraction, levels, ..
             } => vec![
@@ -121,6 +147,20 @@ impl Workload {
             Workload::Overhead { .. } => &["own_bytes", "own_bytes_per_tracked_gib"],
             Workload::Maps { .. } => &["max_maps", "pages_written"],
             Workload::PageCopy => &["ns_per_page_random", "ns_per_page_hot"],
+            Workload::Cycle { .. } => &[
+                "cycle_ns_per_dirty_page",
+                "write_ns_per_page",
+                "checkpoint_ns_per_page",
+                "restore_ns_per_page",
+                "read_into_tracked",
+                "verified",
+            ],
+            Workload::Wakeup { .. } => &[
+                "ns_per_page",
+                "cpu_ns_per_page",
+                "wakeups_per_fault",
+                "spin_hits_per_fault",
+            ],
         }
     }
 }
@@ -142,12 +182,14 @@ pub fn size_name(bytes: usize) -> String {
     }
 }
 
-/// Repetitions per heap size: big heaps cost seconds per child, so fewer of them.
-pub fn reps(heap: usize, quick: bool) -> usize {
-    match (quick, heap >= GIB) {
-        (true, _) => 1,
-        (false, true) => 3,
-        (false, false) => 5,
+/// Repetitions per workload: big heaps cost seconds per child, so fewer of them; the
+/// cycle workload repeats its cycles inside each child, so it needs fewer children.
+pub fn reps(w: &Workload, quick: bool) -> usize {
+    match (quick, w.heap() >= GIB, w) {
+        (true, _, _) => 1,
+        (false, true, _) => 3,
+        (false, false, Workload::Cycle { .. }) => 3,
+        (false, false, _) => 5,
     }
 }
 
@@ -187,8 +229,22 @@ pub fn plan(heaps: &[usize], page: usize) -> Vec<Workload> {
                 levels,
             });
         }
+        for fraction in [0.01, 0.1] {
+            v.push(Workload::Cycle { heap, fraction });
+        }
         v.push(Workload::Overhead { heap });
         v.push(Workload::Maps { heap });
+    }
+    // The wake-up cost does not depend on the heap: the smallest heap is enough.
+    if let Some(&heap) = heaps.iter().min() {
+        let pages = (heap / page).min(4096);
+        for pinned in [false, true] {
+            v.push(Workload::Wakeup {
+                heap,
+                pages,
+                pinned,
+            });
+        }
     }
     v
 }
