@@ -290,6 +290,12 @@ impl Engine {
                 ),
             }
         }
+        if mode == UffdMode::Sync {
+            // Before anything is armed: creating the thread writes glibc's thread list,
+            // which may be tracked memory, and no server would be there to answer.
+            self.uffd.server_started.store(false, Ordering::Release);
+            self.start_fault_server(F);
+        }
         {
             let m = self.meta.lock();
             for r in m.regions.iter().filter(|r| r.uffd) {
@@ -329,10 +335,6 @@ impl Engine {
                     p += self.sub;
                 }
             }
-        }
-        if mode == UffdMode::Sync {
-            self.uffd.server_started.store(false, Ordering::Release);
-            self.start_fault_server(F);
         }
     }
 
@@ -648,32 +650,18 @@ impl Engine {
     }
 
     /// Async mode, `RestoreMemoryToLastSavedCheckpoint`: every unit written since the
-    /// newest checkpoint gets its base copy back (or zeroes) and is armed again.
+    /// newest checkpoint gets its base copy back (or zeroes), and is armed again.
     pub(super) fn restore_async_written(&self, function: &str, regions: &[super::TrackedRegion]) {
         if !self.is_async() {
             return;
         }
-        let fd = self.uffd.fd.load(Ordering::Relaxed);
-        let mut run = (0usize, 0usize);
-        let arm = |a: usize, b: usize| {
-            if b > a {
-                // SAFETY: tracked units whose contents were just restored.
-                if let Err(e) = unsafe { sys::uffd_protect(fd, a, b - a, true) } {
-                    crate::fatal!(
-                        function,
-                        "cannot arm {:#x}+{:#x} again (errno {})",
-                        a,
-                        b - a,
-                        e
-                    );
-                }
-            }
-        };
+        let mut any = false;
         self.for_each_written(function, regions, false, |u| {
             let st = self.table.get(u);
             if !st.tracked() || !st.uffd() {
                 return;
             }
+            any = true;
             // SAFETY: the unit is tracked, mapped and writable (async units always are);
             // nothing else runs while memory changes are disallowed.
             unsafe {
@@ -684,14 +672,17 @@ impl Engine {
                     }),
                 }
             }
-            if run.1 == u {
-                run.1 = u + self.page;
-            } else {
-                arm(run.0, run.1);
-                run = (u, u + self.page);
-            }
         });
-        arm(run.0, run.1);
+        if any {
+            self.rearm_async(function, regions);
+        }
+    }
+
+    /// Async mode, after a restore wrote tracked units: arms every written page again.
+    /// One scan per region re-arms them all (tens of nanoseconds per page), where arming
+    /// run by run costs a system call per scattered page.
+    pub(super) fn rearm_async(&self, function: &str, regions: &[super::TrackedRegion]) {
+        self.for_each_written(function, regions, true, |_| {});
     }
 
     /// Whether a unit's tracked bytes are all zero.

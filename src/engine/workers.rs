@@ -221,8 +221,22 @@ impl Engine {
                 self.unprotect_runs(function, batch);
             }
             self.copy_entries(batch);
-            self.write_protect_or_die(function, regions, batch.len(), |i| batch[i].page);
+            // Async units are armed together below, by one scan per region.
+            if let Err((at, len, e)) =
+                self.write_protect(regions, batch.len(), |i| batch[i].page, true, false)
+            {
+                crate::fatal!(
+                    function,
+                    "cannot write-protect {:#x}+{:#x} (errno {})",
+                    at,
+                    len,
+                    e
+                );
+            }
             start = end;
+        }
+        if self.is_async() && entries.iter().any(|e| self.table.get(e.page).uffd()) {
+            self.rearm_async(function, regions);
         }
     }
 
