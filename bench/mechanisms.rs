@@ -206,6 +206,7 @@ fn backend_choice(b: MemsnapBackendRequest) -> memsnap::engine::BackendChoice {
 
 /// Binds the calling thread (the whole process, as long as it has only this one) to the
 /// CPU it is running on, so that threads it creates later inherit that single CPU.
+#[cfg(target_os = "linux")]
 fn pin_to_current_cpu() -> i32 {
     // SAFETY: sched_getcpu has no preconditions; the cpu_set_t is zeroed, then filled by
     // CPU_SET with an index the kernel just returned, and passed with its own size.
@@ -217,6 +218,12 @@ fn pin_to_current_cpu() -> i32 {
         assert_eq!(rc, 0, "sched_setaffinity failed");
         cpu
     }
+}
+
+/// macOS has no CPU affinity to set (only hints); the pinned variants run unpinned there.
+#[cfg(not(target_os = "linux"))]
+fn pin_to_current_cpu() -> i32 {
+    -1
 }
 
 impl Memsnap {
