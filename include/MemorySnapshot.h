@@ -209,6 +209,12 @@ struct MemsnapStats {
    */
   uint64_t uffd_server_wakeups;
   uint64_t uffd_spin_hits;
+  /**
+   * uffd: only user-mode faults are caught (no userfaultfd permission beyond
+   * UFFD_USER_MODE_ONLY), so system calls writing clean tracked pages fail with EFAULT
+   * as under mprotect, unless memsnap_prepare_write ran first.
+   */
+  bool uffd_user_mode_only;
 };
 
 /**

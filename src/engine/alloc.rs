@@ -313,7 +313,16 @@ impl Engine {
         let mut p = self.page_base(start);
         while p < end {
             let st = self.table.get(p);
-            if st.tracked() && st.slot().is_some() {
+            if st.tracked() && st.uffd() {
+                // Userfaultfd-guarded: the mapping itself must be writable again (the
+                // uffd-wp bit, which mprotect keeps, still guards the clean pages), and a
+                // dirty page must be disarmed (sync; async pages are never armed for long).
+                // SAFETY: tracked host memory whose protection the engine owns.
+                let _ = unsafe { sys::protect(p, self.page, sys::Access::ReadWrite { exec: st.exec() }) };
+                if st.slot().is_some() {
+                    let _ = self.protect_unit(p, st, true);
+                }
+            } else if st.tracked() && st.slot().is_some() {
                 // A dirty tracked unit is writable by design.
                 let _ = self.protect_unit(p, st, true);
             }

@@ -362,9 +362,11 @@ impl Engine {
         let mut p = start & !(self.sub - 1);
         while p < end {
             let st = self.table.get(p);
-            if st.slot().is_some() || st.uffd() {
-                // Captured already (writable), or guarded by userfaultfd, which lets the
-                // kernel's own writes through.
+            if st.slot().is_some() || self.async_unit(st) {
+                // Captured already (writable), or guarded by async userfaultfd, which
+                // never blocks a write. (Sync userfaultfd pages are captured: a few kernel
+                // paths, FUTEX_WAKE_OP among them, cannot wait for a userfault, and with
+                // UFFD_USER_MODE_ONLY none can.)
                 p = self.next_unit(p);
             } else if self.tracked_at(p) {
                 self.handle_fault("memsnap_prepare_write", p);

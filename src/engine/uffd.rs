@@ -294,6 +294,9 @@ impl Engine {
             // Before anything is armed: creating the thread writes glibc's thread list,
             // which may be tracked memory, and no server would be there to answer.
             self.uffd.server_started.store(false, Ordering::Release);
+            // The parent's library threads are not the child's (and their records would
+            // fill the table after a few generations of forks).
+            self.workers.forget_threads();
             self.start_fault_server(F);
         }
         {

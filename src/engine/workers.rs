@@ -82,6 +82,13 @@ impl Workers {
         }
     }
 
+    /// In a forked child: the parent's library threads do not exist here.
+    pub(super) fn forget_threads(&self) {
+        for t in &self.tids {
+            t.store(0, Ordering::Release);
+        }
+    }
+
     /// How many library threads have recorded their ids.
     pub(super) fn registered(&self) -> usize {
         self.own_tids().count()

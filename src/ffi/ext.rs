@@ -147,6 +147,10 @@ pub struct MemsnapStats {
     /// it found while spinning instead.
     pub uffd_server_wakeups: u64,
     pub uffd_spin_hits: u64,
+    /// uffd: only user-mode faults are caught (no userfaultfd permission beyond
+    /// UFFD_USER_MODE_ONLY), so system calls writing clean tracked pages fail with EFAULT
+    /// as under mprotect, unless memsnap_prepare_write ran first.
+    pub uffd_user_mode_only: bool,
 }
 
 /// The smallest struct_size memsnap_get_stats accepts: the first release's record.
@@ -323,6 +327,8 @@ pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapSta
             base_copy_bytes: e.base_bytes(),
             uffd_server_wakeups: counters.wakeups.load(Ordering::Relaxed),
             uffd_spin_hits: counters.spin_hits.load(Ordering::Relaxed),
+            uffd_user_mode_only: e.backend() == Backend::LinuxUffd
+                && crate::sys::uffd_support().user_mode_only,
         };
         let n = size.min(core::mem::size_of::<MemsnapStats>());
         // SAFETY: the caller provides `size` writable bytes at `out`; `n` is no more than
