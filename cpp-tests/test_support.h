@@ -132,6 +132,8 @@ inline mozilla::recordreplay::MemsnapStats Stats() {
 #ifdef __linux__
 #include <sys/syscall.h>  // the raw futex helpers below
 #endif
+#include <fcntl.h>
+#include <poll.h>
 #include <sys/wait.h>
 
 #include <cerrno>
@@ -155,15 +157,32 @@ inline long FutexWakeRaw(volatile int* word, int op) {
 }
 #endif
 
-// waitpid, retried on EINTR; returns the raw status, or -1 if the wait failed.
-inline int WaitStatus(pid_t pid) {
+// How long a grandchild (a fork inside a scenario) may run before it is killed. A child
+// stuck with every signal blocked (a deadlock inside fork's handlers, say) ignores its own
+// alarm and keeps gtest's death-test pipe open, which would hang the whole runner; this
+// turns that into a failure. Shorter than every watchdog (30 s) so the scenario reports it.
+constexpr int kGrandchildDeadlineMs = 20000;
+
+// Kills `pid` if it has not exited `deadline_ms` from now; returns the raw status (a
+// SIGKILL one after a kill, with a message naming the pid), or -1 if the wait failed.
+inline int WaitStatusWithin(pid_t pid, int deadline_ms) {
   int status = 0;
-  pid_t w;
-  do {
-    w = waitpid(pid, &status, 0);
-  } while (w < 0 && errno == EINTR);
-  return w == pid ? status : -1;
+  for (int waited_ms = 0;; waited_ms += 5) {
+    pid_t w = waitpid(pid, &status, WNOHANG);
+    if (w == pid) return status;
+    if (w < 0 && errno != EINTR) return -1;
+    if (waited_ms >= deadline_ms) {
+      ms_say("child %d still running after %d ms: killed (a hang)\n", (int)pid, deadline_ms);
+      kill(pid, SIGKILL);
+      deadline_ms = 1 << 30;
+    }
+    usleep(5000);
+  }
 }
+
+// waitpid, retried on EINTR, under kGrandchildDeadlineMs; returns the raw status, or -1 if
+// the wait failed.
+inline int WaitStatus(pid_t pid) { return WaitStatusWithin(pid, kGrandchildDeadlineMs); }
 
 // Runs fn(arg) in a fresh child process (no memsnap state unless fn creates it) and
 // returns its raw wait status: the control runs of the foreign-fault and fork tests.
@@ -230,7 +249,17 @@ inline int StatusAndStderrOfChild(void (*fn)(void*), void* arg, char* out, size_
   }
   close(fds[1]);
   size_t len = 0;
+  int waited_ms = 0;
   for (;;) {
+    // The child may hang holding the pipe open: read only what poll says is there.
+    struct pollfd pfd = {fds[0], POLLIN, 0};
+    int ready = poll(&pfd, 1, 100);
+    if (ready < 0 && errno == EINTR) continue;
+    if (ready == 0) {
+      waited_ms += 100;
+      if (waited_ms >= kGrandchildDeadlineMs) break;  // WaitStatus kills it
+      continue;
+    }
     ssize_t n = read(fds[0], out + len, cap - 1 - len);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
@@ -239,9 +268,143 @@ inline int StatusAndStderrOfChild(void (*fn)(void*), void* arg, char* out, size_
   }
   out[len] = 0;
   close(fds[0]);
-  return pid < 0 ? -1 : WaitStatus(pid);
+  return pid < 0 ? -1 : WaitStatusWithin(pid, kGrandchildDeadlineMs - waited_ms);
 }
 
 }  // namespace mstest
+
+// ---- Backends (issue 6). The suite runs once per backend (MEMSNAP_BACKEND=mprotect, uffd,
+// uffd-async, or auto); tests whose expectations depend on the write-tracking mechanism
+// ask these helpers instead of assuming mprotect.
+namespace mstest {
+
+using mozilla::recordreplay::MemsnapBackend;
+
+inline const char* BackendName(MemsnapBackend b) {
+  switch (b) {
+    case MemsnapBackend::Inactive: return "inactive";
+    case MemsnapBackend::LinuxMprotect: return "mprotect";
+    case MemsnapBackend::MacExceptionPort: return "mac-exception-port";
+    case MemsnapBackend::MacSignal: return "mac-signal";
+    case MemsnapBackend::LinuxUffd: return "uffd";
+    case MemsnapBackend::LinuxUffdAsync: return "uffd-async";
+  }
+  return "unknown";
+}
+
+// The backend this run's first snapshots pick (MEMSNAP_BACKEND, else auto). Once memsnap
+// is initialized and has snapshotted in this process, its own answer; otherwise (the gtest
+// runner, deciding whether to skip) a probe child initializes memsnap, snapshots one
+// registered page and exits with the backend's value. Cached per process.
+inline MemsnapBackend ActiveBackend() {
+  using namespace mozilla::recordreplay;
+  if (memsnap_page_size() != 0) {
+    MemsnapStats s;
+    memset(&s, 0, sizeof s);
+    s.struct_size = sizeof s;
+    if (memsnap_get_stats(&s) == MemsnapStatus::Ok && s.backend != MemsnapBackend::Inactive)
+      return s.backend;
+  }
+  static int probed = -1;  // written only where nothing is tracked yet
+  if (probed < 0) {
+    pid_t pid = fork();
+    if (pid == 0) {
+      alarm(20);
+      InitializeMemorySnapshots();
+      memsnap_set_tracking_mode(MemsnapTrackingMode::RegisteredOnly);
+      AllocateMemory(SnapshotPage(), MemoryKind::Tracked);
+      TakeFirstMemorySnapshot();
+      MemsnapStats s;
+      memset(&s, 0, sizeof s);
+      s.struct_size = sizeof s;
+      memsnap_get_stats(&s);
+      _exit((int)s.backend);
+    }
+    int status = pid < 0 ? -1 : WaitStatus(pid);
+    probed = status >= 0 && WIFEXITED(status) ? WEXITSTATUS(status) : 0;
+  }
+  return (MemsnapBackend)probed;
+}
+
+// Whether `b` is what MEMSNAP_BACKEND asks for (unset or auto: any Linux backend).
+inline bool BackendMatchesRequest(MemsnapBackend b) {
+  const char* env = getenv("MEMSNAP_BACKEND");
+  if (env && strcmp(env, "mprotect") == 0) return b == MemsnapBackend::LinuxMprotect;
+  if (env && strcmp(env, "uffd") == 0) return b == MemsnapBackend::LinuxUffd;
+  if (env && strcmp(env, "uffd-async") == 0) return b == MemsnapBackend::LinuxUffdAsync;
+  return b == MemsnapBackend::LinuxMprotect || b == MemsnapBackend::LinuxUffd ||
+         b == MemsnapBackend::LinuxUffdAsync;
+}
+
+inline bool IsMprotect() { return ActiveBackend() == MemsnapBackend::LinuxMprotect; }
+inline bool IsUffdSync() { return ActiveBackend() == MemsnapBackend::LinuxUffd; }
+inline bool IsUffdAsync() { return ActiveBackend() == MemsnapBackend::LinuxUffdAsync; }
+inline bool IsUffdAny() { return IsUffdSync() || IsUffdAsync(); }
+
+#ifdef __linux__
+// Whether `addr` lies in a mapping backed by a file (inode != 0 in /proc/self/maps): the
+// .data and .bss-in-file of loaded objects, which the uffd (sync) backend leaves on
+// mprotect. Reads the maps with raw read(2) into the stack: safe while tracking.
+inline bool InFileMapping(const void* addr) {
+  int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  char buf[4096];
+  char line[1024];
+  size_t ll = 0;
+  bool found = false, done = false;
+  const uintptr_t a = (uintptr_t)addr;
+  while (!done) {
+    ssize_t n = read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    for (ssize_t i = 0; i < n && !done; i++) {
+      if (buf[i] != '\n') {
+        if (ll < sizeof line - 1) line[ll++] = buf[i];
+        continue;
+      }
+      line[ll] = 0;
+      ll = 0;
+      unsigned long lo = 0, hi = 0, off = 0, inode = 0;
+      char perms[8], dev[16];
+      if (sscanf(line, "%lx-%lx %7s %lx %15s %lu", &lo, &hi, perms, &off, dev, &inode) == 6 &&
+          a >= lo && a < hi) {
+        found = inode != 0;
+        done = true;
+      }
+    }
+  }
+  close(fd);
+  return found;
+}
+
+// Whether a system call writing `addr` (tracked memory, clean since the newest
+// checkpoint) lands and is tracked, so a rewind restores it: never under mprotect (EFAULT
+// or a short count), always under uffd-async, and under uffd unless the page is in a
+// file mapping (which stays on mprotect).
+inline bool KernelWritesTracked(const void* addr) {
+  switch (ActiveBackend()) {
+    case MemsnapBackend::LinuxUffdAsync: return true;
+    case MemsnapBackend::LinuxUffd: return !InFileMapping(addr);
+    default: return false;
+  }
+}
+#endif
+
+}  // namespace mstest
+
+// Skips the test (visibly, with the backend named) when the running backend is `b`.
+#define MS_SKIP_UNDER(b, why)                                                          \
+  do {                                                                                 \
+    if (::mstest::ActiveBackend() == (b))                                              \
+      GTEST_SKIP() << "not under backend " << ::mstest::BackendName(b) << ": " << why; \
+  } while (0)
+
+// Skips unless the running backend is `b`.
+#define MS_SKIP_UNLESS(b, why)                                                       \
+  do {                                                                               \
+    if (::mstest::ActiveBackend() != (b))                                            \
+      GTEST_SKIP() << "only under backend " << ::mstest::BackendName(b) << " (this run: " \
+                   << ::mstest::BackendName(::mstest::ActiveBackend()) << "): " << why;   \
+  } while (0)
 
 #endif  // MEMSNAP_TEST_SUPPORT_H
