@@ -719,7 +719,33 @@ void ReprotectedSinceNewest() {
   Rewind(0);
 }
 
+// Under userfaultfd the uffd-wp bit survives the program's mprotect(): the write is still
+// tracked, nothing is refused, and every checkpoint stays restorable, exactly.
+void ReprotectedUnderUffd(int levels, bool checkpointBetween) {
+  Begin();
+  uint8_t* page = gPageData;
+  memset(page, 1, 2 * Page());
+  TakeFirstMemorySnapshot();  // checkpoint 0
+  MS_CHECK(mprotect(page, Page(), PROT_READ | PROT_WRITE) == 0);
+  page[10] = 2;
+  if (checkpointBetween) {
+    TakeDiffMemorySnapshot();  // checkpoint 1
+    MS_CHECK_EQ(Stats().oldest_restorable, 0);
+    page[10] = 3;
+  }
+  page[Page() + 10] = 4;
+  Rewind(levels);
+  MS_CHECK_EQ(page[10], checkpointBetween && levels == 0 ? 2 : 1);
+  MS_CHECK_EQ(page[Page() + 10], 1);
+  if (!(checkpointBetween && levels == 0)) MS_CHECK(AllBytes(page, 2 * Page(), 1));
+  MS_CHECK_EQ(Stats().oldest_restorable, 0);
+}
+
 TEST(HazardTest, ProtectionChangedBehindOurBack) {
+  if (mstest::KernelWritesTracked(gPageData)) {
+    MS_IN_CHILD(ReprotectedUnderUffd(0, false));
+    return;
+  }
   uintptr_t a = (uintptr_t)gPageData;
   std::string re = "^memsnap: RestoreMemoryToLastSavedCheckpoint: tracked memory " + Hex(a) +
                    "-" + Hex(a + Page()) +
@@ -747,10 +773,19 @@ void ReprotectedBetweenCheckpoints(int levels) {
 }
 
 TEST(HazardTest, ProtectionChangedThenCheckpointNewCheckpointRestorable) {
+  if (mstest::KernelWritesTracked(gPageData)) {
+    MS_IN_CHILD(ReprotectedUnderUffd(0, true));
+    return;
+  }
   MS_IN_CHILD(ReprotectedBetweenCheckpoints(0));
 }
 
+// Under userfaultfd the older checkpoint stays reachable (see ReprotectedUnderUffd).
 TEST(HazardTest, ProtectionChangedThenCheckpointOlderCheckpointUnreachable) {
+  if (mstest::KernelWritesTracked(gPageData)) {
+    MS_IN_CHILD(ReprotectedUnderUffd(1, true));
+    return;
+  }
   uintptr_t a = (uintptr_t)gPageData;
   std::string re = "^memsnap: RestoreMemoryToLastSavedDiffCheckpoint: checkpoint 1 cannot be "
                    "restored: tracked memory " +
@@ -914,6 +949,8 @@ void DisallowedWriteScenario() {
 }
 
 TEST(HazardTest, DisallowedWriteFromAnotherThreadWaits) {
+  MS_SKIP_UNDER(MemsnapBackend::LinuxUffdAsync,
+                "writes never fault, so nothing can make another thread's write wait");
   MS_IN_CHILD(DisallowedWriteScenario());
 }
 
