@@ -284,7 +284,13 @@ void StatsFaultsAndDirtyPages() {
   for (size_t i = 1; i < N; i += 2) *(volatile uint32_t*)((char*)buf + i * Page()) = 3;
   MemsnapStats s4 = Stats();
   MS_CHECK_EQ(s4.active_dirty_pages, N);
-  MS_CHECK_EQ(s4.faults_handled, s3.faults_handled + N);
+  if (s4.backend == MemsnapBackend::LinuxUffd) {
+    // The fault server may find a queued neighbour already captured: at most one each.
+    MS_CHECK(s4.faults_handled > s3.faults_handled);
+    MS_CHECK(s4.faults_handled <= s3.faults_handled + N);
+  } else {
+    MS_CHECK_EQ(s4.faults_handled, s3.faults_handled + N);
+  }
 }
 
 void StatsCheckpointsAndDiffs() {

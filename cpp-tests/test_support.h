@@ -172,7 +172,8 @@ inline int WaitStatusWithin(pid_t pid, int deadline_ms) {
     if (w == pid) return status;
     if (w < 0 && errno != EINTR) return -1;
     if (waited_ms >= deadline_ms) {
-      ms_say("child %d still running after %d ms: killed (a hang)\n", (int)pid, deadline_ms);
+      ms_say("child %d still running at its deadline (%d s after it started): killed, a hang\n",
+             (int)pid, kGrandchildDeadlineMs / 1000);
       kill(pid, SIGKILL);
       deadline_ms = 1 << 30;
     }
@@ -377,14 +378,41 @@ inline bool InFileMapping(const void* addr) {
   return found;
 }
 
-// Whether a system call writing `addr` (tracked memory, clean since the newest
-// checkpoint) lands and is tracked, so a rewind restores it: never under mprotect (EFAULT
-// or a short count), always under uffd-async, and under uffd unless the page is in a
-// file mapping (which stays on mprotect).
-inline bool KernelWritesTracked(const void* addr) {
+// Whether this process may catch kernel-mode userfaults, the way memsnap's probe decides
+// (src/sys/linux/uffd.rs): root (CAP_SYS_PTRACE), vm.unprivileged_userfaultfd=1, or
+// access to /dev/userfaultfd. Otherwise memsnap falls back to UFFD_USER_MODE_ONLY, under
+// which the sync mode's kernel writes fail with EFAULT as under mprotect. The stats do not
+// say which was used, hence this mirror of the rule.
+inline bool KernelUserfaultsAllowed() {
+  if (geteuid() == 0) return true;
+  if (access("/dev/userfaultfd", R_OK | W_OK) == 0) return true;
+  int fd = open("/proc/sys/vm/unprivileged_userfaultfd", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  char c = 0;
+  ssize_t n = read(fd, &c, 1);
+  close(fd);
+  return n == 1 && c == '1';
+}
+
+// Whether `addr` (tracked) is guarded by userfaultfd rather than mprotect: everything
+// under uffd-async, all but file mappings under uffd. Its write protection then lives in
+// the page tables, so the program's own mprotect() does not disturb it.
+inline bool UffdGuarded(const void* addr) {
   switch (ActiveBackend()) {
     case MemsnapBackend::LinuxUffdAsync: return true;
     case MemsnapBackend::LinuxUffd: return !InFileMapping(addr);
+    default: return false;
+  }
+}
+
+// Whether a system call writing `addr` (tracked memory, clean since the newest
+// checkpoint) lands and is tracked, so a rewind restores it: never under mprotect (EFAULT
+// or a short count), always under uffd-async, and under uffd unless the page is in a
+// file mapping (which stays on mprotect) or kernel-mode faults cannot be caught.
+inline bool KernelWritesTracked(const void* addr) {
+  switch (ActiveBackend()) {
+    case MemsnapBackend::LinuxUffdAsync: return true;
+    case MemsnapBackend::LinuxUffd: return KernelUserfaultsAllowed() && !InFileMapping(addr);
     default: return false;
   }
 }
