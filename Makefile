@@ -69,17 +69,18 @@ else
 endif
 PROBE := ./$(BUILD)/memsnap-probe
 
-# For each available backend in $(BACKENDS) runs $(1) with MEMSNAP_BACKEND set; fails
-# on the first failing pass.
+# For each available backend in $(BACKENDS) runs $(1) with MEMSNAP_BACKEND set; every
+# pass runs, and the recipe fails afterwards naming the backends whose pass failed.
 define per_backend
-	@set -e; for b in $(BACKENDS); do \
+	@failed=""; for b in $(BACKENDS); do \
 	  if out=$$(MEMSNAP_BACKEND=$$b $(PROBE) 2>&1); then \
 	    echo "== $(2), backend $$b ($$out)"; \
-	    MEMSNAP_BACKEND=$$b $(1); \
+	    MEMSNAP_BACKEND=$$b $(1) || failed="$$failed $$b"; \
 	  else \
 	    echo "make test: backend $$b unavailable here: $$(echo "$$out" | tail -n 1)"; \
 	  fi; \
-	done
+	done; \
+	if [ -n "$$failed" ]; then echo "make test: $(2) failed under:$$failed"; exit 1; fi
 endef
 
 # The whole Rust suite once under the default backend, then the forked scenarios (which

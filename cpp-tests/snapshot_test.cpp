@@ -821,7 +821,7 @@ void HandleFaultScenario() {
   uint8_t src[4096];
   const size_t n = page < sizeof src ? page : sizeof src;
   Fill(src, n, 2);
-  if (mstest::KernelWritesTracked(t + page)) {
+  if (mstest::KernelWritesTracked(t + page, n)) {
     // userfaultfd: the kernel writes the clean page itself, tracked.
     MS_CHECK_EQ(PipeRead(t + page, src, n), (ssize_t)n);
     Fill(t + page, n, 1);
@@ -1116,7 +1116,7 @@ void PipeScenario() {
   TakeFirstMemorySnapshot();
   uint8_t src[sizeof gPipeBuf];
   Fill(src, n, 2);
-  if (mstest::KernelWritesTracked(gPipeBuf)) {
+  if (mstest::KernelWritesTracked(gPipeBuf, n)) {
     // userfaultfd: no preparing needed; the kernel's write is tracked and rewound.
     MS_CHECK_EQ(PipeRead(gPipeBuf, src, n), (ssize_t)n);
     MS_CHECK(Matches(gPipeBuf, n, 2));

@@ -343,41 +343,6 @@ inline bool IsUffdAsync() { return ActiveBackend() == MemsnapBackend::LinuxUffdA
 inline bool IsUffdAny() { return IsUffdSync() || IsUffdAsync(); }
 
 #ifdef __linux__
-// Whether `addr` lies in a mapping backed by a file (inode != 0 in /proc/self/maps): the
-// .data and .bss-in-file of loaded objects, which the uffd (sync) backend leaves on
-// mprotect. Reads the maps with raw read(2) into the stack: safe while tracking.
-inline bool InFileMapping(const void* addr) {
-  int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;
-  char buf[4096];
-  char line[1024];
-  size_t ll = 0;
-  bool found = false, done = false;
-  const uintptr_t a = (uintptr_t)addr;
-  while (!done) {
-    ssize_t n = read(fd, buf, sizeof buf);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    for (ssize_t i = 0; i < n && !done; i++) {
-      if (buf[i] != '\n') {
-        if (ll < sizeof line - 1) line[ll++] = buf[i];
-        continue;
-      }
-      line[ll] = 0;
-      ll = 0;
-      unsigned long lo = 0, hi = 0, off = 0, inode = 0;
-      char perms[8], dev[16];
-      if (sscanf(line, "%lx-%lx %7s %lx %15s %lu", &lo, &hi, perms, &off, dev, &inode) == 6 &&
-          a >= lo && a < hi) {
-        found = inode != 0;
-        done = true;
-      }
-    }
-  }
-  close(fd);
-  return found;
-}
-
 // Whether this process may catch kernel-mode userfaults, the way memsnap's probe decides
 // (src/sys/linux/uffd.rs): root (CAP_SYS_PTRACE), vm.unprivileged_userfaultfd=1, or
 // access to /dev/userfaultfd. Otherwise memsnap falls back to UFFD_USER_MODE_ONLY, under
@@ -394,29 +359,61 @@ inline bool KernelUserfaultsAllowed() {
   return n == 1 && c == '1';
 }
 
-// Whether `addr` (tracked) is guarded by userfaultfd rather than mprotect: everything
-// under uffd-async, all but file mappings under uffd. Its write protection then lives in
-// the page tables, so the program's own mprotect() does not disturb it.
-inline bool UffdGuarded(const void* addr) {
-  switch (ActiveBackend()) {
-    case MemsnapBackend::LinuxUffdAsync: return true;
-    case MemsnapBackend::LinuxUffd: return !InFileMapping(addr);
-    default: return false;
-  }
+#else
+// macOS has no userfaultfd.
+inline bool KernelUserfaultsAllowed() { return false; }
+#endif
+
+// Whether the kernel page holding `addr` carries the uffd-wp bit (bit 57 of its
+// /proc/self/pagemap entry): armed by userfaultfd rather than mprotect. Only meaningful
+// for tracked memory that is clean since the newest checkpoint (a served write clears the
+// bit). Which regions go to userfaultfd is memsnap's choice (whole snapshot pages only,
+// so at 16 KiB a mapping with unaligned ends stays on mprotect; .data under uffd), which
+// the stats only sum up, hence asking the kernel.
+inline bool UffdArmed(const void* addr) {
+#ifdef __linux__
+  int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  uint64_t entry = 0;
+  const off_t off = (off_t)((uintptr_t)addr / (uintptr_t)sysconf(_SC_PAGESIZE) * 8);
+  ssize_t n = pread(fd, &entry, sizeof entry, off);
+  close(fd);
+  return n == (ssize_t)sizeof entry && ((entry >> 57) & 1) != 0;
+#else
+  (void)addr;
+  return false;
+#endif
 }
 
-// Whether a system call writing `addr` (tracked memory, clean since the newest
-// checkpoint) lands and is tracked, so a rewind restores it: never under mprotect (EFAULT
-// or a short count), always under uffd-async, and under uffd unless the page is in a
-// file mapping (which stays on mprotect) or kernel-mode faults cannot be caught.
-inline bool KernelWritesTracked(const void* addr) {
-  switch (ActiveBackend()) {
-    case MemsnapBackend::LinuxUffdAsync: return true;
-    case MemsnapBackend::LinuxUffd: return KernelUserfaultsAllowed() && !InFileMapping(addr);
-    default: return false;
+// Every kernel page of [addr, addr + len) is armed by userfaultfd (see UffdArmed).
+inline bool UffdGuarded(const void* addr, size_t len = 1) {
+  if (ActiveBackend() != MemsnapBackend::LinuxUffd &&
+      ActiveBackend() != MemsnapBackend::LinuxUffdAsync)
+    return false;
+  const uintptr_t k = (uintptr_t)sysconf(_SC_PAGESIZE);
+  uintptr_t p = (uintptr_t)addr & ~(k - 1);
+  const uintptr_t end = (uintptr_t)addr + (len ? len : 1);
+  for (; p < end; p += k) {
+    if (!UffdArmed((const void*)p)) return false;
   }
+  return true;
 }
-#endif
+
+// Whether a system call writing [addr, addr + len) (tracked memory, clean since the
+// newest checkpoint: ask before writing it) lands and is tracked, so a rewind restores it:
+// never under mprotect (EFAULT or a short count); under userfaultfd when the pages are
+// armed by it, in sync mode only if kernel-mode faults can be caught.
+inline bool KernelWritesTracked(const void* addr, size_t len = 1) {
+  if (!UffdGuarded(addr, len)) return false;
+  return ActiveBackend() == MemsnapBackend::LinuxUffdAsync || KernelUserfaultsAllowed();
+}
+
+// Runs fn() in a fresh child and returns whether it exited with status 0: for decisions
+// the runner must make before a death test (what a scenario's first snapshot will do).
+inline bool ChildSays(void (*fn)()) {
+  int status = StatusOfChild([](void* f) { ((void (*)())f)(); }, (void*)fn);
+  return status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
 
 }  // namespace mstest
 
