@@ -410,13 +410,13 @@ void RegisteredOnlyMode() {
   // Registered anonymous memory is on userfaultfd under either uffd backend: all of it at
   // the kernel's page; at a larger snapshot page at least the tracked allocation (whole
   // snapshot pages), while the mmap'd buffer may have unaligned ends.
-  if (s.backend == MemsnapBackend::LinuxMprotect)
+  if (!mstest::IsUffdBackend(s.backend))
     MS_CHECK_EQ(s.uffd_tracked_bytes, 0);
   else if (s.page_size == s.kernel_page_size)
     MS_CHECK_EQ(s.uffd_tracked_bytes, s.tracked_bytes);
   else
     MS_CHECK(s.uffd_tracked_bytes >= Page() && s.uffd_tracked_bytes <= s.tracked_bytes);
-  MS_CHECK_EQ(mstest::UffdGuarded(alloc, Page()), s.backend != MemsnapBackend::LinuxMprotect);
+  MS_CHECK_EQ(mstest::UffdGuarded(alloc, Page()), mstest::IsUffdBackend(s.backend));
   MS_CHECK_EQ(s.tracked_bytes, (N + 1) * Page());
   MS_CHECK(MemoryRangeIsTracked(buf, N * Page()));
   MS_CHECK(MemoryRangeIsTracked(alloc, Page()));

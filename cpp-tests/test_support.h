@@ -327,20 +327,22 @@ inline MemsnapBackend ActiveBackend() {
   return (MemsnapBackend)probed;
 }
 
-// Whether `b` is what MEMSNAP_BACKEND asks for (unset or auto: any Linux backend).
+// Whether `b` is what MEMSNAP_BACKEND asks for (unset or auto: any active backend).
 inline bool BackendMatchesRequest(MemsnapBackend b) {
   const char* env = getenv("MEMSNAP_BACKEND");
   if (env && strcmp(env, "mprotect") == 0) return b == MemsnapBackend::LinuxMprotect;
   if (env && strcmp(env, "uffd") == 0) return b == MemsnapBackend::LinuxUffd;
   if (env && strcmp(env, "uffd-async") == 0) return b == MemsnapBackend::LinuxUffdAsync;
-  return b == MemsnapBackend::LinuxMprotect || b == MemsnapBackend::LinuxUffd ||
-         b == MemsnapBackend::LinuxUffdAsync;
+  return b != MemsnapBackend::Inactive;  // auto: whatever is best here (macOS: its own)
 }
 
 inline bool IsMprotect() { return ActiveBackend() == MemsnapBackend::LinuxMprotect; }
 inline bool IsUffdSync() { return ActiveBackend() == MemsnapBackend::LinuxUffd; }
 inline bool IsUffdAsync() { return ActiveBackend() == MemsnapBackend::LinuxUffdAsync; }
 inline bool IsUffdAny() { return IsUffdSync() || IsUffdAsync(); }
+inline bool IsUffdBackend(MemsnapBackend b) {
+  return b == MemsnapBackend::LinuxUffd || b == MemsnapBackend::LinuxUffdAsync;
+}
 
 #ifdef __linux__
 // Whether this process may catch kernel-mode userfaults, the way memsnap's probe decides
