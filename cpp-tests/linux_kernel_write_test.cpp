@@ -39,6 +39,11 @@ using mstest::ms_say;
 
 namespace kernel_write_test {
 
+// These scenarios assert mprotect's semantics (EFAULT, short counts, lost writes). Under
+// userfaultfd the kernel's writes land and are tracked instead: KernelWriteUffdTest.
+const char* const kMprotectOnly =
+    "asserts mprotect's EFAULT semantics; KernelWriteUffdTest covers userfaultfd";
+
 using mstest::Granule;
 using mstest::Rewind;
 using mstest::Stats;
@@ -135,7 +140,8 @@ void ReadScenario() {
   MS_CHECK(!PageDirty(buf + 3 * g));  // locked out again after the rewind
 }
 
-TEST(KernelWriteTest, ReadFromPipeAndFile) { MS_IN_CHILD(ReadScenario()); }
+TEST(KernelWriteTest, ReadFromPipeAndFile) {
+  MS_SKIP_UNLESS(MemsnapBackend::LinuxMprotect, kMprotectOnly); MS_IN_CHILD(ReadScenario()); }
 
 // ---------------------------------------------------------------------------------------
 // recv(): a stream socket keeps the data after EFAULT; a datagram is dropped by the
@@ -173,7 +179,8 @@ void RecvScenario() {
   MS_CHECK(AllBytes(buf, 2 * g, 'A'));
 }
 
-TEST(KernelWriteTest, RecvOnStreamAndDatagramSockets) { MS_IN_CHILD(RecvScenario()); }
+TEST(KernelWriteTest, RecvOnStreamAndDatagramSockets) {
+  MS_SKIP_UNLESS(MemsnapBackend::LinuxMprotect, kMprotectOnly); MS_IN_CHILD(RecvScenario()); }
 
 // ---------------------------------------------------------------------------------------
 // Pipe I/O: write() from tracked memory only reads it (works on protected pages);
@@ -214,7 +221,8 @@ void PipeScenario() {
   (void)g;
 }
 
-TEST(KernelWriteTest, PipeIo) { MS_IN_CHILD(PipeScenario()); }
+TEST(KernelWriteTest, PipeIo) {
+  MS_SKIP_UNLESS(MemsnapBackend::LinuxMprotect, kMprotectOnly); MS_IN_CHILD(PipeScenario()); }
 
 // ---------------------------------------------------------------------------------------
 // clock_gettime: the vDSO writes in user mode (a captured fault); the CPU-time clocks and
@@ -255,7 +263,8 @@ void ClockScenario() {
          rc == 0 ? "vDSO, works" : "system call, EFAULT");
 }
 
-TEST(KernelWriteTest, ClockGettime) { MS_IN_CHILD(ClockScenario()); }
+TEST(KernelWriteTest, ClockGettime) {
+  MS_SKIP_UNLESS(MemsnapBackend::LinuxMprotect, kMprotectOnly); MS_IN_CHILD(ClockScenario()); }
 
 // ---------------------------------------------------------------------------------------
 // Futexes: private waits and wakes only read the word, so they work on protected tracked
@@ -384,7 +393,8 @@ void FutexScenario() {
   MS_CHECK_EQ(*wakeOp, 7);
 }
 
-TEST(KernelWriteTest, FutexWaitsAndWakes) { MS_IN_CHILD(FutexScenario()); }
+TEST(KernelWriteTest, FutexWaitsAndWakes) {
+  MS_SKIP_UNLESS(MemsnapBackend::LinuxMprotect, kMprotectOnly); MS_IN_CHILD(FutexScenario()); }
 
 // ---------------------------------------------------------------------------------------
 // Thread exit. glibc threads keep the word the kernel clears at exit (and their robust
@@ -502,10 +512,12 @@ void ThreadExitScenario(bool prepare) {
 }
 
 TEST(KernelWriteTest, ThreadExitWritesLostOnCleanTrackedWords) {
+  MS_SKIP_UNLESS(MemsnapBackend::LinuxMprotect, kMprotectOnly);
   MS_IN_CHILD(ThreadExitScenario(false));
 }
 
 TEST(KernelWriteTest, ThreadExitWritesLandAfterPrepareWrite) {
+  MS_SKIP_UNLESS(MemsnapBackend::LinuxMprotect, kMprotectOnly);
   MS_IN_CHILD(ThreadExitScenario(true));
 }
 

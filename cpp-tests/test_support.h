@@ -132,6 +132,8 @@ inline mozilla::recordreplay::MemsnapStats Stats() {
 #ifdef __linux__
 #include <sys/syscall.h>  // the raw futex helpers below
 #endif
+#include <fcntl.h>
+#include <poll.h>
 #include <sys/wait.h>
 
 #include <cerrno>
@@ -155,15 +157,33 @@ inline long FutexWakeRaw(volatile int* word, int op) {
 }
 #endif
 
-// waitpid, retried on EINTR; returns the raw status, or -1 if the wait failed.
-inline int WaitStatus(pid_t pid) {
+// How long a grandchild (a fork inside a scenario) may run before it is killed. A child
+// stuck with every signal blocked (a deadlock inside fork's handlers, say) ignores its own
+// alarm and keeps gtest's death-test pipe open, which would hang the whole runner; this
+// turns that into a failure. Shorter than every watchdog (30 s) so the scenario reports it.
+constexpr int kGrandchildDeadlineMs = 20000;
+
+// Kills `pid` if it has not exited `deadline_ms` from now; returns the raw status (a
+// SIGKILL one after a kill, with a message naming the pid), or -1 if the wait failed.
+inline int WaitStatusWithin(pid_t pid, int deadline_ms) {
   int status = 0;
-  pid_t w;
-  do {
-    w = waitpid(pid, &status, 0);
-  } while (w < 0 && errno == EINTR);
-  return w == pid ? status : -1;
+  for (int waited_ms = 0;; waited_ms += 5) {
+    pid_t w = waitpid(pid, &status, WNOHANG);
+    if (w == pid) return status;
+    if (w < 0 && errno != EINTR) return -1;
+    if (waited_ms >= deadline_ms) {
+      ms_say("child %d still running at its deadline (%d s after it started): killed, a hang\n",
+             (int)pid, kGrandchildDeadlineMs / 1000);
+      kill(pid, SIGKILL);
+      deadline_ms = 1 << 30;
+    }
+    usleep(5000);
+  }
 }
+
+// waitpid, retried on EINTR, under kGrandchildDeadlineMs; returns the raw status, or -1 if
+// the wait failed.
+inline int WaitStatus(pid_t pid) { return WaitStatusWithin(pid, kGrandchildDeadlineMs); }
 
 // Runs fn(arg) in a fresh child process (no memsnap state unless fn creates it) and
 // returns its raw wait status: the control runs of the foreign-fault and fork tests.
@@ -230,7 +250,17 @@ inline int StatusAndStderrOfChild(void (*fn)(void*), void* arg, char* out, size_
   }
   close(fds[1]);
   size_t len = 0;
+  int waited_ms = 0;
   for (;;) {
+    // The child may hang holding the pipe open: read only what poll says is there.
+    struct pollfd pfd = {fds[0], POLLIN, 0};
+    int ready = poll(&pfd, 1, 100);
+    if (ready < 0 && errno == EINTR) continue;
+    if (ready == 0) {
+      waited_ms += 100;
+      if (waited_ms >= kGrandchildDeadlineMs) break;  // WaitStatus kills it
+      continue;
+    }
     ssize_t n = read(fds[0], out + len, cap - 1 - len);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
@@ -239,9 +269,169 @@ inline int StatusAndStderrOfChild(void (*fn)(void*), void* arg, char* out, size_
   }
   out[len] = 0;
   close(fds[0]);
-  return pid < 0 ? -1 : WaitStatus(pid);
+  return pid < 0 ? -1 : WaitStatusWithin(pid, kGrandchildDeadlineMs - waited_ms);
 }
 
 }  // namespace mstest
+
+// ---- Backends (issue 6). The suite runs once per backend (MEMSNAP_BACKEND=mprotect, uffd,
+// uffd-async, or auto); tests whose expectations depend on the write-tracking mechanism
+// ask these helpers instead of assuming mprotect.
+namespace mstest {
+
+using mozilla::recordreplay::MemsnapBackend;
+
+inline const char* BackendName(MemsnapBackend b) {
+  switch (b) {
+    case MemsnapBackend::Inactive: return "inactive";
+    case MemsnapBackend::LinuxMprotect: return "mprotect";
+    case MemsnapBackend::MacExceptionPort: return "mac-exception-port";
+    case MemsnapBackend::MacSignal: return "mac-signal";
+    case MemsnapBackend::LinuxUffd: return "uffd";
+    case MemsnapBackend::LinuxUffdAsync: return "uffd-async";
+  }
+  return "unknown";
+}
+
+// The backend this run's first snapshots pick (MEMSNAP_BACKEND, else auto). Once memsnap
+// is initialized and has snapshotted in this process, its own answer; otherwise (the gtest
+// runner, deciding whether to skip) a probe child initializes memsnap, snapshots one
+// registered page and exits with the backend's value. Cached per process.
+inline MemsnapBackend ActiveBackend() {
+  using namespace mozilla::recordreplay;
+  if (memsnap_page_size() != 0) {
+    MemsnapStats s;
+    memset(&s, 0, sizeof s);
+    s.struct_size = sizeof s;
+    if (memsnap_get_stats(&s) == MemsnapStatus::Ok && s.backend != MemsnapBackend::Inactive)
+      return s.backend;
+  }
+  static int probed = -1;  // written only where nothing is tracked yet
+  if (probed < 0) {
+    pid_t pid = fork();
+    if (pid == 0) {
+      alarm(20);
+      InitializeMemorySnapshots();
+      memsnap_set_tracking_mode(MemsnapTrackingMode::RegisteredOnly);
+      AllocateMemory(SnapshotPage(), MemoryKind::Tracked);
+      TakeFirstMemorySnapshot();
+      MemsnapStats s;
+      memset(&s, 0, sizeof s);
+      s.struct_size = sizeof s;
+      memsnap_get_stats(&s);
+      _exit((int)s.backend);
+    }
+    int status = pid < 0 ? -1 : WaitStatus(pid);
+    probed = status >= 0 && WIFEXITED(status) ? WEXITSTATUS(status) : 0;
+  }
+  return (MemsnapBackend)probed;
+}
+
+// Whether `b` is what MEMSNAP_BACKEND asks for (unset or auto: any active backend).
+inline bool BackendMatchesRequest(MemsnapBackend b) {
+  const char* env = getenv("MEMSNAP_BACKEND");
+  if (env && strcmp(env, "mprotect") == 0) return b == MemsnapBackend::LinuxMprotect;
+  if (env && strcmp(env, "uffd") == 0) return b == MemsnapBackend::LinuxUffd;
+  if (env && strcmp(env, "uffd-async") == 0) return b == MemsnapBackend::LinuxUffdAsync;
+  return b != MemsnapBackend::Inactive;  // auto: whatever is best here (macOS: its own)
+}
+
+inline bool IsMprotect() { return ActiveBackend() == MemsnapBackend::LinuxMprotect; }
+inline bool IsUffdSync() { return ActiveBackend() == MemsnapBackend::LinuxUffd; }
+inline bool IsUffdAsync() { return ActiveBackend() == MemsnapBackend::LinuxUffdAsync; }
+inline bool IsUffdAny() { return IsUffdSync() || IsUffdAsync(); }
+inline bool IsUffdBackend(MemsnapBackend b) {
+  return b == MemsnapBackend::LinuxUffd || b == MemsnapBackend::LinuxUffdAsync;
+}
+
+#ifdef __linux__
+// Whether this process may catch kernel-mode userfaults, the way memsnap's probe decides
+// (src/sys/linux/uffd.rs): root (CAP_SYS_PTRACE), vm.unprivileged_userfaultfd=1, or
+// access to /dev/userfaultfd. Otherwise memsnap falls back to UFFD_USER_MODE_ONLY, under
+// which the sync mode's kernel writes fail with EFAULT as under mprotect. The stats do not
+// say which was used, hence this mirror of the rule.
+inline bool KernelUserfaultsAllowed() {
+  if (geteuid() == 0) return true;
+  if (access("/dev/userfaultfd", R_OK | W_OK) == 0) return true;
+  int fd = open("/proc/sys/vm/unprivileged_userfaultfd", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  char c = 0;
+  ssize_t n = read(fd, &c, 1);
+  close(fd);
+  return n == 1 && c == '1';
+}
+
+#else
+// macOS has no userfaultfd.
+inline bool KernelUserfaultsAllowed() { return false; }
+#endif
+
+// Whether the kernel page holding `addr` carries the uffd-wp bit (bit 57 of its
+// /proc/self/pagemap entry): armed by userfaultfd rather than mprotect. Only meaningful
+// for tracked memory that is clean since the newest checkpoint (a served write clears the
+// bit). Which regions go to userfaultfd is memsnap's choice (whole snapshot pages only,
+// so at 16 KiB a mapping with unaligned ends stays on mprotect; .data under uffd), which
+// the stats only sum up, hence asking the kernel.
+inline bool UffdArmed(const void* addr) {
+#ifdef __linux__
+  int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  uint64_t entry = 0;
+  const off_t off = (off_t)((uintptr_t)addr / (uintptr_t)sysconf(_SC_PAGESIZE) * 8);
+  ssize_t n = pread(fd, &entry, sizeof entry, off);
+  close(fd);
+  return n == (ssize_t)sizeof entry && ((entry >> 57) & 1) != 0;
+#else
+  (void)addr;
+  return false;
+#endif
+}
+
+// Every kernel page of [addr, addr + len) is armed by userfaultfd (see UffdArmed).
+inline bool UffdGuarded(const void* addr, size_t len = 1) {
+  if (ActiveBackend() != MemsnapBackend::LinuxUffd &&
+      ActiveBackend() != MemsnapBackend::LinuxUffdAsync)
+    return false;
+  const uintptr_t k = (uintptr_t)sysconf(_SC_PAGESIZE);
+  uintptr_t p = (uintptr_t)addr & ~(k - 1);
+  const uintptr_t end = (uintptr_t)addr + (len ? len : 1);
+  for (; p < end; p += k) {
+    if (!UffdArmed((const void*)p)) return false;
+  }
+  return true;
+}
+
+// Whether a system call writing [addr, addr + len) (tracked memory, clean since the
+// newest checkpoint: ask before writing it) lands and is tracked, so a rewind restores it:
+// never under mprotect (EFAULT or a short count); under userfaultfd when the pages are
+// armed by it, in sync mode only if kernel-mode faults can be caught.
+inline bool KernelWritesTracked(const void* addr, size_t len = 1) {
+  if (!UffdGuarded(addr, len)) return false;
+  return ActiveBackend() == MemsnapBackend::LinuxUffdAsync || KernelUserfaultsAllowed();
+}
+
+// Runs fn() in a fresh child and returns whether it exited with status 0: for decisions
+// the runner must make before a death test (what a scenario's first snapshot will do).
+inline bool ChildSays(void (*fn)()) {
+  int status = StatusOfChild([](void* f) { ((void (*)())f)(); }, (void*)fn);
+  return status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+}  // namespace mstest
+
+// Skips the test (visibly, with the backend named) when the running backend is `b`.
+#define MS_SKIP_UNDER(b, why)                                                          \
+  do {                                                                                 \
+    if (::mstest::ActiveBackend() == (b))                                              \
+      GTEST_SKIP() << "not under backend " << ::mstest::BackendName(b) << ": " << why; \
+  } while (0)
+
+// Skips unless the running backend is `b`.
+#define MS_SKIP_UNLESS(b, why)                                                       \
+  do {                                                                               \
+    if (::mstest::ActiveBackend() != (b))                                            \
+      GTEST_SKIP() << "only under backend " << ::mstest::BackendName(b) << " (this run: " \
+                   << ::mstest::BackendName(::mstest::ActiveBackend()) << "): " << why;   \
+  } while (0)
 
 #endif  // MEMSNAP_TEST_SUPPORT_H

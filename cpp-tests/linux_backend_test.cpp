@@ -1,0 +1,249 @@
+// Issue 6: the write-tracking backends (mprotect, uffd, uffd-async). memsnap_set_backend's
+// statuses, the backend named by the stats and DumpTimers, and under userfaultfd the
+// kernel's writes into tracked memory (read, recv, futex, a thread's CLEARTID word)
+// landing and being rewound exactly. Every scenario runs in a forked child.
+
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "test_support.h"
+
+using namespace mozilla::recordreplay;
+using mstest::ms_say;
+
+namespace backend_test {
+
+using mstest::Granule;
+using mstest::Rewind;
+using mstest::Stats;
+
+MemsnapBackend Expected(int request) {
+  switch (request) {
+    case 1: return MemsnapBackend::LinuxMprotect;
+    case 2: return MemsnapBackend::LinuxUffd;
+    case 3: return MemsnapBackend::LinuxUffdAsync;
+  }
+  return MemsnapBackend::Inactive;
+}
+
+// Asks for `request`; when memsnap accepts it, the first snapshot must use exactly it.
+void SetBackendScenario(int request) {
+  alarm(30);
+  InitializeMemorySnapshots();
+  MS_CHECK(memsnap_set_backend(4) == MemsnapStatus::InvalidArgument);
+  MS_CHECK(memsnap_set_backend(-1) == MemsnapStatus::InvalidArgument);
+  MemsnapStatus st = memsnap_set_backend(request);
+  MS_CHECK(st == MemsnapStatus::Ok || (request >= 2 && st == MemsnapStatus::Unsupported));
+  if (request <= 1) MS_CHECK(st == MemsnapStatus::Ok);
+  MS_CHECK(Stats().backend == MemsnapBackend::Inactive);
+  uint8_t* t = (uint8_t*)AllocateMemory(2 * Granule(), MemoryKind::Tracked);
+  memset(t, 1, 2 * Granule());
+  TakeFirstMemorySnapshot();
+  MemsnapStats s = Stats();
+  if (st == MemsnapStatus::Ok && request != 0) MS_CHECK(s.backend == Expected(request));
+  if (request == 0) MS_CHECK(s.backend != MemsnapBackend::Inactive);
+  MS_CHECK(memsnap_set_backend(request) == MemsnapStatus::AlreadyStarted);
+  MS_CHECK(memsnap_set_backend(4) == MemsnapStatus::AlreadyStarted ||
+           memsnap_set_backend(4) == MemsnapStatus::InvalidArgument);
+  memset(t, 2, 2 * Granule());
+  Rewind(0);
+  for (size_t i = 0; i < 2 * Granule(); i++) MS_CHECK_EQ(t[i], 1);
+  if (st == MemsnapStatus::Unsupported) ms_say("[backend] request %d unsupported here\n", request);
+}
+
+TEST(BackendTest, SetBackendAuto) { MS_IN_CHILD(SetBackendScenario(0)); }
+TEST(BackendTest, SetBackendMprotect) { MS_IN_CHILD(SetBackendScenario(1)); }
+TEST(BackendTest, SetBackendUffd) { MS_IN_CHILD(SetBackendScenario(2)); }
+TEST(BackendTest, SetBackendUffdAsync) { MS_IN_CHILD(SetBackendScenario(3)); }
+
+// Before initialization the request is remembered too.
+void SetBeforeInit() {
+  alarm(30);
+  MS_CHECK(memsnap_set_backend(1) == MemsnapStatus::Ok);
+  InitializeMemorySnapshots();
+  TakeFirstMemorySnapshot();
+  MS_CHECK(Stats().backend == MemsnapBackend::LinuxMprotect);
+  MS_CHECK_EQ(Stats().uffd_tracked_bytes, 0);
+}
+
+TEST(BackendTest, SetBackendBeforeInitializeOverridesEnvironment) { MS_IN_CHILD(SetBeforeInit()); }
+
+// DumpTimers names the backend stats report.
+void DumpTimersChild(void*) {
+  InitializeMemorySnapshots();
+  TakeFirstMemorySnapshot();
+  DumpTimers();
+  _exit(0);
+}
+
+const char* DebugName(MemsnapBackend b) {
+  switch (b) {
+    case MemsnapBackend::LinuxMprotect: return "backend LinuxMprotect,";
+    case MemsnapBackend::LinuxUffd: return "backend LinuxUffd,";
+    case MemsnapBackend::LinuxUffdAsync: return "backend LinuxUffdAsync,";
+    default: return "backend ?";
+  }
+}
+
+void DumpTimersScenario() {
+  char out[2048];
+  int status = mstest::StatusAndStderrOfChild(DumpTimersChild, nullptr, out, sizeof out);
+  MS_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  const char* want = DebugName(mstest::ActiveBackend());
+  if (!strstr(out, want)) {
+    ms_say("DumpTimers did not say \"%s\":\n%s\n", want, out);
+    _exit(1);
+  }
+}
+
+TEST(BackendTest, DumpTimersNamesTheBackend) { MS_IN_CHILD(DumpTimersScenario()); }
+
+// ---- Kernel writes under userfaultfd -------------------------------------------------
+
+uint8_t* Buffer(size_t pages, uint8_t fill) {
+  uint8_t* b = (uint8_t*)AllocateMemory(pages * Granule(), MemoryKind::Tracked);
+  memset(b, fill, pages * Granule());
+  return b;
+}
+
+bool AllBytes(const uint8_t* p, size_t n, uint8_t v) {
+  for (size_t i = 0; i < n; i++)
+    if (((const volatile uint8_t*)p)[i] != v) return false;
+  return true;
+}
+
+void ReadLands() {
+  alarm(30);
+  InitializeMemorySnapshots();
+  const size_t g = Granule();
+  uint8_t* buf = Buffer(3, 'A');
+  int p[2];
+  MS_CHECK(pipe(p) == 0);
+  TakeFirstMemorySnapshot();
+  MS_CHECK(mstest::KernelWritesTracked(buf));
+  char src[64];
+  memset(src, 'R', sizeof src);
+  // Straddling two clean pages: all of it lands.
+  MS_CHECK(write(p[1], src, sizeof src) == (ssize_t)sizeof src);
+  MS_CHECK_EQ(read(p[0], buf + g - 32, sizeof src), (ssize_t)sizeof src);
+  MS_CHECK(AllBytes(buf + g - 32, sizeof src, 'R'));
+  TakeDiffMemorySnapshot();  // checkpoint 1 holds the read bytes
+  MS_CHECK(Stats().saved_diff_pages >= 2);
+  MS_CHECK(write(p[1], src, 8) == 8);
+  MS_CHECK_EQ(read(p[0], buf + 2 * g, 8), 8);
+  Rewind(0);
+  MS_CHECK(AllBytes(buf + g - 32, sizeof src, 'R'));
+  MS_CHECK(AllBytes(buf + 2 * g, g, 'A'));
+  Rewind(1);
+  MS_CHECK(AllBytes(buf, 3 * g, 'A'));
+}
+
+void RecvLands() {
+  alarm(30);
+  InitializeMemorySnapshots();
+  const size_t g = Granule();
+  uint8_t* buf = Buffer(2, 'B');
+  int st[2], dg[2];
+  MS_CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, st) == 0);
+  MS_CHECK(socketpair(AF_UNIX, SOCK_DGRAM, 0, dg) == 0);
+  TakeFirstMemorySnapshot();
+  MS_CHECK(send(st[1], "stream", 6, 0) == 6);
+  MS_CHECK(send(dg[1], "datagram", 8, 0) == 8);
+  MS_CHECK_EQ(recv(st[0], buf + g - 3, 6, 0), 6);
+  MS_CHECK_EQ(recv(dg[0], buf + 100, 8, 0), 8);
+  MS_CHECK(memcmp(buf + g - 3, "stream", 6) == 0);
+  MS_CHECK(memcmp(buf + 100, "datagram", 8) == 0);
+  Rewind(0);
+  MS_CHECK(AllBytes(buf, 2 * g, 'B'));
+}
+
+// futex: a wait on a tracked word reads it; FUTEX_WAKE_OP writes it (kernel-side).
+void FutexLands() {
+  alarm(30);
+  InitializeMemorySnapshots();
+  uint32_t* w = (uint32_t*)Buffer(1, 0);
+  w[0] = 7;
+  w[1] = 0;
+  TakeFirstMemorySnapshot();
+  // Wrong expected value: EAGAIN at once (a read of the armed word).
+  MS_CHECK_EQ(syscall(SYS_futex, &w[0], FUTEX_WAIT_PRIVATE, 8, nullptr, nullptr, 0), -1);
+  MS_CHECK_EQ(errno, EAGAIN);
+  // FUTEX_WAKE_OP: *w[1] = 5 (FUTEX_OP_SET), written by the kernel into a clean page.
+  auto wakeOp = [&]() {
+    return syscall(SYS_futex, &w[0], FUTEX_WAKE_OP_PRIVATE, 1, (void*)1, &w[1],
+                   FUTEX_OP(FUTEX_OP_SET, 5, FUTEX_OP_CMP_EQ, 0));
+  };
+  long r = wakeOp();
+  if (r < 0 && mstest::IsUffdSync()) {
+    // The futex atomic ops fault their page in without FAULT_FLAG_ALLOW_RETRY, which a
+    // sync userfault cannot serve: EFAULT, nothing written (the kernel's limit). Preparing
+    // the word must then let the kernel write it, as it does under mprotect.
+    MS_CHECK_EQ(errno, EFAULT);
+    MS_CHECK_EQ(w[1], 0);
+    MS_CHECK(memsnap_prepare_write(&w[1], sizeof w[1]) == MemsnapStatus::Ok);
+    r = wakeOp();
+    if (r < 0) ms_say("FUTEX_WAKE_OP after memsnap_prepare_write: errno %d\n", errno);
+  }
+  MS_CHECK(r >= 0);
+  MS_CHECK_EQ(w[1], 5);
+  Rewind(0);
+  MS_CHECK_EQ(w[0], 7);
+  MS_CHECK_EQ(w[1], 0);
+}
+
+// A raw clone's CLONE_CHILD_SETTID/CLEARTID word in tracked memory: the kernel writes the
+// thread id into it at the start and clears it at the exit. Threads may not be created or
+// exit between a checkpoint and a rewind to it, so the checkpoint after the exit must
+// hold the kernel's writes (the page is in its diff), and a rewind to it is exact.
+uint8_t gCloneStack[64 * 1024] __attribute__((aligned(16)));
+int CloneBody(void*) { return 0; }
+
+void ClearTidLands() {
+  alarm(30);
+  InitializeMemorySnapshots();
+  volatile int32_t* word = (volatile int32_t*)Buffer(1, 0);
+  *word = 1;
+  TakeFirstMemorySnapshot();  // checkpoint 0
+  *word = 12345;
+  TakeDiffMemorySnapshot();  // checkpoint 1: 12345 (the page is clean and armed again)
+  const size_t diff1 = Stats().saved_diff_pages;
+  const int flags = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD |
+                    CLONE_SYSVSEM | CLONE_CHILD_CLEARTID | CLONE_CHILD_SETTID;
+  long tid = clone(CloneBody, gCloneStack + sizeof gCloneStack, flags, nullptr, nullptr,
+                   nullptr, (int*)word);
+  MS_CHECK(tid > 0);
+  // Only the kernel writes the word from here on: the tid, then 0 and a futex wake.
+  for (;;) {
+    int32_t v = *word;
+    if (v == 0) break;
+    syscall(SYS_futex, (int*)word, FUTEX_WAIT, v, nullptr, nullptr, 0);
+  }
+  TakeDiffMemorySnapshot();  // checkpoint 2, with no other thread alive
+  MS_CHECK(Stats().saved_diff_pages > diff1);  // the kernel-written page was tracked
+  *word = 99;
+  Rewind(0);
+  MS_CHECK_EQ(*word, 0);
+  *word = 98;
+  Rewind(0);
+  MS_CHECK_EQ(*word, 0);
+}
+
+#define UFFD_ONLY()                                                                   \
+  do {                                                                                \
+    if (!mstest::IsUffdAsync() && !(mstest::IsUffdSync() && mstest::KernelUserfaultsAllowed())) \
+      GTEST_SKIP() << "kernel writes into tracked memory land only under userfaultfd "  \
+                      "with kernel-mode faults (this run: "                           \
+                   << mstest::BackendName(mstest::ActiveBackend()) << ")";            \
+  } while (0)
+
+TEST(KernelWriteUffdTest, ReadLandsAndIsRewound) { UFFD_ONLY(); MS_IN_CHILD(ReadLands()); }
+TEST(KernelWriteUffdTest, RecvLandsAndIsRewound) { UFFD_ONLY(); MS_IN_CHILD(RecvLands()); }
+TEST(KernelWriteUffdTest, FutexWakeOpLandsAndIsRewound) { UFFD_ONLY(); MS_IN_CHILD(FutexLands()); }
+TEST(KernelWriteUffdTest, ClearTidLandsAndIsRewound) { UFFD_ONLY(); MS_IN_CHILD(ClearTidLands()); }
+
+}  // namespace backend_test
