@@ -83,11 +83,13 @@ define per_backend
 	if [ -n "$$failed" ]; then echo "make test: $(2) failed under:$$failed"; exit 1; fi
 endef
 
-# The whole Rust suite once under the default backend, then the forked scenarios (which
-# check that the requested backend is the one running) once per backend.
+# The unit tests once (they fork their own userfaultfd cases), then the forked scenarios
+# (which check that the requested backend is the one running) and the model test once per
+# backend.
+RUST_SUITES := $(CARGO) test --release --test scenarios --test model
 rust-test: $(BUILD)/memsnap-probe
-	$(CARGO) test --release
-	$(call per_backend,$(CARGO) test --release --test scenarios,Rust scenarios)
+	$(CARGO) test --release --lib
+	$(call per_backend,$(RUST_SUITES),Rust scenarios and model)
 
 $(BUILD)/memsnap-tests: $(CPP_TESTS) include/MemorySnapshot.h include/MemorySnapshotHelpers.h lib gtest
 	@mkdir -p $(BUILD)
@@ -102,18 +104,15 @@ cpp-test: $(BUILD)/memsnap-tests $(BUILD)/memsnap-probe
 
 # The demo verifies every rewind it makes, so it doubles as an end-to-end check; it runs
 # once, under the default backend.
-# test-16k runs the suites again with 16 KiB snapshot pages on a 4 KiB kernel: the page
-# size of Apple Silicon, and snapshot pages only partly covered by a mapping. To keep CI
-# time down only under the default backend, plus mprotect when the default is another.
+# test-16k runs the suites again with 16 KiB snapshot pages on a 4 KiB kernel, under
+# every backend: the page size of Apple Silicon, and snapshot pages only partly covered by
+# a mapping (whose shared edges stay on mprotect under userfaultfd).
 test: lib gtest rust-test cpp-test demo test-16k
 
+test-16k: export MEMSNAP_PAGE_SIZE = 16384
 test-16k: lib gtest $(BUILD)/memsnap-tests $(BUILD)/memsnap-probe
-	MEMSNAP_PAGE_SIZE=16384 $(CARGO) test --release
-	MEMSNAP_PAGE_SIZE=16384 ./$(BUILD)/memsnap-tests
-	@if [ "$$($(PROBE) 2>/dev/null)" != mprotect ] && [ "$(UNAME)" != Darwin ]; then \
-	  echo "== C++ suite, 16 KiB pages, backend mprotect"; \
-	  MEMSNAP_BACKEND=mprotect MEMSNAP_PAGE_SIZE=16384 ./$(BUILD)/memsnap-tests; \
-	fi
+	$(call per_backend,$(RUST_SUITES),Rust scenarios and model at 16 KiB)
+	$(call per_backend,./$(BUILD)/memsnap-tests,C++ suite at 16 KiB)
 
 $(BUILD)/memsnap-demo: $(DEMO_SRCS) include/MemorySnapshot.h include/MemorySnapshotHelpers.h lib
 	@mkdir -p $(BUILD)

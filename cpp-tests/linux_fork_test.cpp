@@ -117,14 +117,7 @@ void ConcurrentScenario() {
   MS_CHECK(Holds(n, 1));
 }
 
-TEST(ForkTest, ParentAndChildRewindConcurrently) {
-  // The child would hang inside fork() (every signal blocked) and the parent in the pipe
-  // turn-taking, which keeps the runner waiting forever; the other fork tests fail instead.
-  MS_SKIP_UNDER(MemsnapBackend::LinuxUffd,
-                "ENGINE BUG: the fork child deadlocks in rebuild_after_fork (pthread_create "
-                "writes armed tracked memory before the fault server runs)");
-  MS_IN_CHILD(ConcurrentScenario());
-}
+TEST(ForkTest, ParentAndChildRewindConcurrently) { MS_IN_CHILD(ConcurrentScenario()); }
 
 // A fork from a thread other than the controller: the child's only thread takes over.
 struct ForkFromThread {

@@ -405,6 +405,8 @@ const char* backend_name(MemsnapBackend b) {
     case MemsnapBackend::LinuxMprotect: return "Linux mprotect + SIGSEGV";
     case MemsnapBackend::MacExceptionPort: return "macOS Mach exception port";
     case MemsnapBackend::MacSignal: return "macOS SIGBUS/SIGSEGV";
+    case MemsnapBackend::LinuxUffd: return "Linux userfaultfd write protection (sync)";
+    case MemsnapBackend::LinuxUffdAsync: return "Linux userfaultfd write protection (async, PAGEMAP_SCAN)";
   }
   return "?";
 }

@@ -318,7 +318,9 @@ impl Engine {
                 // uffd-wp bit, which mprotect keeps, still guards the clean pages), and a
                 // dirty page must be disarmed (sync; async pages are never armed for long).
                 // SAFETY: tracked host memory whose protection the engine owns.
-                let _ = unsafe { sys::protect(p, self.page, sys::Access::ReadWrite { exec: st.exec() }) };
+                let _ = unsafe {
+                    sys::protect(p, self.page, sys::Access::ReadWrite { exec: st.exec() })
+                };
                 if st.slot().is_some() {
                     let _ = self.protect_unit(p, st, true);
                 }

@@ -154,7 +154,7 @@ impl Engine {
                 if !st.tracked() {
                     // The page vanished (see the scan): its pre-image is of no use.
                     self.table.set(page, PageState(0));
-                    self.pool.free(slot);
+                    self.release_slot(slot);
                     continue;
                 }
                 // SAFETY: the slot belongs to this dirty page; its tracked pages are
@@ -162,7 +162,7 @@ impl Engine {
                 // because its bytes changed.)
                 let same = !self.async_unit(st) && unsafe { self.unit_matches(page, st, slot) };
                 if same {
-                    self.pool.free(slot);
+                    self.release_slot(slot);
                 } else if m.diffs.push(DiffEntry { page, slot }).is_err() {
                     crate::fatal!(F, "out of room for saved pages");
                 }
@@ -408,7 +408,7 @@ impl Engine {
         if dropped == 0 {
             for j in newer.diff_start..newer.diff_start + newer.diff_len {
                 let slot = m.diffs[j].slot;
-                self.pool.free(slot);
+                self.release_slot(slot);
             }
             // The surviving checkpoint's diff is empty (it is the newest): shrink the stack.
             m.diffs.truncate(newer.diff_start);
@@ -436,7 +436,7 @@ impl Engine {
                         false
                     }
                 },
-                |slot| self.pool.free(slot),
+                |slot| self.release_slot(slot),
             );
             if !ok {
                 crate::fatal!(F, "out of room folding diffs");

@@ -169,6 +169,15 @@ impl Engine {
     /// `slot` is held by the caller; the unit's tracked spans are mapped, readable, and
     /// writable too when copying back.
     pub(super) unsafe fn copy_unit(&self, unit: usize, st: PageState, slot: u32, to_slot: bool) {
+        if slot == super::uffd::ZERO_SLOT {
+            // The zero pre-image (async mode): nothing to read, zeroes to write back.
+            debug_assert!(!to_slot);
+            self.for_each_span(unit, st, |addr, len, _| {
+                // SAFETY: per the function's contract, the spans are writable.
+                unsafe { core::ptr::write_bytes(addr as *mut u8, 0, len) }
+            });
+            return;
+        }
         // SAFETY: per the function's contract; spans lie within the unit and the slot is
         // one unit long.
         unsafe {

@@ -175,8 +175,31 @@ impl Engine {
         add(m, Range::new(errno, errno + 4));
     }
 
-    /// Compares the tracked regions with `m.vmas` and reports each discrepancy.
+    /// Compares the tracked regions with `m.vmas` and reports each discrepancy, adjacent
+    /// ones of one kind as one (a mapping's pieces may be separate regions, see `track`).
     fn check_regions(
+        &self,
+        regions: &[TrackedRegion],
+        vmas: &[sys::Region],
+        mut report: impl FnMut(Problem),
+    ) {
+        let mut pending: Option<Problem> = None;
+        self.check_each_region(regions, vmas, |p| match &mut pending {
+            Some(q) if q.range.end == p.range.start && q.what == p.what => {
+                q.range = Range::new(q.range.start, p.range.end);
+            }
+            _ => {
+                if let Some(q) = pending.replace(p) {
+                    report(q);
+                }
+            }
+        });
+        if let Some(q) = pending {
+            report(q);
+        }
+    }
+
+    fn check_each_region(
         &self,
         regions: &[TrackedRegion],
         vmas: &[sys::Region],

@@ -137,6 +137,12 @@ pub fn unavailable(b: BackendChoice) -> Option<&'static str> {
     }
 }
 
+/// The pre-image of a unit whose contents were all zero (it had no base copy): a slot
+/// number the pool never hands out (its capacity stops below it), so an async checkpoint
+/// of freshly used memory saves no copy of zeroes. Copying it back writes zeroes;
+/// releasing it does nothing.
+pub(super) const ZERO_SLOT: u32 = PageState::SLOT_MASK - 1;
+
 /// The base copy's state word for a unit: `slot + 1`, or 0.
 fn base_slot(word: u32) -> Option<u32> {
     word.checked_sub(1)
@@ -613,17 +619,7 @@ impl Engine {
             if same {
                 return;
             }
-            let pre = match self.take_base(u) {
-                Some(s) => s,
-                None => {
-                    let s = self.alloc_slot(function);
-                    // SAFETY: a slot this thread holds, one unit long.
-                    unsafe {
-                        core::ptr::write_bytes(self.pool.bytes(s).as_mut_ptr(), 0, self.page)
-                    };
-                    s
-                }
-            };
+            let pre = self.take_base(u).unwrap_or(ZERO_SLOT);
             let now = self.alloc_slot(function);
             // SAFETY: a fresh slot; the unit is readable.
             unsafe { self.copy_unit(u, st, now, true) };
@@ -707,11 +703,25 @@ impl Engine {
     pub(super) fn rebase(&self, unit: usize, slot: u32) -> Option<u32> {
         let base = self.uffd.base.as_ref()?;
         let w = base.word(unit)?;
-        let old = base_slot(w.swap(slot + 1, Ordering::AcqRel));
-        if old.is_none() {
-            self.uffd.base_units.fetch_add(1, Ordering::Relaxed);
+        let new = if slot == ZERO_SLOT { 0 } else { slot + 1 };
+        let old = base_slot(w.swap(new, Ordering::AcqRel));
+        match (old.is_some(), new != 0) {
+            (false, true) => {
+                self.uffd.base_units.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, false) => {
+                self.uffd.base_units.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
         }
         old
+    }
+
+    /// Returns a pre-image slot to the pool (the zero pre-image is no slot).
+    pub(super) fn release_slot(&self, slot: u32) {
+        if slot != ZERO_SLOT {
+            self.pool.free(slot);
+        }
     }
 
     /// Whether the mapping piece `piece` of a userfaultfd-guarded region is still

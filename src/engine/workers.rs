@@ -356,7 +356,7 @@ impl Engine {
                 if let Some(old) = self.rebase(e.page, e.slot) {
                     freed.add(old);
                 }
-            } else {
+            } else if e.slot != super::uffd::ZERO_SLOT {
                 freed.add(e.slot);
             }
         }
