@@ -7,6 +7,9 @@
 #include <pthread.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <fcntl.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <cstring>
@@ -245,5 +248,51 @@ TEST(KernelWriteUffdTest, ReadLandsAndIsRewound) { UFFD_ONLY(); MS_IN_CHILD(Read
 TEST(KernelWriteUffdTest, RecvLandsAndIsRewound) { UFFD_ONLY(); MS_IN_CHILD(RecvLands()); }
 TEST(KernelWriteUffdTest, FutexWakeOpLandsAndIsRewound) { UFFD_ONLY(); MS_IN_CHILD(FutexLands()); }
 TEST(KernelWriteUffdTest, ClearTidLandsAndIsRewound) { UFFD_ONLY(); MS_IN_CHILD(ClearTidLands()); }
+
+// The kernel-write cases that fail with EFAULT under mprotect (KernelWriteTest) land under
+// userfaultfd, each into its own clean tracked page, and one rewind takes them all back.
+void MoreSyscallsLand() {
+  alarm(30);
+  InitializeMemorySnapshots();
+  const size_t g = Granule();
+  uint8_t* buf = Buffer(6, 'C');
+  int sv[2];
+  MS_CHECK(socketpair(AF_UNIX, SOCK_DGRAM, 0, sv) == 0);
+  char path[] = "/tmp/memsnap-uffd-XXXXXX";
+  int fd = mkstemp(path);
+  MS_CHECK(fd >= 0);
+  unlink(path);
+  MS_CHECK(write(fd, "file bytes", 10) == 10);
+  TakeFirstMemorySnapshot();
+  // pipe() writes its descriptor pair.
+  int* fds = (int*)(buf);
+  MS_CHECK_EQ(pipe(fds), 0);
+  MS_CHECK(fds[0] >= 0 && fds[1] >= 0 && fds[0] != fds[1]);
+  // pread from a file.
+  MS_CHECK_EQ(pread(fd, buf + g, 10, 0), 10);
+  MS_CHECK(memcmp(buf + g, "file bytes", 10) == 0);
+  // A datagram: under mprotect it would be lost.
+  MS_CHECK(send(sv[0], "datagram", 8, 0) == 8);
+  MS_CHECK_EQ(recv(sv[1], buf + 2 * g, 8, 0), 8);
+  MS_CHECK(memcmp(buf + 2 * g, "datagram", 8) == 0);
+  // The raw clock_gettime system call (no vDSO).
+  struct timespec* ts = (struct timespec*)(buf + 3 * g);
+  MS_CHECK_EQ(syscall(SYS_clock_gettime, CLOCK_MONOTONIC, ts), 0);
+  MS_CHECK(ts->tv_sec != 0x4343434343434343LL);
+  // A shared (not private) futex: the kernel looks the page up for writing.
+  uint32_t* word = (uint32_t*)(buf + 4 * g);
+  MS_CHECK_EQ(syscall(SYS_futex, word, FUTEX_WAKE, 1, nullptr, nullptr, 0), 0);
+  MS_CHECK_EQ(syscall(SYS_futex, word, FUTEX_WAIT, 0, nullptr, nullptr, 0), -1);
+  MS_CHECK_EQ(errno, EAGAIN);
+  close(fds[0]);
+  close(fds[1]);
+  Rewind(0);
+  MS_CHECK(AllBytes(buf, 6 * g, 'C'));
+}
+
+TEST(KernelWriteUffdTest, PipePreadDatagramClockAndSharedFutexLandAndAreRewound) {
+  UFFD_ONLY();
+  MS_IN_CHILD(MoreSyscallsLand());
+}
 
 }  // namespace backend_test
