@@ -593,9 +593,15 @@ int main() {
   d.first();  // checkpoint A0
   {
     MemsnapStats s = get_stats();
-    say("  memsnap: %s, %zu-byte pages, tracking %.1f MiB in %zu regions, %zu restore thread%s\n\n",
+    say("  memsnap: %s, %zu-byte pages, tracking %.1f MiB in %zu regions, %zu restore thread%s\n",
         backend_name(s.backend), s.page_size, (double)s.tracked_bytes / (1024.0 * 1024.0),
         s.tracked_regions, s.restore_threads, s.restore_threads == 1 ? "" : "s");
+    if (s.backend == MemsnapBackend::LinuxUffd || s.backend == MemsnapBackend::LinuxUffdAsync)
+      say("           %.1f MiB of it guarded by userfaultfd (the rest, mapping edges and file\n"
+          "           data the mode cannot register, by mprotect); base copy %.1f MiB\n",
+          (double)s.uffd_tracked_bytes / (1024.0 * 1024.0),
+          (double)s.base_copy_bytes / (1024.0 * 1024.0));
+    say("\n");
   }
   say("  PAGES  snapshot/scribble: pages written since the newest checkpoint (active_dirty_pages);\n");
   say("         rewind: page copies written back (dirty pages + every diff popped)\n");
