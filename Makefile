@@ -212,7 +212,8 @@ soak:
 # #[cfg_attr(miri, ignore)].
 MIRI_TESTS := engine::ranges engine::free engine::dirty engine::granule engine::tests \
   sys::linux::maps sys::linux::threads::tests::syscall_file_formats \
-  sys::linux::threads::tests::decimal_names sys::mach_exc mem::pool::tests::page_state_bits
+  sys::linux::threads::tests::decimal_names sys::mach_exc mem::pool::tests::page_state_bits \
+  engine::uffd::tests
 .PHONY: miri
 miri:
 	@rustup component add --toolchain nightly miri rust-src || { echo "make miri: SKIPPED: no nightly toolchain with Miri can be installed here"; exit 0; }; \

@@ -797,3 +797,46 @@ extern "C" fn server_main(arg: *mut libc::c_void) -> *mut libc::c_void {
         engine.serve_fault(addr, tid)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{BackendChoice, ZERO_SLOT};
+    use crate::mem::PageState;
+
+    #[test]
+    fn backend_names_parse() {
+        assert_eq!(BackendChoice::parse(b""), Some(BackendChoice::Auto));
+        assert_eq!(BackendChoice::parse(b"auto"), Some(BackendChoice::Auto));
+        assert_eq!(
+            BackendChoice::parse(b"mprotect"),
+            Some(BackendChoice::Mprotect)
+        );
+        assert_eq!(BackendChoice::parse(b"uffd"), Some(BackendChoice::Uffd));
+        assert_eq!(
+            BackendChoice::parse(b"uffd-async"),
+            Some(BackendChoice::UffdAsync)
+        );
+        assert_eq!(BackendChoice::parse(b"UFFD"), None);
+        assert_eq!(BackendChoice::parse(b"uffd-async "), None);
+        for b in [
+            BackendChoice::Auto,
+            BackendChoice::Mprotect,
+            BackendChoice::Uffd,
+            BackendChoice::UffdAsync,
+        ] {
+            assert_eq!(BackendChoice::from_u32(b as u32), b);
+        }
+        assert_eq!(BackendChoice::from_u32(99), BackendChoice::Auto);
+    }
+
+    #[test]
+    fn zero_pre_image_is_never_a_real_slot() {
+        // The pool's capacity stops at SLOT_MASK - 1 slots, numbered below it.
+        assert!(ZERO_SLOT >= PageState::SLOT_MASK - 1);
+        let st = PageState(PageState::TRACKED).with_slot(ZERO_SLOT);
+        assert_eq!(st.slot(), Some(ZERO_SLOT));
+        assert!(st.tracked() && !st.uffd());
+        let st = PageState(PageState::TRACKED | PageState::UFFD).with_slot(3);
+        assert!(st.uffd() && st.clean().uffd() && st.clean().slot().is_none());
+    }
+}
