@@ -142,6 +142,8 @@ pub fn unavailable(b: BackendChoice) -> Option<&'static str> {
 /// of freshly used memory saves no copy of zeroes. Copying it back writes zeroes;
 /// releasing it does nothing.
 pub(super) const ZERO_SLOT: u32 = PageState::SLOT_MASK - 1;
+// The pool's capacity stops at SLOT_MASK - 1 slots, numbered below ZERO_SLOT.
+const _: () = assert!(ZERO_SLOT + 1 == PageState::SLOT_MASK);
 
 /// The base copy's state word for a unit: `slot + 1`, or 0.
 fn base_slot(word: u32) -> Option<u32> {
@@ -831,8 +833,6 @@ mod tests {
 
     #[test]
     fn zero_pre_image_is_never_a_real_slot() {
-        // The pool's capacity stops at SLOT_MASK - 1 slots, numbered below it.
-        assert!(ZERO_SLOT >= PageState::SLOT_MASK - 1);
         let st = PageState(PageState::TRACKED).with_slot(ZERO_SLOT);
         assert_eq!(st.slot(), Some(ZERO_SLOT));
         assert!(st.tracked() && !st.uffd());
