@@ -572,10 +572,7 @@ fn read_into_tracked_buffer() {
         // (no userfaultfd permission beyond UFFD_USER_MODE_ONLY), the kernel cannot wait
         // for the fault to be served.
         if s.backend == MemsnapBackend::LinuxMprotect || s.uffd_user_mode_only {
-            check(
-                n == -1,
-                "read into a write-protected page fails",
-            );
+            check(n == -1, "read into a write-protected page fails");
             // The bytes are still in the pipe: drain them into untracked memory.
             let mut sink = [0u8; 64];
             // SAFETY: a stack buffer.
