@@ -508,46 +508,38 @@ pub fn uffd_register(fd: i32, start: usize, len: usize) -> Result<(), i32> {
     .map(|_| ())
 }
 
-/// UFFDIO_UNREGISTER; threads blocked on the range are woken (and retry unprotected).
-pub fn uffd_unregister(fd: i32, start: usize, len: usize) -> Result<(), i32> {
+/// An ioctl whose argument is one `uffdio_range` (UNREGISTER, WAKE).
+fn range_ioctl(fd: i32, request: u64, start: usize, len: usize) -> Result<(), i32> {
     let mut range = UffdioRange {
         start: start as u64,
         len: len as u64,
     };
-    // SAFETY: UFFDIO_UNREGISTER reads the uffdio_range on this frame.
-    unsafe {
-        ioctl(
-            fd,
-            UFFDIO_UNREGISTER,
-            &mut range as *mut UffdioRange as usize,
-        )
-    }
-    .map(|_| ())
+    // SAFETY: these ioctls read the uffdio_range on this frame; they change no page
+    // contents.
+    unsafe { ioctl(fd, request, &mut range as *mut UffdioRange as usize) }.map(|_| ())
+}
+
+/// UFFDIO_UNREGISTER; threads blocked on the range are woken (and retry unprotected).
+pub fn uffd_unregister(fd: i32, start: usize, len: usize) -> Result<(), i32> {
+    range_ioctl(fd, UFFDIO_UNREGISTER, start, len)
 }
 
 /// UFFDIO_WAKE: wakes threads blocked on faults in the range without changing protection.
 pub fn uffd_wake(fd: i32, start: usize, len: usize) -> Result<(), i32> {
-    let mut range = UffdioRange {
-        start: start as u64,
-        len: len as u64,
-    };
-    // SAFETY: UFFDIO_WAKE reads the uffdio_range on this frame.
-    unsafe { ioctl(fd, UFFDIO_WAKE, &mut range as *mut UffdioRange as usize) }.map(|_| ())
+    range_ioctl(fd, UFFDIO_WAKE, start, len)
 }
 
-/// UFFDIO_WRITEPROTECT: `wp` true arms, false disarms and wakes threads blocked on the
-/// range. Err(ENOENT) when part of the range is not registered (the engine uses that to
-/// notice memory the program unmapped and mapped afresh); unmapped holes are skipped.
+/// UFFDIO_WRITEPROTECT with `mode`.
 ///
 /// # Safety
-/// The range is tracked host memory whose protection the engine owns.
-pub unsafe fn uffd_protect(fd: i32, start: usize, len: usize, wp: bool) -> Result<(), i32> {
+/// As for [`uffd_protect`].
+unsafe fn write_protect(fd: i32, start: usize, len: usize, mode: u64) -> Result<(), i32> {
     let mut w = UffdioWriteprotect {
         range: UffdioRange {
             start: start as u64,
             len: len as u64,
         },
-        mode: if wp { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+        mode,
     };
     // SAFETY: UFFDIO_WRITEPROTECT reads the struct on this frame; the caller owns the
     // protection of the range.
@@ -561,6 +553,18 @@ pub unsafe fn uffd_protect(fd: i32, start: usize, len: usize, wp: bool) -> Resul
     .map(|_| ())
 }
 
+/// UFFDIO_WRITEPROTECT: `wp` true arms, false disarms and wakes threads blocked on the
+/// range. Err(ENOENT) when part of the range is not registered (the engine uses that to
+/// notice memory the program unmapped and mapped afresh); unmapped holes are skipped.
+///
+/// # Safety
+/// The range is tracked host memory whose protection the engine owns.
+pub unsafe fn uffd_protect(fd: i32, start: usize, len: usize, wp: bool) -> Result<(), i32> {
+    let mode = if wp { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 };
+    // SAFETY: per this function's contract.
+    unsafe { write_protect(fd, start, len, mode) }
+}
+
 /// Disarms `[start, start + len)` without waking threads blocked on it
 /// (`UFFDIO_WRITEPROTECT_MODE_DONTWAKE`): a restore opens pages to copy into them while a
 /// writer's fault on one may be queued, and that writer must stay blocked until the page
@@ -569,22 +573,8 @@ pub unsafe fn uffd_protect(fd: i32, start: usize, len: usize, wp: bool) -> Resul
 /// # Safety
 /// As for [`uffd_protect`].
 pub unsafe fn uffd_disarm_quietly(fd: i32, start: usize, len: usize) -> Result<(), i32> {
-    let mut w = UffdioWriteprotect {
-        range: UffdioRange {
-            start: start as u64,
-            len: len as u64,
-        },
-        mode: UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
-    };
-    // SAFETY: as in `uffd_protect`.
-    unsafe {
-        ioctl(
-            fd,
-            UFFDIO_WRITEPROTECT,
-            &mut w as *mut UffdioWriteprotect as usize,
-        )
-    }
-    .map(|_| ())
+    // SAFETY: per this function's contract.
+    unsafe { write_protect(fd, start, len, UFFDIO_WRITEPROTECT_MODE_DONTWAKE) }
 }
 
 /// Opens /proc/self/pagemap (O_RDONLY|O_CLOEXEC) for the scans; the engine keeps the fd.
