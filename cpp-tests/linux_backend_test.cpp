@@ -5,6 +5,9 @@
 
 #include <linux/futex.h>
 #include <pthread.h>
+#include <sys/mman.h>
+
+#include <atomic>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <fcntl.h>
@@ -288,6 +291,64 @@ void MoreSyscallsLand() {
   close(fds[1]);
   Rewind(0);
   MS_CHECK(AllBytes(buf, 6 * g, 'C'));
+}
+
+// A robust mutex whose owner exits holding it: the kernel's robust-list walk at thread exit
+// writes FUTEX_OWNER_DIED into the mutex word, with the futex code's fault-in that cannot
+// wait for a userfault. Into a clean tracked page that write is dropped under mprotect and
+// sync uffd (the next locker times out instead of getting EOWNERDEAD) and lands under
+// uffd-async; after memsnap_prepare_write it lands everywhere.
+std::atomic<int>* gRobustGo;
+pthread_mutex_t* gRobust;
+
+void* RobustOwner(void*) {
+  pthread_mutex_lock(gRobust);
+  gRobustGo->store(1);
+  while (gRobustGo->load() != 2) {
+  }
+  return nullptr;  // exits holding the mutex
+}
+
+void RobustMutexOwnerDies(bool prepare) {
+  alarm(30);
+  InitializeMemorySnapshots();
+  gRobustGo = (std::atomic<int>*)mmap(nullptr, 4096, PROT_READ | PROT_WRITE,
+                                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  MS_CHECK(gRobustGo != MAP_FAILED);
+  RegisterAllocatedMemory(gRobustGo, 4096, MemoryKind::Generic);
+  gRobust = (pthread_mutex_t*)AllocateMemory(Granule(), MemoryKind::Tracked);
+  pthread_mutexattr_t a;
+  pthread_mutexattr_init(&a);
+  pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+  pthread_mutex_init(gRobust, &a);
+  pthread_t t;
+  MS_CHECK(pthread_create(&t, nullptr, RobustOwner, nullptr) == 0);
+  while (gRobustGo->load() != 1) {
+  }
+  TakeFirstMemorySnapshot();  // the mutex word's page is clean from here on
+  if (prepare) MS_CHECK(memsnap_prepare_write(gRobust, sizeof *gRobust) == MemsnapStatus::Ok);
+  const MemsnapBackend b = Stats().backend;
+  gRobustGo->store(2);
+  MS_CHECK(pthread_join(t, nullptr) == 0);
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  ts.tv_sec += 1;
+  const int r = pthread_mutex_timedlock(gRobust, &ts);
+  const bool lands = prepare || b == MemsnapBackend::LinuxUffdAsync;
+  if (lands) {
+    MS_CHECK_EQ(r, EOWNERDEAD);
+  } else {
+    MS_CHECK_EQ(r, ETIMEDOUT);
+  }
+  TakeDiffMemorySnapshot();  // memsnap is still consistent
+}
+
+TEST(KernelWriteTest, RobustMutexOwnerDeathPerBackend) {
+  MS_IN_CHILD(RobustMutexOwnerDies(false));
+}
+
+TEST(KernelWriteTest, RobustMutexOwnerDeathAfterPrepareWrite) {
+  MS_IN_CHILD(RobustMutexOwnerDies(true));
 }
 
 TEST(KernelWriteUffdTest, PipePreadDatagramClockAndSharedFutexLandAndAreRewound) {
