@@ -163,16 +163,29 @@ fn best_cycle(records: &[Record], labels: &[&str]) -> Vec<Ratio> {
             .min_by(|a, b| a.1.partial_cmp(&b.1).unwrap());
         out.push(Ratio {
             name: format!(
-                "best backend with read(2) working ({}): cycle / fork COW first write ({}, {} dirty)",
+                "best backend with read(2) working ({}): cycle / fork COW first write {}",
                 best.map_or("none".to_string(), |b| b.0.mechanism.clone()),
-                size_name(heap),
-                crate::workloads::pct(fraction)
+                dirty_at(heap, fraction)
             ),
-            value: ratio_of(best.map(|b| b.0), "cycle_ns_per_dirty_page", fork, "write_ns_per_page"),
+            value: ratio_of(
+                best.map(|b| b.0),
+                "cycle_ns_per_dirty_page",
+                fork,
+                "write_ns_per_page",
+            ),
             target: Some(1.0),
         });
     }
     out
+}
+
+/// `(1GiB, 10% dirty)`: where a ratio was taken.
+fn dirty_at(heap: usize, fraction: f64) -> String {
+    format!(
+        "({}, {} dirty)",
+        size_name(heap),
+        crate::workloads::pct(fraction)
+    )
 }
 
 /// The sync backend's cross-CPU wake-up: unpinned over pinned, per spin setting.
@@ -211,12 +224,13 @@ pub fn ratios(records: &[Record], memsnap: &str) -> Vec<Ratio> {
                     matches!(*w, Workload::FirstWrite { heap: h, order: o, threads: t, .. }
                         if h == heap && o == order && t == threads)
                 });
+                let at = format!(
+                    "({}, {order}, {threads} thread{})",
+                    size_name(heap),
+                    if threads > 1 { "s" } else { "" }
+                );
                 out.push(Ratio {
-                    name: format!(
-                        "first write / fork COW first write ({}, {order}, {threads} thread{})",
-                        size_name(heap),
-                        if threads > 1 { "s" } else { "" }
-                    ),
+                    name: format!("first write / fork COW first write {at}"),
                     value: ratio_of(Some(r), "ns_per_page", fork, "ns_per_page"),
                     target: Some(match order {
                         Order::Sequential => 2.2,
@@ -224,11 +238,7 @@ pub fn ratios(records: &[Record], memsnap: &str) -> Vec<Ratio> {
                     }),
                 });
                 out.push(Ratio {
-                    name: format!(
-                        "  the same in process CPU time ({}, {order}, {threads} thread{})",
-                        size_name(heap),
-                        if threads > 1 { "s" } else { "" }
-                    ),
+                    name: format!("  the same in process CPU time {at}"),
                     value: ratio_of(Some(r), "cpu_ns_per_page", fork, "cpu_ns_per_page"),
                     target: None,
                 });
@@ -239,11 +249,7 @@ pub fn ratios(records: &[Record], memsnap: &str) -> Vec<Ratio> {
                         if h == heap && f == fraction)
                 });
                 out.push(Ratio {
-                    name: format!(
-                        "checkpoint / fork() ({}, {} dirty)",
-                        size_name(heap),
-                        crate::workloads::pct(fraction)
-                    ),
+                    name: format!("checkpoint / fork() {}", dirty_at(heap, fraction)),
                     value: ratio_of(Some(r), "checkpoint_ns", fork, "checkpoint_ns"),
                     target: (heap >= crate::workloads::GIB && fraction == 0.01).then_some(0.1),
                 });
@@ -271,12 +277,9 @@ pub fn ratios(records: &[Record], memsnap: &str) -> Vec<Ratio> {
             }
             Workload::Cycle { heap, fraction } => {
                 let fork = fork_cycle(records, heap, fraction);
+                let at = dirty_at(heap, fraction);
                 out.push(Ratio {
-                    name: format!(
-                        "cycle per dirty page / fork COW first write ({}, {} dirty)",
-                        size_name(heap),
-                        crate::workloads::pct(fraction)
-                    ),
+                    name: format!("cycle per dirty page / fork COW first write {at}"),
                     value: ratio_of(
                         Some(r),
                         "cycle_ns_per_dirty_page",
@@ -286,11 +289,7 @@ pub fn ratios(records: &[Record], memsnap: &str) -> Vec<Ratio> {
                     target: None,
                 });
                 out.push(Ratio {
-                    name: format!(
-                        "  cycle / fork COW cycle, fork + first writes + exit ({}, {} dirty)",
-                        size_name(heap),
-                        crate::workloads::pct(fraction)
-                    ),
+                    name: format!("  cycle / fork COW cycle, fork + first writes + exit {at}"),
                     value: ratio_of(
                         Some(r),
                         "cycle_ns_per_dirty_page",
