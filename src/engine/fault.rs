@@ -145,12 +145,25 @@ impl Engine {
         }
         self.enter(function, addr, writer);
         let page = self.page_base(addr);
+        let mut waits = 0u32;
         let handled = loop {
             let cur = PageState(word.load(Ordering::Acquire));
             if !cur.tracked() {
                 break false;
             }
             if cur.busy() {
+                waits = waits.wrapping_add(1);
+                if waits % 1024 == 0 && self.claimer_lost_to_fork() {
+                    // This is a fork child before its fork handler ran, and the claimer
+                    // stayed in the parent: the unit is clean (see `fork`), take it over.
+                    let _ = word.compare_exchange(
+                        cur.0,
+                        cur.0 & !PageState::BUSY,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                    continue;
+                }
                 sys::yield_now();
                 continue;
             }
@@ -167,10 +180,12 @@ impl Engine {
             let block = BLOCK_PAGES * self.page;
             let ahead = self.ahead_window(page);
             let end = if cur.partial() {
+                // Published before it is made writable: a unit still BUSY is then still
+                // protected and unwritten, which is what a fork child relies on.
+                word.store(cur.with_slot(slot).0, Ordering::Release);
                 if let Err(e) = self.protect_unit(page, cur, true) {
                     Self::unprotect_failed(function, e);
                 }
-                word.store(cur.with_slot(slot).0, Ordering::Release);
                 page + self.page
             } else if !st.uffd() && self.map_budget.fetch_sub(2, Ordering::Relaxed) <= 2 {
                 // (userfaultfd protection lives in page-table entries: no mapping splits.)
@@ -293,8 +308,7 @@ impl Engine {
         lo: usize,
         hi: usize,
     ) -> usize {
-        // Units this call captured, published only once the run is writable, so no other
-        // thread writes one before its pre-image is complete.
+        // Units this call captured, published once all their pre-images are complete.
         let mut mine = [(0usize, 0u32); BLOCK_PAGES];
         let mut n = 0;
         let mut take = |u: usize| -> bool {
@@ -332,15 +346,19 @@ impl Engine {
         while start > lo && take(start - self.page) {
             start -= self.page;
         }
+        // Published before the run is made writable, so no unit is writable while still
+        // BUSY: a fork child inherits an interrupted capture as clean, unwritten units
+        // (see `fork`). Another thread faulting on a published unit meanwhile makes it
+        // writable itself.
+        for &(u, s) in &mine[..n] {
+            self.table.set(u, self.table.get(u).with_slot(s));
+        }
+        self.table.set(page, st.with_slot(slot));
         // SAFETY: whole tracked units of the host whose pre-images are all saved (by
         // this thread or by the ones that published them).
         if let Err(e) = unsafe { self.set_access(start, end - start, st.exec(), st.uffd(), true) } {
             Self::unprotect_failed(function, (start, end - start, e));
         }
-        for &(u, s) in &mine[..n] {
-            self.table.set(u, self.table.get(u).with_slot(s));
-        }
-        self.table.set(page, st.with_slot(slot));
         end
     }
 

@@ -21,6 +21,7 @@ pub mod ranges;
 mod alloc;
 mod countdown;
 mod fault;
+mod fork;
 mod lifecycle;
 mod pages;
 mod scan;
@@ -178,6 +179,8 @@ pub struct Engine {
     scope: AtomicU64,
     controller: AtomicU64,
     owner_pid: AtomicU64,
+    /// The pid of a process inside `fork()` (between its fork handlers), else 0.
+    fork_parent: AtomicU64,
 
     mode: AtomicU32,
     restore_threads: AtomicUsize,
@@ -445,6 +448,7 @@ impl Engine {
             scope: AtomicU64::new(0),
             controller: AtomicU64::new(0),
             owner_pid: AtomicU64::new(crate::sys::pid()),
+            fork_parent: AtomicU64::new(0),
             mode: AtomicU32::new(0),
             restore_threads: AtomicUsize::new(crate::sys::cpu_count().clamp(1, 8)),
             pin_allocator: AtomicBool::new(true),
@@ -522,6 +526,7 @@ impl Engine {
         // As early as possible: memory malloc obtains from now on stays mapped.
         e.apply_pin();
         ENGINE.store(block, Ordering::Release);
+        e.handle_forks(F);
         e
     }
 

@@ -240,39 +240,29 @@ impl Engine {
         if mode == UffdMode::Sync {
             self.start_fault_server(function);
         }
-        // SAFETY: registering plain functions; pthread_atfork has no other preconditions.
-        unsafe {
-            libc::pthread_atfork(
-                Some(before_fork),
-                Some(after_fork_in_parent),
-                Some(after_fork_in_child),
-            )
-        };
     }
 
-    /// Before `fork()`: the metadata lock is held across it, so the child starts with
-    /// consistent tables; in async mode the pages written since the newest checkpoint
-    /// are listed (`m.work`), since the child's page tables lose that information.
-    fn prepare_fork(&self) {
-        let mut m = self.meta.lock();
+    /// Before `fork()`, with the metadata lock held (see `fork`): in async mode the pages
+    /// written since the newest checkpoint are listed (`m.work`), since the child's page
+    /// tables lose that information.
+    pub(super) fn uffd_before_fork(&self, m: &mut crate::engine::Meta) {
         m.work.clear();
         if self.is_async() {
             let pm = self.uffd.pagemap.load(Ordering::Relaxed);
-            let crate::engine::Meta { regions, work, .. } = &mut *m;
+            let crate::engine::Meta { regions, work, .. } = m;
             for r in regions.iter().filter(|r| r.uffd) {
                 let _ = sys::scan_written(pm, r.range.start, r.range.end, false, |a, b| {
                     let _ = work.push(Range::new(a, b));
                 });
             }
         }
-        core::mem::forget(m);
     }
 
     /// In the child of `fork()`: the inherited userfaultfd and pagemap descriptors act on
     /// the parent's address space, and the child's mappings lost their registration and
     /// their page-table write-protect bits. Both are rebuilt here, before the program
     /// writes anything, and the sync mode gets a fault server of its own.
-    fn rebuild_after_fork(&self) {
+    pub(super) fn uffd_after_fork_in_child(&self) {
         const F: &str = "fork";
         let Some(mode) = self.uffd_mode() else { return };
         sys::uffd_close(self.uffd.fd.load(Ordering::Relaxed));
@@ -765,27 +755,6 @@ impl Engine {
 
     pub fn base_bytes(&self) -> usize {
         self.uffd.base_units.load(Ordering::Relaxed) * self.page
-    }
-}
-
-extern "C" fn before_fork() {
-    if let Some(e) = super::get() {
-        e.prepare_fork();
-    }
-}
-
-extern "C" fn after_fork_in_parent() {
-    if let Some(e) = super::get() {
-        // SAFETY: `before_fork` left the lock held, on this thread, across fork().
-        unsafe { e.meta.force_unlock() };
-    }
-}
-
-extern "C" fn after_fork_in_child() {
-    if let Some(e) = super::get() {
-        // SAFETY: as in the parent: the child's only thread inherited the held lock.
-        unsafe { e.meta.force_unlock() };
-        e.rebuild_after_fork();
     }
 }
 

@@ -3,7 +3,7 @@
 //! per platform below this module; nothing here knows about checkpoints.
 
 mod unix;
-pub use unix::{chain, fault_action, now_us, spawn};
+pub use unix::{chain, fault_action, now_us, on_fork, spawn};
 
 // The Mach exception-message seam: used by the macOS backend, unit-tested everywhere.
 #[cfg(any(target_os = "macos", test))]

@@ -139,3 +139,18 @@ pub unsafe fn spawn(
     }
     Ok(())
 }
+
+/// Has `before` run in the thread calling `fork()` just before it, then `parent` in the
+/// parent and `child` in the child just after it (pthread_atfork: the child's handler
+/// runs before `fork()` returns there, on the child's only thread).
+pub fn on_fork(
+    before: extern "C" fn(),
+    parent: extern "C" fn(),
+    child: extern "C" fn(),
+) -> Result<(), i32> {
+    // SAFETY: registering plain functions; pthread_atfork has no other preconditions.
+    match unsafe { libc::pthread_atfork(Some(before), Some(parent), Some(child)) } {
+        0 => Ok(()),
+        e => Err(e),
+    }
+}

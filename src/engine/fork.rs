@@ -1,0 +1,114 @@
+//! What a `fork()` child inherits, and how it is made whole.
+//!
+//! `fork()` copies the address space while the parent's other threads keep running, and
+//! only the forking thread lives on in the child. Two kinds of engine state can be caught
+//! half-changed by the copy:
+//!
+//! - **The metadata lock** (a spin lock): held by another thread at the instant of the
+//!   copy, it would stay held forever in the child. The forking thread takes it just
+//!   before `fork()` and both sides release it afterwards, so the child starts with
+//!   consistent tables.
+//! - **Captures in flight.** Another thread (or the sync userfaultfd server, or on macOS
+//!   the exception server) may be saving a pre-image when the copy is made. Such a unit
+//!   keeps its BUSY bit in the child, where no thread will ever clear it: the next write
+//!   to it, even glibc's own inside `fork()`, would wait forever. Waiting for captures
+//!   to drain before `fork()` is no answer: a writer stopped at that gate could hold a
+//!   malloc arena lock the forking thread takes next. Instead the fault path publishes a
+//!   unit's pre-image *before* making it writable, so a unit that is still BUSY was never
+//!   writable and holds its pre-image bytes: it is a clean unit, and the child clears the
+//!   bit. The dirty log, which the interrupted thread may have appended to (or half
+//!   appended to), is rebuilt from the page-state words. The slots the interrupted
+//!   threads had taken are not returned to the pool (at most a block per thread per
+//!   such fork, in the child only).
+//!
+//! The userfaultfd backends rebuild their descriptors and page-table bits in the child as
+//! well (see `uffd`).
+
+use core::sync::atomic::Ordering;
+
+use super::Engine;
+use crate::mem::PageState;
+use crate::sys;
+
+impl Engine {
+    /// Registers the fork handlers; once, at initialization, so that no fork can catch the
+    /// metadata lock held.
+    pub(super) fn handle_forks(&self, function: &str) {
+        if let Err(e) = sys::on_fork(before_fork, after_fork_in_parent, after_fork_in_child) {
+            crate::fatal!(function, "cannot register the fork handlers (error {})", e);
+        }
+    }
+
+    /// Whether a unit's BUSY holder was left behind by a `fork()`: this is its child, and
+    /// the child's fork handler has not run yet (it clears every such bit).
+    pub(super) fn claimer_lost_to_fork(&self) -> bool {
+        let parent = self.fork_parent.load(Ordering::Acquire);
+        parent != 0 && sys::pid() != parent
+    }
+
+    /// In the child: every unit an interrupted capture left BUSY becomes clean again (it
+    /// is still protected and unwritten, see the module comment), and the dirty log is
+    /// rebuilt as exactly the units that have a pre-image. Nothing to do when no handler
+    /// was in flight at the copy.
+    fn settle_interrupted_captures(&self, m: &super::Meta) {
+        if self.in_flight.swap(0, Ordering::SeqCst) == 0 {
+            return;
+        }
+        // SAFETY: the child's only thread, inside its fork handler: no handler is
+        // appending to the log.
+        unsafe { self.log.clear() };
+        let mut last = usize::MAX;
+        for r in m.regions.iter() {
+            let mut unit = self.page_base(r.range.start);
+            while unit < r.range.end {
+                // Two regions can share a partial unit: visit it once.
+                if unit != last {
+                    last = unit;
+                    self.settle_unit(unit);
+                }
+                unit += self.page;
+            }
+        }
+    }
+
+    fn settle_unit(&self, unit: usize) {
+        let Some(word) = self.table.word(unit) else {
+            return;
+        };
+        let st = PageState(word.load(Ordering::Acquire));
+        if st.busy() {
+            word.store(st.0 & !PageState::BUSY, Ordering::Release);
+        } else if st.slot().is_some() && !self.async_unit(st) && !self.log.push(unit) {
+            // Cannot happen: the log holds as many entries as the pool has slots.
+            crate::fatal!("fork", "the dirty-page log is full");
+        }
+    }
+}
+
+extern "C" fn before_fork() {
+    let Some(e) = super::get() else { return };
+    let mut m = e.meta.lock();
+    e.fork_parent.store(sys::pid(), Ordering::Release);
+    e.uffd_before_fork(&mut m);
+    // Held across fork(); released by both handlers below.
+    core::mem::forget(m);
+}
+
+extern "C" fn after_fork_in_parent() {
+    let Some(e) = super::get() else { return };
+    e.fork_parent.store(0, Ordering::Release);
+    // SAFETY: `before_fork` left the lock held, on this thread, across fork().
+    unsafe { e.meta.force_unlock() };
+}
+
+extern "C" fn after_fork_in_child() {
+    let Some(e) = super::get() else { return };
+    // SAFETY: as in the parent: the child's only thread inherited the held lock.
+    unsafe { e.meta.force_unlock() };
+    {
+        let m = e.meta.lock();
+        e.settle_interrupted_captures(&m);
+    }
+    e.fork_parent.store(0, Ordering::Release);
+    e.uffd_after_fork_in_child();
+}
