@@ -167,13 +167,14 @@ constexpr int kGrandchildDeadlineMs = 20000;
 // SIGKILL one after a kill, with a message naming the pid), or -1 if the wait failed.
 inline int WaitStatusWithin(pid_t pid, int deadline_ms) {
   int status = 0;
+  const int given_ms = deadline_ms;
   for (int waited_ms = 0;; waited_ms += 5) {
     pid_t w = waitpid(pid, &status, WNOHANG);
     if (w == pid) return status;
     if (w < 0 && errno != EINTR) return -1;
     if (waited_ms >= deadline_ms) {
-      ms_say("child %d still running at its deadline (%d s after it started): killed, a hang\n",
-             (int)pid, kGrandchildDeadlineMs / 1000);
+      ms_say("child %d still running %d ms into the wait for it: killed, a hang\n", (int)pid,
+             given_ms);
       kill(pid, SIGKILL);
       deadline_ms = 1 << 30;
     }
