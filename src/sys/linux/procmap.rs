@@ -28,7 +28,12 @@ struct ProcmapQuery {
 }
 
 /// `_IOWR(PROCFS_IOCTL_MAGIC, 17, struct procmap_query)`.
-const PROCMAP_QUERY: usize = 0xC068_6611;
+const PROCMAP_QUERY: u64 = raw::ioc(
+    raw::IOC_READ | raw::IOC_WRITE,
+    0x66,
+    17,
+    core::mem::size_of::<ProcmapQuery>(),
+);
 const VMA_READABLE: u64 = 0x01;
 const VMA_WRITABLE: u64 = 0x02;
 const VMA_EXECUTABLE: u64 = 0x04;
@@ -36,25 +41,13 @@ const VMA_SHARED: u64 = 0x08;
 const COVERING_OR_NEXT_VMA: u64 = 0x10;
 
 const _: () = assert!(core::mem::size_of::<ProcmapQuery>() == 0x68);
+const _: () = assert!(PROCMAP_QUERY == 0xC068_6611);
 
 fn query(fd: i32, q: &mut ProcmapQuery) -> Result<(), i32> {
     q.size = core::mem::size_of::<ProcmapQuery>() as u64;
     // SAFETY: the kernel reads and writes one live `procmap_query` of the declared size,
     // and writes at most `vma_name_size` bytes at `vma_name_addr` when that is set.
-    let r = unsafe {
-        raw::syscall6(
-            libc::SYS_ioctl as usize,
-            [
-                fd as usize,
-                PROCMAP_QUERY,
-                q as *mut ProcmapQuery as usize,
-                0,
-                0,
-                0,
-            ],
-        )
-    };
-    raw::check(r).map(|_| ())
+    unsafe { raw::ioctl(fd, PROCMAP_QUERY, q as *mut ProcmapQuery as usize) }.map(|_| ())
 }
 
 /// Calls `f(fd, query)` for each mapping in `[start, end)` (mappings overlapping it,

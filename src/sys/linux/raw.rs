@@ -19,6 +19,26 @@ pub fn check(ret: Ret) -> Result<usize, i32> {
     }
 }
 
+/// `_IOC(dir, type, nr, size)` with the generic encoding, which x86_64 and aarch64 share.
+pub const fn ioc(dir: u64, ty: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (ty << 8) | nr
+}
+pub const IOC_NONE: u64 = 0;
+pub const IOC_WRITE: u64 = 1;
+pub const IOC_READ: u64 = 2;
+
+/// # Safety
+/// `arg` is what request `req` expects (a pointer to a live object of its type, or a value).
+pub unsafe fn ioctl(fd: i32, req: u64, arg: usize) -> Result<usize, i32> {
+    // SAFETY: forwarded contract.
+    check(unsafe {
+        syscall6(
+            libc::SYS_ioctl as usize,
+            [fd as usize, req as usize, arg, 0, 0, 0],
+        )
+    })
+}
+
 /// # Safety
 /// The caller upholds the contract of system call `n` for the given arguments.
 #[cfg(target_arch = "x86_64")]

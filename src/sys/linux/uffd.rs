@@ -39,17 +39,10 @@
 use core::mem::size_of;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
-use super::raw;
+use super::raw::{self, ioc, ioctl, IOC_NONE, IOC_READ, IOC_WRITE};
+use crate::sys::{UffdCounters, UffdMode, UffdSupport};
 
 // ---- uapi: linux/userfaultfd.h ----
-
-/// `_IOC(dir, type, nr, size)` with the generic encoding, which x86_64 and aarch64 share.
-const fn ioc(dir: u64, ty: u64, nr: u64, size: usize) -> u64 {
-    (dir << 30) | ((size as u64) << 16) | (ty << 8) | nr
-}
-const IOC_NONE: u64 = 0;
-const IOC_WRITE: u64 = 1;
-const IOC_READ: u64 = 2;
 
 const UFFD_API: u64 = 0xAA;
 const UFFDIO: u64 = 0xAA;
@@ -179,41 +172,6 @@ const SCAN_BATCH: usize = 256;
 const MSG_BATCH: usize = 32;
 
 // ---- API ----
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UffdMode {
-    /// Every write to an armed page stops the writer until the fault server disarms it.
-    Sync,
-    /// Writes disarm the page themselves; PAGEMAP_SCAN reports them afterwards.
-    Async,
-}
-
-/// What the kernel and our privileges allow; probed once (before the first snapshot), cached.
-#[derive(Clone, Copy, Debug)]
-pub struct UffdSupport {
-    /// Ok, or a short reason.
-    pub sync: Result<(), &'static str>,
-    pub async_wp: Result<(), &'static str>,
-    /// Only user-mode faults can be caught (UFFD_USER_MODE_ONLY was needed): kernel writes
-    /// into protected pages fail with EFAULT in sync mode.
-    pub user_mode_only: bool,
-    /// What UFFDIO_API offered (0 when no userfaultfd could be opened).
-    pub features: u64,
-}
-
-/// Counters the server loop updates (the engine owns the memory).
-#[derive(Default)]
-pub struct UffdCounters {
-    /// Write-protect faults delivered to `on_fault`.
-    pub faults: AtomicU64,
-    /// `poll()` returns: the server had gone to sleep and was woken.
-    pub wakeups: AtomicU64,
-    /// Messages found by a non-blocking read while spinning, without sleeping first.
-    pub spin_hits: AtomicU64,
-    /// Messages `on_fault` declined (or that were not write-protect faults); their pages
-    /// were disarmed by the server.
-    pub foreign: AtomicU64,
-}
 
 /// Reasons, indexed by the codes the probe caches (0 = supported).
 const REASONS: [&str; 12] = [
@@ -429,18 +387,6 @@ fn new_fd() -> Result<(i32, bool), i32> {
 
 /// `ioctl(fd, req, arg)` as a raw system call.
 ///
-/// # Safety
-/// `arg` is what request `req` expects (a pointer to a live object of its type, or a value).
-unsafe fn ioctl(fd: i32, req: u64, arg: usize) -> Result<usize, i32> {
-    // SAFETY: forwarded contract.
-    raw::check(unsafe {
-        raw::syscall6(
-            libc::SYS_ioctl as usize,
-            [fd as usize, req as usize, arg, 0, 0, 0],
-        )
-    })
-}
-
 /// Opens a userfaultfd for `mode` (O_CLOEXEC|O_NONBLOCK): userfaultfd(2) first, then
 /// /dev/userfaultfd, then UFFD_USER_MODE_ONLY; UFFDIO_API with: Sync -> THREAD_ID
 /// (+WP_UNPOPULATED, +WP_HUGETLBFS_SHMEM when available); Async -> WP_ASYNC|WP_UNPOPULATED

@@ -417,33 +417,9 @@ pub use uffd::*;
 /// same types and signatures, so the engine compiles one way on every platform: nothing is
 /// supported, every call fails with ENOSYS.
 mod uffd {
-    use core::sync::atomic::AtomicU64;
+    use crate::sys::{UffdCounters, UffdMode, UffdSupport};
 
     const UNSUPPORTED: &str = "userfaultfd is Linux-only";
-
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum UffdMode {
-        Sync,
-        Async,
-    }
-
-    /// See the Linux backend.
-    #[derive(Clone, Copy, Debug)]
-    pub struct UffdSupport {
-        pub sync: Result<(), &'static str>,
-        pub async_wp: Result<(), &'static str>,
-        pub user_mode_only: bool,
-        pub features: u64,
-    }
-
-    /// See the Linux backend.
-    #[derive(Default)]
-    pub struct UffdCounters {
-        pub faults: AtomicU64,
-        pub wakeups: AtomicU64,
-        pub spin_hits: AtomicU64,
-        pub foreign: AtomicU64,
-    }
 
     pub fn uffd_support() -> UffdSupport {
         UffdSupport {
