@@ -86,6 +86,26 @@ pub struct Region {
     pub kind: RegionKind,
 }
 
+/// One thread's memory as glibc describes it (Linux; see `linux/glibc.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadBlock {
+    /// The kernel's id for the thread (0 once it has exited, or for a cached stack).
+    pub tid: u32,
+    /// The descriptor's address (`pthread_t`).
+    pub pd: usize,
+    /// The stack, `[start, end)`: from `stackblock` (guard included) to the static TLS.
+    /// Empty for the initial thread, whose stack is the kernel's `[stack]` mapping.
+    pub stack: (usize, usize),
+    /// The whole block glibc mapped (stack, TLS and descriptor), for cached stacks.
+    pub block: (usize, usize),
+    /// The 4-byte `tid` word.
+    pub tid_word: usize,
+    /// The rseq area, when glibc registers one.
+    pub rseq: Option<(usize, usize)>,
+    /// On glibc's stack cache: no thread runs on it, the next `pthread_create` may.
+    pub cached: bool,
+}
+
 // The userfaultfd types, shared by the Linux backend (`linux/uffd.rs`) and the macOS stubs
 // that report it unsupported.
 

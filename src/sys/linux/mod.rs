@@ -1,6 +1,8 @@
 //! The Linux side of the platform boundary: `/proc/self/maps` for the region walk, `mprotect`
 //! for protection, SIGSEGV for fault capture, `/proc/self/task/*/syscall` for thread stacks.
 
+mod altstack;
+mod glibc;
 pub mod maps;
 mod procmap;
 pub mod raw;
@@ -8,6 +10,8 @@ pub mod signals;
 pub mod threads;
 pub mod uffd;
 
+pub use altstack::signal_stack_of;
+pub use glibc::ThreadLayout;
 pub use signals::FaultCallback;
 pub use threads::{
     current_errno_location, current_rseq_area, current_signal_stack, current_sp,

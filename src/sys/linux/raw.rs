@@ -199,6 +199,18 @@ pub fn getpid() -> u64 {
     unsafe { syscall6(sys!(SYS_getpid), [0; 6]) as u64 }
 }
 
+/// Whether thread `tid` of this process still exists (`tgkill` with signal 0).
+pub fn thread_alive(tid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the target exists.
+    let r = unsafe {
+        syscall6(
+            sys!(SYS_tgkill),
+            [getpid() as usize, tid as usize, 0, 0, 0, 0],
+        )
+    };
+    r != -(libc::ESRCH as isize)
+}
+
 pub fn sched_yield() {
     // SAFETY: sched_yield has no arguments.
     unsafe {

@@ -16,7 +16,8 @@ mod threads;
 pub use regions::{discard, protect, walk_regions, WalkError};
 pub use threads::{
     current_errno_location, current_rseq_area, current_signal_stack, current_sp,
-    exited_threads_cpu_ns, for_each_thread_sp, rseq_layout, settle_threads,
+    exited_threads_cpu_ns, for_each_thread_sp, rseq_layout, settle_threads, signal_stack_of,
+    ThreadLayout,
 };
 
 use super::mach_exc::OldHandler;

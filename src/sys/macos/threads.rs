@@ -156,6 +156,31 @@ pub fn exited_threads_cpu_ns(_others: impl Iterator<Item = u64>) -> (i64, i64) {
     (us * 1000, us * 1000)
 }
 
+/// macOS threads keep their stacks, `pthread_t` and TSD in `VM_MEMORY_STACK` regions,
+/// which the region walk leaves out by tag: there is no descriptor list to read.
+#[derive(Clone, Copy, Debug)]
+pub struct ThreadLayout;
+
+impl ThreadLayout {
+    pub fn probe(_rseq: Option<(isize, usize)>) -> Option<ThreadLayout> {
+        None
+    }
+
+    pub fn for_each_block(
+        &self,
+        _readable: impl Fn(usize, usize) -> bool,
+        _f: impl FnMut(crate::sys::ThreadBlock),
+    ) -> Result<(), &'static str> {
+        Ok(())
+    }
+}
+
+/// Other threads' signal stacks are not recorded on macOS (their stacks are untracked
+/// stack regions already).
+pub fn signal_stack_of(_tid: u64) -> Option<(usize, usize)> {
+    None
+}
+
 /// No restartable-sequences area on macOS.
 pub fn rseq_layout() -> Option<(isize, usize)> {
     None
