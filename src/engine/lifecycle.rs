@@ -50,6 +50,14 @@ impl Engine {
             },
             threads: (self.mode() == super::Mode::WholeProcess)
                 .then(|| m.thread_fingerprint(&self.workers)),
+            eager_start: 0,
+            eager_len: 0,
+        };
+        let (eager_start, eager_len) = self.save_eager(function, m);
+        let c = Checkpoint {
+            eager_start,
+            eager_len,
+            ..c
         };
         if m.checkpoints.push(c).is_err() {
             crate::fatal!(function, "out of room for checkpoints");
@@ -290,6 +298,7 @@ impl Engine {
             self.restore_entries(F, entries, regions, true);
             self.restore_async_written(F, regions);
         }
+        self.restore_eager(&m, newest);
         self.reset_map_budget(m.vmas.len(), m.entries.len());
         m.entries.clear();
         self.settle_after_rewind(F, &mut m, newest);
@@ -376,9 +385,11 @@ impl Engine {
             let diff = &m.diffs[c.diff_start..c.diff_start + c.diff_len];
             self.restore_entries(F, diff, &m.regions, false);
         }
+        self.restore_eager(&m, target);
         self.reset_map_budget(m.vmas.len(), c.diff_len);
         m.diffs.truncate(c.diff_start);
         let newest = m.checkpoints.pop().unwrap_or_default();
+        self.truncate_eager(&mut m, newest.eager_start);
         m.free_snapshots.truncate(newest.free_start);
         let top = m.diffs.len();
         let c = &mut m.checkpoints[target];
@@ -459,7 +470,10 @@ impl Engine {
         }
         debug_assert_eq!(rs + rl, ns);
         m.free_snapshots.truncate(keep.min(rs + nl));
+        self.remove_eager(&mut m, removed.eager_start, removed.eager_len);
         let moved = Checkpoint {
+            eager_start: removed.eager_start,
+            eager_len: newest.eager_len,
             diff_start: m.diffs.len(),
             diff_len: 0,
             free_start: rs,

@@ -20,6 +20,7 @@ pub mod ranges;
 
 mod alloc;
 mod countdown;
+mod exclusions;
 mod fault;
 mod fork;
 mod lifecycle;
@@ -37,6 +38,7 @@ use crate::mem::{DirtyLog, PageTable, RawVec, Reservation, SlotPool};
 use dirty::DiffEntry;
 use ranges::{Range, RangeSet};
 
+pub use exclusions::{Exclusion, Reason as ExclusionReason};
 pub use stats::Stats;
 pub use uffd::{unavailable as backend_unavailable, BackendChoice};
 pub use workers::Workers;
@@ -103,6 +105,10 @@ pub struct Checkpoint {
     /// record of it is in rewound memory, the kernel's is not, so a rewind lowers the
     /// kernel's back to it.
     pub brk: usize,
+    /// Where this checkpoint's copies of the eager pages sit in the copy stack
+    /// (`Meta::eager_pages`, see `exclusions`).
+    pub eager_start: usize,
+    pub eager_len: usize,
 }
 
 /// Why rewinding before some checkpoint has become impossible.
@@ -150,6 +156,19 @@ pub struct Meta {
     pub sps: RawVec<(u64, Range)>,
     /// Regions found by a scan, before they are applied (scan scratch).
     pub found: RawVec<TrackedRegion>,
+    /// Every range the last scan left out, with its reason (see `exclusions`).
+    pub exclusions: RawVec<exclusions::Exclusion>,
+    /// Their union, exact to the byte.
+    pub exact: RawVec<Range>,
+    /// Writable pages that exclusions cover only partly (sorted): copied at every
+    /// checkpoint instead of write-protected.
+    pub eager: RawVec<usize>,
+    /// The eager pages saved by every checkpoint, a stack like the diffs, and their bytes
+    /// (one kernel page each, in the same order).
+    pub eager_pages: RawVec<usize>,
+    pub eager_bytes: RawVec<u8>,
+    /// glibc's thread descriptors (scan scratch).
+    pub blocks: RawVec<crate::sys::ThreadBlock>,
     pub floor: Floor,
     /// The disallow scope whose rewind already reconciled the mappings.
     pub rewind_scanned_scope: u64,
@@ -212,6 +231,8 @@ pub struct Engine {
     pub countdown_started: AtomicBool,
     /// glibc's rseq layout, looked up at initialization.
     pub rseq: Option<(isize, usize)>,
+    /// Where glibc keeps its thread descriptors (`None`: not glibc 2.34+, or not Linux).
+    pub threads: Option<crate::sys::ThreadLayout>,
     /// The userfaultfd backends' state (Linux).
     pub uffd: uffd::UffdState,
 }
@@ -428,6 +449,12 @@ impl Engine {
             entries: vec(slots + 1, "restore"),
             sps: vec(1 << 16, "thread"),
             found: vec(1 << 20, "found region"),
+            exclusions: vec(1 << 16, "exclusion"),
+            exact: vec(1 << 16, "exclusion"),
+            eager: vec(1 << 16, "eager page"),
+            eager_pages: vec(1 << 20, "eager copy"),
+            eager_bytes: vec((1 << 20) * sub, "eager copy"),
+            blocks: vec(1 << 16, "thread descriptor"),
             floor: Floor::default(),
             rewind_scanned_scope: u64::MAX,
         };
@@ -471,6 +498,7 @@ impl Engine {
             countdown: AtomicUsize::new(0),
             countdown_started: AtomicBool::new(false),
             rseq: crate::sys::rseq_layout(),
+            threads: crate::sys::ThreadLayout::probe(crate::sys::rseq_layout()),
             uffd: uffd::UffdState::new(requested_backend(F), base_table(page_shift), spin_ns()),
         };
         let bytes = core::mem::size_of::<Engine>();
@@ -516,6 +544,12 @@ impl Engine {
                 m.entries.reservation(),
                 m.sps.reservation(),
                 m.found.reservation(),
+                m.exclusions.reservation(),
+                m.exact.reservation(),
+                m.eager.reservation(),
+                m.eager_pages.reservation(),
+                m.eager_bytes.reservation(),
+                m.blocks.reservation(),
             ];
             own[5..5 + vecs.len()].copy_from_slice(&vecs);
             for r in own.iter().filter(|r| r.len > 0) {

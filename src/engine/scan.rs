@@ -44,137 +44,6 @@ impl Engine {
         }
     }
 
-    fn vma_containing(m: &Meta, addr: usize) -> Option<Range> {
-        let i = m.vmas.partition_point(|v| v.end <= addr);
-        (i < m.vmas.len() && m.vmas[i].start <= addr)
-            .then(|| Range::new(m.vmas[i].start, m.vmas[i].end))
-    }
-
-    /// Widens to kernel pages: exclusions are as fine as the kernel's mappings, so a
-    /// snapshot page may end up partly tracked rather than lose its tracked neighbours.
-    fn widen(&self, r: Range) -> Range {
-        r.widen_to_pages(self.sub).unwrap_or(r)
-    }
-
-    /// Refuses a thread stack in memory that also holds tracked data. A stack is never
-    /// tracked (its thread writes it all the time, and the kernel must be able to push
-    /// signal frames onto it), so memsnap leaves out the whole mapping around a stack
-    /// pointer; that is only right when the mapping is the stack's own. A stack the host
-    /// placed in the brk heap, a file mapping or tracked memory (`pthread_attr_setstack`
-    /// on a malloc'd block, say) would silently take its neighbours out of every
-    /// snapshot, or fault without end once protected.
-    fn check_stack(&self, function: &str, m: &Meta, tid: u64, sp: usize) {
-        let i = m.vmas.partition_point(|v| v.end <= sp);
-        let Some(v) = m.vmas.get(i).filter(|v| v.start <= sp) else {
-            return;
-        };
-        let shared = match v.kind {
-            RegionKind::Heap => Some("the brk heap"),
-            RegionKind::File => Some("a file mapping"),
-            _ if m.region_index(sp).is_some()
-                || m.registered.iter().any(|r| r.range.contains(sp)) =>
-            {
-                Some("tracked memory")
-            }
-            _ => None,
-        };
-        if let Some(what) = shared {
-            crate::fatal!(
-                function,
-                "thread {}'s stack (stack pointer {:#x}) is in {} ({:#x}-{:#x}); thread stacks must have mappings of their own, which memsnap never tracks",
-                tid,
-                sp,
-                what,
-                v.start,
-                v.end
-            );
-        }
-    }
-
-    /// Builds, in `m.work2`, every range a scan must never track: library and host
-    /// untracked memory, the stack of every live thread, and the controller's
-    /// kernel-written areas (signal stack, rseq area, errno).
-    fn build_exclusions(&self, function: &str, m: &mut Meta) {
-        m.sps.clear();
-        {
-            let Meta { scratch, sps, .. } = &mut *m;
-            // SAFETY: u8 accepts any bit pattern.
-            let buf = unsafe { scratch.spare() };
-            // The controller and the library's own threads need no probe (and probing a
-            // worker that is just going to sleep makes the kernel wait for it).
-            let me = sys::tid();
-            let own = |tid: u64| tid == me || self.workers.is_own_thread(tid);
-            sys::settle_threads(&mut buf[..1 << 16]);
-            sys::for_each_thread_sp(&mut buf[..1 << 16], own, |tid, sp| {
-                let _ = sps.push((tid, Range::new(sp, sp)));
-            });
-        }
-        self.walk(function, m);
-        for i in 0..m.sps.len() {
-            let (tid, r) = m.sps[i];
-            let found = if r.start != 0 {
-                self.check_stack(function, m, tid, r.start);
-                Self::vma_containing(m, r.start)
-            } else {
-                m.stacks.iter().find(|s| s.0 == tid).map(|s| s.1)
-            };
-            m.sps[i].1 = found.unwrap_or_default();
-        }
-        self.check_stack(function, m, sys::tid(), sys::current_sp());
-        m.stacks.clear();
-        for i in 0..m.sps.len() {
-            if !m.sps[i].1.is_empty() {
-                let _ = m.stacks.push(m.sps[i]);
-            }
-        }
-
-        m.work2.clear();
-        let add = |m: &mut Meta, r: Range| {
-            if !RangeSet::insert(&mut m.work2, self.widen(r)) {
-                crate::fatal!(function, "too many excluded ranges");
-            }
-        };
-        for i in 0..m.own.len() {
-            let r = m.own[i];
-            add(m, r);
-        }
-        for i in 0..m.untracked.len() {
-            let r = m.untracked[i];
-            add(m, r);
-        }
-        for i in 0..m.stacks.len() {
-            let r = m.stacks[i].1;
-            add(m, r);
-        }
-        if let Some(r) = Self::vma_containing(m, sys::current_sp()) {
-            add(m, r);
-        }
-        // Thread stacks the stack-pointer probe cannot see (threads that are running, or
-        // stacks glibc keeps cached for reuse by the next thread, TCB and rseq area
-        // included) have a recognizable shape: private read-write memory directly above
-        // an inaccessible guard mapping. The initial thread's stack is named.
-        for i in 0..m.vmas.len() {
-            let v = m.vmas[i];
-            let stack_shaped = i > 0 && {
-                let g = m.vmas[i - 1];
-                g.end == v.start && g.private && !g.read && !g.write && !g.exec
-            };
-            if v.kind == RegionKind::MainStack
-                || (stack_shaped && v.kind == RegionKind::Anonymous && v.write && v.private)
-            {
-                add(m, Range::new(v.start, v.end));
-            }
-        }
-        if let Some((base, len)) = sys::current_signal_stack() {
-            add(m, Range::new(base, base.saturating_add(len)));
-        }
-        if let Some((base, len)) = sys::current_rseq_area(self.rseq) {
-            add(m, Range::new(base, base.saturating_add(len)));
-        }
-        let errno = sys::current_errno_location();
-        add(m, Range::new(errno, errno + 4));
-    }
-
     /// Compares the tracked regions with `m.vmas` and reports each discrepancy, adjacent
     /// ones of one kind as one (a mapping's pieces may be separate regions, see `track`).
     fn check_regions(
@@ -443,6 +312,7 @@ impl Engine {
     pub(super) fn scan_checkpoint(&self, function: &str, m: &mut Meta, position: usize) {
         if self.mode() == Mode::WholeProcess {
             self.build_exclusions(function, m);
+            self.check_new_exclusions(function, m);
         } else {
             self.walk(function, m);
         }

@@ -1,0 +1,537 @@
+//! Every range a snapshot leaves out, each with the reason memsnap can name, and the pages
+//! that are copied whole at every checkpoint because only part of them may be left out.
+//!
+//! The promise is that after a rewind every byte the program can observe equals what it
+//! was at the checkpoint. The only bytes exempt are the ones listed here, each computed
+//! from what it really is, never from the mapping it happens to sit in (the kernel merges
+//! and splits mappings as it likes):
+//! - memsnap's own memory, and memory the host declared untracked;
+//! - the initial thread's stack (the kernel's `[stack]` mapping);
+//! - every other thread's stack, from its glibc descriptor (`stackblock` up to its static
+//!   TLS), and the stacks glibc keeps cached for its next thread;
+//! - signal stacks (the kernel pushes frames there at every fault);
+//! - the bytes the kernel writes on its own: each thread's rseq area and `tid` word, and
+//!   the controller's `errno` (memsnap's own calls may set it while changes are
+//!   disallowed).
+//!
+//! Write protection works on whole kernel pages, so a page only partly covered by these
+//! ranges cannot be tracked by protection without losing its other bytes. Such a page is
+//! an *eager* page instead: never protected, copied at every checkpoint and written back
+//! at every rewind, except the excluded bytes. Thread-local storage lives on such pages
+//! (the descriptor holds the rseq area and the `tid` word), which is how it is rewound.
+//!
+//! An exclusion that would cover memory memsnap tracks as data (a stack in the heap or in
+//! a tracked allocation) is refused with a message, never applied quietly.
+
+use super::ranges::{Range, RangeSet};
+use super::{Engine, Meta, Mode};
+use crate::sys::{self, RegionKind};
+
+/// Why a range is left out of snapshots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum Reason {
+    #[default]
+    Own,
+    Untracked,
+    MainStack,
+    ThreadStack,
+    CachedStack,
+    /// A thread glibc does not know (a raw `clone`): its stack is bounded by the mapping
+    /// around its stack pointer, clipped to exclude tracked data.
+    MappedStack,
+    SignalStack,
+    Rseq,
+    TidWord,
+    Errno,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 10] = [
+        Reason::Own,
+        Reason::Untracked,
+        Reason::MainStack,
+        Reason::ThreadStack,
+        Reason::CachedStack,
+        Reason::MappedStack,
+        Reason::SignalStack,
+        Reason::Rseq,
+        Reason::TidWord,
+        Reason::Errno,
+    ];
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Reason::Own => "memsnap's own memory",
+            Reason::Untracked => "declared untracked by the host",
+            Reason::MainStack => "the initial thread's stack",
+            Reason::ThreadStack => "a thread's stack (from its glibc descriptor)",
+            Reason::CachedStack => "a stack glibc keeps cached for its next thread",
+            Reason::MappedStack => {
+                "the stack of a thread glibc does not know (bounded by its mapping)"
+            }
+            Reason::SignalStack => "a thread's signal stack (the kernel writes frames there)",
+            Reason::Rseq => "a thread's rseq area (written by the kernel)",
+            Reason::TidWord => "a thread's tid word (cleared by the kernel at exit)",
+            Reason::Errno => "the controlling thread's errno",
+        }
+    }
+}
+
+/// One range left out of snapshots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Exclusion {
+    pub range: Range,
+    pub reason: Reason,
+    /// The thread it belongs to, where it belongs to one.
+    pub tid: u32,
+}
+
+/// Calls `f(page)` for every page of `page` bytes that `set` (sorted, coalesced) covers
+/// only partly.
+pub fn partly_covered_pages(set: &[Range], page: usize, mut f: impl FnMut(usize)) {
+    let mut last = usize::MAX;
+    let mut emit = |p: usize| {
+        if p != last {
+            last = p;
+            f(p);
+        }
+    };
+    for r in set.iter().filter(|r| !r.is_empty()) {
+        if r.start & (page - 1) != 0 {
+            emit(r.start & !(page - 1));
+        }
+        if r.end & (page - 1) != 0 {
+            emit(r.end & !(page - 1));
+        }
+    }
+}
+
+impl Engine {
+    fn exclude(function: &str, m: &mut Meta, range: Range, reason: Reason, tid: u32) {
+        if range.is_empty() {
+            return;
+        }
+        if m.exclusions.push(Exclusion { range, reason, tid }).is_err() {
+            crate::fatal!(function, "too many excluded ranges");
+        }
+    }
+
+    /// Refuses a thread stack that overlaps memory holding tracked data: the brk heap, a
+    /// file mapping, or tracked memory (registered, allocated, or found by a scan). Such a
+    /// stack cannot be left out without leaving out the data around it, nor tracked (its
+    /// thread writes it all the time, and the kernel pushes signal frames onto it).
+    fn check_stack_range(&self, function: &str, m: &Meta, tid: u32, stack: Range) {
+        let mut i = m.vmas.partition_point(|v| v.end <= stack.start);
+        let mut what = None;
+        while i < m.vmas.len() && m.vmas[i].start < stack.end && what.is_none() {
+            what = match m.vmas[i].kind {
+                RegionKind::Heap => Some("the brk heap"),
+                RegionKind::File => Some("a file mapping"),
+                _ => None,
+            };
+            i += 1;
+        }
+        if what.is_none()
+            && (m.regions.iter().any(|r| r.range.intersects(&stack))
+                || m.registered.iter().any(|r| r.range.intersects(&stack)))
+        {
+            what = Some("tracked memory");
+        }
+        if let Some(what) = what {
+            if RangeSet::covers(&m.own, stack) || RangeSet::covers(&m.untracked, stack) {
+                return;
+            }
+            crate::fatal!(
+                function,
+                "thread {}'s stack ({:#x}-{:#x}) is in {}; thread stacks must have memory of their own, which memsnap never tracks",
+                tid,
+                stack.start,
+                stack.end,
+                what
+            );
+        }
+    }
+
+    /// The stack of a thread glibc has no descriptor for: the mapping around `sp`, clipped
+    /// so that it never covers registered or allocated tracked memory.
+    fn mapped_stack(m: &Meta, sp: usize) -> Range {
+        let i = m.vmas.partition_point(|v| v.end <= sp);
+        let Some(v) = m.vmas.get(i).filter(|v| v.start <= sp) else {
+            return Range::default();
+        };
+        let (mut lo, mut hi) = (v.start, v.end);
+        let clip = |r: Range, lo: &mut usize, hi: &mut usize| {
+            if r.end <= sp && r.end > *lo {
+                *lo = r.end;
+            }
+            if r.start > sp && r.start < *hi {
+                *hi = r.start;
+            }
+        };
+        for r in m.registered.iter() {
+            clip(r.range, &mut lo, &mut hi);
+        }
+        for r in m.allocated.iter() {
+            clip(*r, &mut lo, &mut hi);
+        }
+        Range::new(lo, hi)
+    }
+
+    /// Whether `[addr, addr + len)` lies in readable mappings (per the last walk).
+    fn readable(vmas: &[sys::Region], addr: usize, len: usize) -> bool {
+        let Some(end) = addr.checked_add(len) else {
+            return false;
+        };
+        let mut at = addr;
+        let mut i = vmas.partition_point(|v| v.end <= addr);
+        while at < end {
+            match vmas.get(i) {
+                Some(v) if v.start <= at && v.read => {
+                    at = v.end;
+                    i += 1;
+                }
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Builds every exclusion: `m.exclusions` (exact, with reasons), `m.exact` (their
+    /// union), `m.work2` (the union widened to kernel pages: what tracking never covers)
+    /// and, in whole-process mode, `m.eager` (the writable pages it covers only partly).
+    /// Runs the thread probe (`m.sps`) and the region walk (`m.vmas`) first.
+    pub(super) fn build_exclusions(&self, function: &str, m: &mut Meta) {
+        m.sps.clear();
+        {
+            let Meta { scratch, sps, .. } = &mut *m;
+            // SAFETY: u8 accepts any bit pattern.
+            let buf = unsafe { scratch.spare() };
+            // The controller and the library's own threads need no probe (and probing a
+            // worker that is just going to sleep makes the kernel wait for it).
+            let me = sys::tid();
+            let own = |tid: u64| tid == me || self.workers.is_own_thread(tid);
+            sys::settle_threads(&mut buf[..1 << 16]);
+            sys::for_each_thread_sp(&mut buf[..1 << 16], own, |tid, sp| {
+                let _ = sps.push((tid, Range::new(sp, sp)));
+            });
+        }
+        self.walk(function, m);
+        m.exclusions.clear();
+        for i in 0..m.own.len() {
+            Self::exclude(function, m, m.own[i], Reason::Own, 0);
+        }
+        for i in 0..m.untracked.len() {
+            Self::exclude(function, m, m.untracked[i], Reason::Untracked, 0);
+        }
+        for i in 0..m.vmas.len() {
+            let v = m.vmas[i];
+            if v.kind == RegionKind::MainStack {
+                Self::exclude(
+                    function,
+                    m,
+                    Range::new(v.start, v.end),
+                    Reason::MainStack,
+                    0,
+                );
+            }
+        }
+        let me = sys::tid();
+        let mut controller_seen = false;
+        m.blocks.clear();
+        if let Some(layout) = &self.threads {
+            let Meta { blocks, vmas, .. } = &mut *m;
+            let mut overflow = false;
+            let r = layout.for_each_block(
+                |a, len| Self::readable(vmas, a, len),
+                |b| overflow |= blocks.push(b).is_err(),
+            );
+            if let Err(why) = r {
+                crate::fatal!(function, "cannot read glibc's thread list: {}", why);
+            }
+            if overflow {
+                crate::fatal!(function, "too many threads");
+            }
+        }
+        for i in 0..m.blocks.len() {
+            let b = m.blocks[i];
+            if RangeSet::contains(&m.own, b.pd) {
+                continue; // memsnap's own threads: all theirs is own memory
+            }
+            if b.cached {
+                let block = Range::new(b.block.0, b.block.1);
+                Self::exclude(function, m, block, Reason::CachedStack, 0);
+                continue;
+            }
+            let stack = Range::new(b.stack.0, b.stack.1);
+            if !stack.is_empty() {
+                self.check_stack_range(function, m, b.tid, stack);
+                Self::exclude(function, m, stack, Reason::ThreadStack, b.tid);
+            }
+            let tid_word = Range::new(b.tid_word, b.tid_word + 4);
+            Self::exclude(function, m, tid_word, Reason::TidWord, b.tid);
+            if let Some((at, len)) = b.rseq {
+                Self::exclude(function, m, Range::new(at, at + len), Reason::Rseq, b.tid);
+            }
+            if b.tid as u64 == me {
+                controller_seen = true;
+            } else if let Some((at, len)) = sys::signal_stack_of(b.tid as u64) {
+                Self::exclude(
+                    function,
+                    m,
+                    Range::new(at, at + len),
+                    Reason::SignalStack,
+                    b.tid,
+                );
+            }
+        }
+        // Threads glibc does not know (raw clones), or every thread when glibc's layout
+        // is unknown: their stacks are bounded by the mapping around the stack pointer.
+        for i in 0..m.sps.len() {
+            let (tid, r) = m.sps[i];
+            if m.blocks.iter().any(|b| b.tid as u64 == tid && !b.cached) {
+                continue;
+            }
+            let stack = if r.start != 0 {
+                let s = Self::mapped_stack(m, r.start);
+                self.check_stack_range(function, m, tid as u32, Range::new(r.start, r.start + 1));
+                s
+            } else {
+                match m.stacks.iter().find(|s| s.0 == tid) {
+                    Some(s) => s.1,
+                    None => crate::fatal!(
+                        function,
+                        "thread {} keeps running and glibc has no descriptor for it, so memsnap cannot find its stack (other threads must be idle at checkpoints)",
+                        tid
+                    ),
+                }
+            };
+            Self::exclude(function, m, stack, Reason::MappedStack, tid as u32);
+            if let Some((at, len)) = sys::signal_stack_of(tid) {
+                Self::exclude(
+                    function,
+                    m,
+                    Range::new(at, at + len),
+                    Reason::SignalStack,
+                    tid as u32,
+                );
+            }
+        }
+        m.stacks.clear();
+        for i in 0..m.exclusions.len() {
+            let e = m.exclusions[i];
+            if e.reason == Reason::MappedStack {
+                let _ = m.stacks.push((e.tid as u64, e.range));
+            }
+        }
+        if !controller_seen {
+            let sp = sys::current_sp();
+            let stack = Self::mapped_stack(m, sp);
+            self.check_stack_range(function, m, me as u32, Range::new(sp, sp + 1));
+            if !m
+                .vmas
+                .iter()
+                .any(|v| v.kind == RegionKind::MainStack && v.start <= sp && sp < v.end)
+            {
+                Self::exclude(function, m, stack, Reason::MappedStack, me as u32);
+            }
+            if let Some((at, len)) = sys::current_rseq_area(self.rseq) {
+                Self::exclude(
+                    function,
+                    m,
+                    Range::new(at, at + len),
+                    Reason::Rseq,
+                    me as u32,
+                );
+            }
+        }
+        if let Some((at, len)) = sys::current_signal_stack() {
+            Self::exclude(
+                function,
+                m,
+                Range::new(at, at + len),
+                Reason::SignalStack,
+                me as u32,
+            );
+        }
+        let errno = sys::current_errno_location();
+        Self::exclude(
+            function,
+            m,
+            Range::new(errno, errno + 4),
+            Reason::Errno,
+            me as u32,
+        );
+
+        m.exact.clear();
+        m.work2.clear();
+        for i in 0..m.exclusions.len() {
+            let r = m.exclusions[i].range;
+            if !RangeSet::insert(&mut m.exact, r)
+                || !RangeSet::insert(&mut m.work2, r.widen_to_pages(self.sub).unwrap_or(r))
+            {
+                crate::fatal!(function, "too many excluded ranges");
+            }
+        }
+        m.eager.clear();
+        if self.mode() == Mode::WholeProcess {
+            let Meta {
+                exact,
+                eager,
+                vmas,
+                own,
+                ..
+            } = &mut *m;
+            let mut overflow = false;
+            partly_covered_pages(exact, self.sub, |p| {
+                let i = vmas.partition_point(|v| v.end <= p);
+                let ok = vmas.get(i).is_some_and(|v| {
+                    v.start <= p
+                        && v.read
+                        && v.write
+                        && v.private
+                        && v.kind != RegionKind::Kernel
+                        && p + self.sub <= self.table.limit()
+                }) && !RangeSet::contains(own, p);
+                if ok && eager.last() != Some(&p) {
+                    overflow |= eager.push(p).is_err();
+                }
+            });
+            if overflow {
+                crate::fatal!(function, "too many partly excluded pages");
+            }
+        }
+    }
+
+    /// Refuses exclusions that appeared over memory already tracked (a signal stack or a
+    /// thread stack placed in tracked memory after the first snapshot): their earlier
+    /// contents would silently stop being restored.
+    pub(super) fn check_new_exclusions(&self, function: &str, m: &Meta) {
+        for e in m.exclusions.iter() {
+            if matches!(e.reason, Reason::Own | Reason::Untracked) {
+                continue;
+            }
+            let r = e.range.widen_to_pages(self.sub).unwrap_or(e.range);
+            if let Some(t) = m.regions.iter().find(|t| t.range.intersects(&r)) {
+                crate::fatal!(
+                    function,
+                    "{} of thread {} ({:#x}-{:#x}) lies in tracked memory ({:#x}-{:#x}); memsnap cannot leave it out without losing the data around it",
+                    e.reason.describe(),
+                    e.tid,
+                    e.range.start,
+                    e.range.end,
+                    t.range.start,
+                    t.range.end
+                );
+            }
+        }
+    }
+
+    /// Copies the eager pages into the checkpoint being pushed.
+    pub(super) fn save_eager(&self, function: &str, m: &mut Meta) -> (usize, usize) {
+        let start = m.eager_pages.len();
+        for i in 0..m.eager.len() {
+            let p = m.eager[i];
+            if m.eager_pages.push(p).is_err() {
+                crate::fatal!(function, "out of room for eagerly copied pages");
+            }
+            let at = m.eager_bytes.len();
+            if at + self.sub > m.eager_bytes.capacity() {
+                crate::fatal!(function, "out of room for eagerly copied pages");
+            }
+            // SAFETY: the page is mapped, readable and writable (checked by the scan that
+            // built `m.eager` in this same call), and the spare capacity holds a page.
+            unsafe {
+                let dst = m.eager_bytes.spare().as_mut_ptr().add(at);
+                core::ptr::copy_nonoverlapping(p as *const u8, dst, self.sub);
+                m.eager_bytes.set_len(at + self.sub);
+            }
+        }
+        (start, m.eager_pages.len() - start)
+    }
+
+    /// Writes checkpoint `target`'s eager copies back, except the excluded bytes. Only
+    /// pages that are eager now are written: a page that is not is unmapped or no longer
+    /// holds what it did (and then the thread check has refused the rewind already).
+    pub(super) fn restore_eager(&self, m: &Meta, target: usize) {
+        let c = m.checkpoints[target];
+        for i in c.eager_start..c.eager_start + c.eager_len {
+            let p = m.eager_pages[i];
+            if m.eager.binary_search(&p).is_err() {
+                continue;
+            }
+            let saved = &m.eager_bytes[i * self.sub..(i + 1) * self.sub];
+            RangeSet::for_each_gap(&m.exact, Range::new(p, p + self.sub), |gap| {
+                // SAFETY: an eager page, mapped and writable (this scope's scan), never
+                // write-protected; `gap` lies inside it and `saved` is its copy.
+                unsafe {
+                    core::ptr::copy_nonoverlapping(
+                        saved.as_ptr().add(gap.start - p),
+                        gap.start as *mut u8,
+                        gap.len(),
+                    );
+                }
+            });
+        }
+    }
+
+    /// Drops the eager copies of every checkpoint from `from_index` of the copy stack up.
+    pub(super) fn truncate_eager(&self, m: &mut Meta, from_index: usize) {
+        m.eager_pages.truncate(from_index);
+        m.eager_bytes.truncate(from_index * self.sub);
+    }
+
+    /// Removes the eager copies `[start, start + len)`, moving later ones down.
+    pub(super) fn remove_eager(&self, m: &mut Meta, start: usize, len: usize) {
+        let total = m.eager_pages.len();
+        let sub = self.sub;
+        // SAFETY: plain data; both ranges lie within the initialized length.
+        unsafe {
+            m.eager_pages.spare().copy_within(start + len..total, start);
+            m.eager_bytes
+                .spare()
+                .copy_within((start + len) * sub..total * sub, start * sub);
+        }
+        self.truncate_eager(m, total - len);
+    }
+
+    /// Calls `f` for every exclusion of the last scan, for reports.
+    pub fn for_each_exclusion(&self, mut f: impl FnMut(Exclusion)) {
+        let m = self.meta.lock();
+        for e in m.exclusions.iter() {
+            f(*e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(a: usize, b: usize) -> Range {
+        Range::new(a, b)
+    }
+
+    fn pages(set: &[Range]) -> Vec<usize> {
+        let mut v = Vec::new();
+        partly_covered_pages(set, 0x1000, |p| v.push(p));
+        v
+    }
+
+    #[test]
+    fn partly_covered() {
+        // Whole pages: nothing partial.
+        assert!(pages(&[r(0x1000, 0x3000)]).is_empty());
+        // A range inside one page.
+        assert_eq!(pages(&[r(0x1010, 0x1020)]), vec![0x1000]);
+        // Unaligned at both ends, over several pages.
+        assert_eq!(pages(&[r(0x1010, 0x3020)]), vec![0x1000, 0x3000]);
+        // Two ranges sharing a page report it once.
+        assert_eq!(pages(&[r(0x1010, 0x1020), r(0x1030, 0x2000)]), vec![0x1000]);
+        // Aligned start, unaligned end.
+        assert_eq!(pages(&[r(0x2000, 0x2800)]), vec![0x2000]);
+        // Unaligned start, aligned end.
+        assert_eq!(pages(&[r(0x2800, 0x4000)]), vec![0x2000]);
+        assert!(pages(&[r(0x5000, 0x5000)]).is_empty());
+    }
+}
