@@ -237,3 +237,26 @@ TEST(HostMemoryTest, ReservationCommittedPiecewiseIsRewound) {
 }
 
 }  // namespace host_memory_test
+
+namespace host_memory_test {
+
+// The exclusions are visible: the stats count them, and DumpTimers lists each with its
+// reason (here the controller's tid word, which makes its descriptor page eager).
+void ReportScenario() {
+  InitializeMemorySnapshots();
+  TakeFirstMemorySnapshot();
+  MemsnapStats s = mstest::Stats();
+  MS_CHECK(s.excluded_bytes > 0);
+  MS_CHECK(s.eager_pages > 0);
+#if defined(__linux__) && defined(__GLIBC__)
+  MS_CHECK(s.thread_descriptors);
+#endif
+  DumpTimers();
+}
+
+TEST(HostMemoryTest, ExclusionsAreReportedWithReasons) {
+  EXPECT_EXIT({ alarm(60); ReportScenario(); _exit(0); }, ::testing::ExitedWithCode(0),
+              "excluded 0x[0-9a-f]+-0x[0-9a-f]+ \\([0-9]+ bytes\\): a thread's tid word");
+}
+
+}  // namespace host_memory_test

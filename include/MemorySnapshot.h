@@ -92,6 +92,26 @@ enum class MemsnapTrackingMode {
 };
 
 /**
+ * Why a range is left out of snapshots.
+ */
+enum class Reason : uint8_t {
+  Own,
+  Untracked,
+  MainStack,
+  ThreadStack,
+  CachedStack,
+  /**
+   * A thread glibc does not know (a raw `clone`): its stack is bounded by the mapping
+   * around its stack pointer, clipped to exclude tracked data.
+   */
+  MappedStack,
+  SignalStack,
+  Rseq,
+  TidWord,
+  Errno,
+};
+
+/**
  * The kinds of memory the original distinguishes. Only `Tracked` memory is saved and
  * restored; every other kind is untracked. Order and values match the original.
  */
@@ -215,6 +235,21 @@ struct MemsnapStats {
    * as under mprotect, unless memsnap_prepare_write ran first.
    */
   bool uffd_user_mode_only;
+  /**
+   * Bytes the last scan left out of snapshots, every exclusion counted once (see
+   * DumpTimers for the list with reasons).
+   */
+  size_t excluded_bytes;
+  /**
+   * Kernel pages exclusions cover only partly (thread-local storage among them),
+   * copied whole at every checkpoint and restored except their excluded bytes.
+   */
+  size_t eager_pages;
+  /**
+   * Thread stacks are bounded by glibc's own descriptors (false: not glibc 2.34+, and
+   * every stack is bounded by the mapping around its stack pointer).
+   */
+  bool thread_descriptors;
 };
 
 /**

@@ -504,6 +504,21 @@ impl Engine {
     }
 }
 
+impl Meta {
+    /// Bytes of the program's writable private mappings (per the last walk) that
+    /// exclusions leave out: what it could observe and a rewind does not restore.
+    /// memsnap's own memory is not counted (its reservations are mostly address space).
+    pub fn excluded_mapped_bytes(&self) -> usize {
+        let mut total = 0isize;
+        for v in self.vmas.iter().filter(|v| v.write && v.private) {
+            let v = Range::new(v.start, v.end);
+            RangeSet::for_each_overlap(&self.exact, v, |r| total += r.len() as isize);
+            RangeSet::for_each_overlap(&self.own, v, |r| total -= r.len() as isize);
+        }
+        total.max(0) as usize
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,8 @@ pub struct Stats {
     pub last_restore_ns: u64,
     pub total_snapshot_ns: u64,
     pub total_restore_ns: u64,
+    pub excluded_bytes: usize,
+    pub eager_pages: usize,
 }
 
 impl Engine {
@@ -50,6 +52,8 @@ impl Engine {
             last_restore_ns: self.last_restore_ns.load(Ordering::Relaxed),
             total_snapshot_ns: self.snapshot_ns.load(Ordering::Relaxed),
             total_restore_ns: self.restore_ns.load(Ordering::Relaxed),
+            excluded_bytes: m.excluded_mapped_bytes(),
+            eager_pages: m.eager.len(),
         }
     }
 

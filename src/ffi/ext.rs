@@ -151,6 +151,15 @@ pub struct MemsnapStats {
     /// UFFD_USER_MODE_ONLY), so system calls writing clean tracked pages fail with EFAULT
     /// as under mprotect, unless memsnap_prepare_write ran first.
     pub uffd_user_mode_only: bool,
+    /// Bytes the last scan left out of snapshots, every exclusion counted once (see
+    /// DumpTimers for the list with reasons).
+    pub excluded_bytes: usize,
+    /// Kernel pages exclusions cover only partly (thread-local storage among them),
+    /// copied whole at every checkpoint and restored except their excluded bytes.
+    pub eager_pages: usize,
+    /// Thread stacks are bounded by glibc's own descriptors (false: not glibc 2.34+, and
+    /// every stack is bounded by the mapping around its stack pointer).
+    pub thread_descriptors: bool,
 }
 
 /// The smallest struct_size memsnap_get_stats accepts: the first release's record.
@@ -329,6 +338,9 @@ pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapSta
             uffd_spin_hits: counters.spin_hits.load(Ordering::Relaxed),
             uffd_user_mode_only: e.backend() == Backend::LinuxUffd
                 && crate::sys::uffd_support().user_mode_only,
+            excluded_bytes: s.excluded_bytes,
+            eager_pages: s.eager_pages,
+            thread_descriptors: e.threads.is_some(),
         };
         let n = size.min(core::mem::size_of::<MemsnapStats>());
         // SAFETY: the caller provides `size` writable bytes at `out`; `n` is no more than

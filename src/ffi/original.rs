@@ -322,6 +322,40 @@ pub extern "C" fn DumpTimers() {
             e.base_bytes() >> 10
         ),
     );
+    crate::fatal::print_line(
+        "DumpTimers",
+        format_args!(
+            "excluded from snapshots: {} KiB; {} pages copied eagerly",
+            s.excluded_bytes >> 10,
+            s.eager_pages
+        ),
+    );
+    e.for_each_exclusion(|x| {
+        crate::fatal::print_line(
+            "DumpTimers",
+            format_args!(
+                "  excluded {:#x}-{:#x} ({} bytes): {}{}",
+                x.range.start,
+                x.range.end,
+                x.range.len(),
+                x.reason.describe(),
+                ThreadSuffix(x.tid)
+            ),
+        );
+    });
+}
+
+/// ", thread N" after an exclusion that belongs to a thread.
+struct ThreadSuffix(u32);
+
+impl core::fmt::Display for ThreadSuffix {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.0 != 0 {
+            write!(f, ", thread {}", self.0)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 fn check_word_aligned(function: &str, dst: usize, src: usize, size: usize) {
