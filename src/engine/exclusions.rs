@@ -133,7 +133,7 @@ impl Engine {
             i += 1;
         }
         if what.is_none()
-            && (m.regions.iter().any(|r| r.range.intersects(&stack))
+            && (m.region_overlapping(stack).is_some()
                 || m.registered.iter().any(|r| r.range.intersects(&stack)))
         {
             what = Some("tracked memory");
@@ -412,7 +412,7 @@ impl Engine {
                 continue;
             }
             let r = e.range.widen_to_pages(self.sub).unwrap_or(e.range);
-            if let Some(t) = m.regions.iter().find(|t| t.range.intersects(&r)) {
+            if let Some(t) = m.region_overlapping(r) {
                 crate::fatal!(
                     function,
                     "{} of thread {} ({:#x}-{:#x}) lies in tracked memory ({:#x}-{:#x}); memsnap cannot leave it out without losing the data around it",
@@ -505,6 +505,15 @@ impl Engine {
 }
 
 impl Meta {
+    /// The first tracked region overlapping `r`.
+    fn region_overlapping(&self, r: Range) -> Option<super::TrackedRegion> {
+        let i = self.regions.partition_point(|x| x.range.end <= r.start);
+        self.regions
+            .get(i)
+            .filter(|x| x.range.start < r.end)
+            .copied()
+    }
+
     /// Bytes of the program's writable private mappings (per the last walk) that
     /// exclusions leave out: what it could observe and a rewind does not restore.
     /// memsnap's own memory is not counted (its reservations are mostly address space).
