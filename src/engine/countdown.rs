@@ -41,19 +41,20 @@ impl Engine {
         if self.countdown_started.swap(true, Ordering::AcqRel) {
             return;
         }
-        let Some(stack) = sys::reserve(STACK_BYTES) else {
+        let bytes = sys::thread_stack_bytes(STACK_BYTES);
+        let Some(stack) = sys::reserve(bytes) else {
             crate::fatal!(function, "cannot map the countdown thread's stack")
         };
         self.meta.lock().add_own(crate::mem::Reservation {
             base: stack as usize,
-            len: STACK_BYTES,
+            len: bytes,
         });
         // SAFETY: the stack reservation belongs to this thread forever; the engine it
         // receives is never freed.
         let r = unsafe {
             sys::spawn(
                 stack,
-                STACK_BYTES,
+                bytes,
                 countdown_main,
                 self as *const Engine as *mut _,
             )

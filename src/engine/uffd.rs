@@ -344,12 +344,13 @@ impl Engine {
         if self.uffd.server_started.swap(true, Ordering::AcqRel) {
             return;
         }
-        let Some(stack) = sys::reserve(SERVER_STACK_BYTES) else {
+        let bytes = sys::thread_stack_bytes(SERVER_STACK_BYTES);
+        let Some(stack) = sys::reserve(bytes) else {
             crate::fatal!(function, "cannot map the fault server's stack")
         };
         self.meta.lock().add_own(crate::mem::Reservation {
             base: stack as usize,
-            len: SERVER_STACK_BYTES,
+            len: bytes,
         });
         let before = self.workers.registered();
         // SAFETY: the stack is library memory reserved for this thread forever; the
@@ -357,7 +358,7 @@ impl Engine {
         if let Err(e) = unsafe {
             sys::spawn(
                 stack,
-                SERVER_STACK_BYTES,
+                bytes,
                 server_main,
                 self as *const Engine as *mut libc::c_void,
             )

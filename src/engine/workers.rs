@@ -164,18 +164,19 @@ impl Engine {
             return;
         }
         let n = self.restore_threads();
-        let Some(stacks) = sys::reserve(n * STACK_BYTES) else {
+        let each = sys::thread_stack_bytes(STACK_BYTES);
+        let Some(stacks) = sys::reserve(n * each) else {
             crate::fatal!(function, "cannot map stacks for {} restore threads", n)
         };
         self.meta.lock().add_own(crate::mem::Reservation {
             base: stacks as usize,
-            len: n * STACK_BYTES,
+            len: n * each,
         });
         for i in 0..n {
-            // SAFETY: each worker owns one STACK_BYTES slice of the reservation; its Start
+            // SAFETY: each worker owns one `each`-byte slice of the reservation; its Start
             // record sits at the slice's low end, below anything the stack will reach.
             unsafe {
-                let base = stacks.add(i * STACK_BYTES);
+                let base = stacks.add(i * each);
                 let start = base as *mut Start;
                 start.write(Start {
                     engine: self,
@@ -187,8 +188,7 @@ impl Engine {
                 // and its pages are 16 KiB on arm64.
                 let skip = sys::os_page_size();
                 let stack = base.add(skip);
-                if let Err(e) = sys::spawn(stack, STACK_BYTES - skip, worker_main, start as *mut _)
-                {
+                if let Err(e) = sys::spawn(stack, each - skip, worker_main, start as *mut _) {
                     crate::fatal!(function, "cannot start restore thread {} (error {})", i, e);
                 }
             }

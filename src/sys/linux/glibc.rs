@@ -196,6 +196,21 @@ impl ThreadLayout {
     }
 }
 
+/// glibc's static TLS size (`_dl_get_tls_static_info`), 0 when it cannot be asked.
+pub fn static_tls_bytes() -> usize {
+    // SAFETY: the symbol, when present, is ld.so's `void (size_t *, size_t *)`.
+    unsafe {
+        let info = libc::dlsym(libc::RTLD_DEFAULT, c"_dl_get_tls_static_info".as_ptr());
+        if info.is_null() {
+            return 0;
+        }
+        let get: unsafe extern "C" fn(*mut usize, *mut usize) = core::mem::transmute(info);
+        let (mut size, mut align) = (0usize, 0usize);
+        get(&mut size, &mut align);
+        size + align
+    }
+}
+
 /// Finds where `struct pthread` keeps `stackblock` and `stackblock_size` (adjacent, in that
 /// order), by asking a fresh thread for its stack and looking for the pair in its own
 /// descriptor.

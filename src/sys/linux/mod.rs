@@ -19,7 +19,7 @@ pub use threads::{
 };
 pub use uffd::*;
 
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::{Access, Region, RegionKind};
 
@@ -175,11 +175,26 @@ pub fn for_each_writable_mapping(start: usize, end: usize, f: impl FnMut(usize, 
     PROCMAP_QUERY.load(Ordering::Relaxed) && procmap::writable(start, end, f).is_ok()
 }
 
+/// glibc's static TLS block (descriptor included), which it carves off the top of every
+/// thread stack, a caller-supplied one too. Set once by [`prepare`] (see `PROCMAP_QUERY`
+/// for why a library static may be written only then).
+static STATIC_TLS: AtomicUsize = AtomicUsize::new(0);
+
 /// Probes what the platform offers; called by `InitializeMemorySnapshots`, before
 /// anything is write-protected.
 pub fn prepare() {
     let works = procmap::walk(|_| {}).is_ok();
     PROCMAP_QUERY.store(works, Ordering::Relaxed);
+    STATIC_TLS.store(glibc::static_tls_bytes(), Ordering::Relaxed);
+}
+
+/// The bytes to map for a library thread that needs `usable` bytes of stack: glibc takes
+/// the thread's static TLS and descriptor from the top of the stack it is given, and a
+/// host with large `__thread` arrays would leave too little (or fail `pthread_create`).
+pub fn thread_stack_bytes(usable: usize) -> usize {
+    let page = os_page_size();
+    let extra = STATIC_TLS.load(Ordering::Relaxed).div_ceil(page) * page;
+    usable + extra
 }
 
 /// Calls `f` for every mapping of the process in ascending address order. `scratch` is

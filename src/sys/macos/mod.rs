@@ -14,6 +14,11 @@ mod signals;
 mod threads;
 
 pub use regions::{discard, protect, walk_regions, WalkError};
+
+/// macOS keeps a thread's TLS apart from the stack it is given.
+pub fn thread_stack_bytes(usable: usize) -> usize {
+    usable
+}
 pub use threads::{
     current_errno_location, current_rseq_area, current_signal_stack, current_sp,
     exited_threads_cpu_ns, for_each_thread_sp, rseq_layout, settle_threads, signal_stack_of,
