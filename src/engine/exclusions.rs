@@ -403,16 +403,25 @@ impl Engine {
         }
     }
 
-    /// Refuses exclusions that appeared over memory already tracked (a signal stack or a
-    /// thread stack placed in tracked memory after the first snapshot): their earlier
-    /// contents would silently stop being restored.
-    pub(super) fn check_new_exclusions(&self, function: &str, m: &Meta) {
-        for e in m.exclusions.iter() {
+    /// Applies exclusions that appeared over memory already tracked. A stack glibc has
+    /// put back on its cache belonged to a thread that exited: its TLS and descriptor were
+    /// tracked, and are now dead memory the next thread will run on, so they stop being
+    /// tracked and get their write permission back (no rewind can reach a checkpoint
+    /// from before that thread's exit: the thread check refuses it). Any other exclusion
+    /// over tracked memory (a signal stack or a thread stack placed there after the first
+    /// snapshot) is refused: its earlier contents would silently stop being restored.
+    pub(super) fn apply_new_exclusions(&self, function: &str, m: &mut Meta) {
+        m.found.clear();
+        for i in 0..m.exclusions.len() {
+            let e = m.exclusions[i];
             if matches!(e.reason, Reason::Own | Reason::Untracked) {
                 continue;
             }
             let r = e.range.widen_to_pages(self.sub).unwrap_or(e.range);
-            if let Some(t) = m.region_overlapping(r) {
+            let Some(t) = m.region_overlapping(r) else {
+                continue;
+            };
+            if e.reason != Reason::CachedStack {
                 crate::fatal!(
                     function,
                     "{} of thread {} ({:#x}-{:#x}) lies in tracked memory ({:#x}-{:#x}); memsnap cannot leave it out without losing the data around it",
@@ -424,7 +433,35 @@ impl Engine {
                     t.range.end
                 );
             }
+            let mut j = m.regions.partition_point(|x| x.range.end <= r.start);
+            while j < m.regions.len() && m.regions[j].range.start < r.end {
+                let x = m.regions[j];
+                let piece = super::TrackedRegion {
+                    range: x.range.intersection(&r),
+                    ..x
+                };
+                if m.found.push(piece).is_err() {
+                    crate::fatal!(function, "too many tracked pieces under cached stacks");
+                }
+                j += 1;
+            }
         }
+        for i in 0..m.found.len() {
+            let piece = m.found[i];
+            self.untrack(m, piece.range);
+            if !piece.uffd {
+                // SAFETY: dead memory of an exited thread, no longer tracked; glibc will
+                // hand it to the next thread it creates, which must be able to write it.
+                let _ = unsafe {
+                    sys::protect(
+                        piece.range.start,
+                        piece.range.len(),
+                        sys::Access::ReadWrite { exec: piece.exec },
+                    )
+                };
+            }
+        }
+        m.found.clear();
     }
 
     /// Copies the eager pages into the checkpoint being pushed.

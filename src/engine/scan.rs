@@ -247,7 +247,7 @@ impl Engine {
 
     /// Stops tracking the pages of `r` (they are gone): clears their state, keeping any
     /// slot so the dirty-log pass can release it, and removes them from the region table.
-    fn untrack(&self, m: &mut Meta, r: Range) {
+    pub(super) fn untrack(&self, m: &mut Meta, r: Range) {
         self.unmark(r);
         let mut i = m.regions.partition_point(|x| x.range.end <= r.start);
         while i < m.regions.len() && m.regions[i].range.start < r.end {
@@ -312,7 +312,7 @@ impl Engine {
     pub(super) fn scan_checkpoint(&self, function: &str, m: &mut Meta, position: usize) {
         if self.mode() == Mode::WholeProcess {
             self.build_exclusions(function, m);
-            self.check_new_exclusions(function, m);
+            self.apply_new_exclusions(function, m);
         } else {
             self.walk(function, m);
         }
