@@ -143,6 +143,18 @@ impl Engine {
         {
             return false;
         }
+        if via_uffd
+            && st.slot().is_some()
+            && !self.allowed.load(Ordering::SeqCst)
+            && self.disallower.load(Ordering::SeqCst) == writer
+        {
+            // A stale message: the server read the controller's fault together with
+            // another thread's on the same unit, and resolving that one woke both. The
+            // controller has run on since and disallowed changes; it is not blocked here,
+            // the unit is captured and writable. (A real write inside the scope meets an
+            // armed unit, which has no slot yet, and is refused below.)
+            return true;
+        }
         self.enter(function, addr, writer);
         let page = self.page_base(addr);
         let mut waits = 0u32;
