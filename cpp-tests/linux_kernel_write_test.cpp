@@ -645,7 +645,8 @@ void* IdleOnHeapStack(void*) {
 void StackInTrackedMemoryScenario() {
   Begin("StackInTrackedMemoryScenario");
   gRelease = new (AllocateMemory(sizeof(std::atomic<int>), MemoryKind::Generic)) std::atomic<int>(0);
-  const size_t size = 256 * 1024;
+  // 1 MiB: room for the 400 KiB of TLS HostMemoryTest puts in this binary.
+  const size_t size = 1024 * 1024;
   void* heapProbe = malloc(64);
   uint8_t* block = (uint8_t*)malloc(size + 3 * 65536);
   MS_CHECK(heapProbe && block);
