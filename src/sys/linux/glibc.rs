@@ -212,34 +212,28 @@ pub fn static_tls_bytes() -> usize {
 }
 
 /// Finds where `struct pthread` keeps `stackblock` and `stackblock_size` (adjacent, in that
-/// order), by asking a fresh thread for its stack and looking for the pair in its own
-/// descriptor.
+/// order), by giving a thread a stack whose bounds are known and looking for the pair in
+/// its own descriptor. The stack is memory mapped here and unmapped after the join: no
+/// `pthread_getattr_np`, whose `malloc` in a fresh thread would make glibc create a second
+/// arena (a 128 MiB reservation the host's threads could later pick up and grow).
 fn learn_stackblock_offset(size: usize) -> Option<usize> {
     struct Probe {
         size: usize,
+        base: usize,
+        len: usize,
         found: usize,
     }
     extern "C" fn body(arg: *mut libc::c_void) -> *mut libc::c_void {
-        // SAFETY: `arg` is the creator's `Probe`, which outlives the join; the attribute
-        // object lives on this frame and is destroyed before returning; pthread_self is
+        // SAFETY: `arg` is the creator's `Probe`, which outlives the join; pthread_self is
         // this thread's descriptor, `size` bytes long (libthread_db's own figure).
         unsafe {
             let probe = &mut *(arg as *mut Probe);
-            let mut attr: libc::pthread_attr_t = core::mem::zeroed();
-            if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
-                return core::ptr::null_mut();
-            }
-            let mut addr: *mut libc::c_void = core::ptr::null_mut();
-            let mut len = 0usize;
-            libc::pthread_attr_getstack(&attr, &mut addr, &mut len);
-            libc::pthread_attr_destroy(&mut attr);
-            let top = addr as usize + len;
             let pd = libc::pthread_self() as usize;
             let mut off = 0;
             while off + 16 <= probe.size {
                 let base = *((pd + off) as *const usize);
                 let blen = *((pd + off + 8) as *const usize);
-                if base != 0 && base <= addr as usize && base.wrapping_add(blen) == top {
+                if base == probe.base && blen == probe.len {
                     probe.found = off;
                     break;
                 }
@@ -248,24 +242,33 @@ fn learn_stackblock_offset(size: usize) -> Option<usize> {
         }
         core::ptr::null_mut()
     }
+    let len = super::thread_stack_bytes(256 << 10);
+    let base = super::reserve(len)? as usize;
     let mut probe = Probe {
         size,
+        base,
+        len,
         found: usize::MAX,
     };
-    // SAFETY: a default-attribute thread running `body` on `probe`, joined before `probe`
-    // goes out of scope.
+    // SAFETY: a thread running `body` on `probe` and on the stack just mapped, joined
+    // before either goes away.
     unsafe {
+        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
+        libc::pthread_attr_init(&mut attr);
+        let ok = libc::pthread_attr_setstack(&mut attr, base as *mut libc::c_void, len) == 0;
         let mut t: libc::pthread_t = core::mem::zeroed();
-        if libc::pthread_create(
-            &mut t,
-            core::ptr::null(),
-            body,
-            &mut probe as *mut Probe as *mut libc::c_void,
-        ) != 0
-        {
-            return None;
+        let started = ok
+            && libc::pthread_create(
+                &mut t,
+                &attr,
+                body,
+                &mut probe as *mut Probe as *mut libc::c_void,
+            ) == 0;
+        libc::pthread_attr_destroy(&mut attr);
+        if started {
+            libc::pthread_join(t, core::ptr::null_mut());
         }
-        libc::pthread_join(t, core::ptr::null_mut());
+        super::release(base as *mut u8, len);
     }
     (probe.found != usize::MAX).then_some(probe.found)
 }
