@@ -116,8 +116,27 @@ inline void WatchdogFired(int) {
       p && p->phase ? p->phase : "?", p ? p->step : -1L);
   _exit(kHang);
 }
+// HOSTS_TRACE=1: hosts print "-- <host>: <event>" at each checkpoint and rewind, as
+// markers in an strace or ltrace log of the allocator's system calls.
+inline bool& Tracing() {
+  static bool t = false;  // written before the first snapshot only
+  return t;
+}
+inline void Mark(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+inline void Mark(const char* fmt, ...) {
+  if (!Tracing()) return;
+  char buf[256];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  Progress* p = ProgressSlot();
+  Say("-- %s: %s\n", p ? p->host : "host", buf);
+}
+
 // Call after InitializeMemorySnapshots and before the first snapshot.
 inline Progress* StartWatchdog(const char* host, unsigned seconds) {
+  Tracing() = getenv("HOSTS_TRACE") != nullptr;
   Progress* p = (Progress*)AllocateMemory(sizeof(Progress), MemoryKind::Generic);
   p->host = host;
   p->phase = "setup";
@@ -286,6 +305,7 @@ inline void FinishRound(Crew* c) {
 // before the first snapshot (dlsym takes the loader's locks and may allocate).
 struct Allocator {
   const char* name = "glibc";
+  bool purge = true;  // MEMSNAP_HOST_PURGE=0: no explicit purge calls
   int (*mallctl)(const char*, void*, size_t*, void*, size_t) = nullptr;  // jemalloc
   void (*mi_collect)(bool) = nullptr;                                    // mimalloc
   void (*tc_release)() = nullptr;                                        // tcmalloc
@@ -302,6 +322,8 @@ inline void DetectAllocator() {
   if (a->mallctl) a->name = "jemalloc";
   else if (a->mi_collect) a->name = "mimalloc";
   else if (a->tc_release) a->name = "tcmalloc";
+  const char* purge = getenv("MEMSNAP_HOST_PURGE");
+  a->purge = !(purge && strcmp(purge, "0") == 0);
   // The runner says which allocator it preloaded: one that did not load is a setup error,
   // not a pass under glibc.
   const char* want = getenv("MEMSNAP_HOST_ALLOCATOR");
@@ -312,9 +334,10 @@ inline void DetectAllocator() {
 // decommit), from the calling thread: jemalloc flushes this thread's cache and purges
 // every arena, mimalloc collects (forced), tcmalloc releases its free page-heap spans.
 // glibc's malloc, pinned by memsnap, is left alone (malloc_trim on tracked memory is a
-// documented hazard, not allocator behaviour).
+// documented hazard, not allocator behaviour). MEMSNAP_HOST_PURGE=0 turns this off.
 inline void PurgeNow() {
   Allocator* a = TheAllocator();
+  if (!a->purge) return;
   if (a->mallctl) {
     a->mallctl("thread.tcache.flush", nullptr, nullptr, nullptr, 0);
     a->mallctl("arena.4096.purge", nullptr, nullptr, nullptr, 0);  // MALLCTL_ARENAS_ALL

@@ -97,6 +97,7 @@ int main() {
   h[0] = EvalU64("state_hash()", "setup");
 
   Snapshotted() = true;
+  Mark("first snapshot");
   TakeFirstMemorySnapshot();  // checkpoint 0
   CheckBackend();
   char when[96];
@@ -124,6 +125,7 @@ int main() {
   Run("mutate(3)", "mutate 3");
 
   gProgress->phase = "rewind to checkpoint 1";
+  Mark("rewind one level to checkpoint 1");
   Rewind(1);  // one level: undo mutate 3, pop checkpoint 2
   check("after rewinding one level to checkpoint 1", h[1]);
   gProgress->phase = "mutate 4";
@@ -132,6 +134,7 @@ int main() {
   h[2] = EvalU64("state_hash()", "checkpoint 2 again");
   Run("mutate(5)", "mutate 5");
   gProgress->phase = "rewind to checkpoint 0";
+  Mark("rewind two levels to checkpoint 0");
   Rewind(2);  // two levels: back to checkpoint 0
   check("after rewinding two levels to checkpoint 0", h[0]);
 

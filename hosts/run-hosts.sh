@@ -16,7 +16,7 @@
 # x backend x page size; python_host (glibc malloc, pymalloc on) under every backend and
 # page size. Allocators come in by LD_PRELOAD (Debian's libjemalloc2,
 # libtcmalloc-minimal4, libmimalloc2.0), each told to give freed memory back at once
-# (HOSTS_PURGE=0 keeps their defaults).
+# (HOSTS_PURGE=0 keeps their defaults and the hosts' explicit purge calls off).
 #
 # Environment: BUILD (build), CARGO (cargo), HOSTS_SUITES, HOSTS_ALLOCATORS,
 # HOSTS_BACKENDS, HOSTS_PAGES, HOSTS_PURGE, HOSTS_TIMEOUT (seconds per cell, 240),
@@ -62,7 +62,7 @@ allocator_env() {
   lib=$(allocator_lib "$1")
   [ -n "$lib" ] || return 1
   printf 'LD_PRELOAD=%s MEMSNAP_HOST_ALLOCATOR=%s' "$lib" "$1"
-  [ "$PURGE" = 0 ] && return 0
+  if [ "$PURGE" = 0 ]; then printf ' MEMSNAP_HOST_PURGE=0'; return 0; fi
   case $1 in
     jemalloc) printf ' MALLOC_CONF=dirty_decay_ms:0,muzzy_decay_ms:0' ;;
     tcmalloc) printf ' TCMALLOC_RELEASE_RATE=10 TCMALLOC_AGGRESSIVE_DECOMMIT=true' ;;

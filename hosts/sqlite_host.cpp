@@ -236,6 +236,7 @@ int main() {
   Observe("before the first snapshot");
 
   Snapshotted() = true;
+  Mark("first snapshot");
   TakeFirstMemorySnapshot();
   CheckBackend();
   DbState expect[kMaxLevels];  // on the controller's stack: never rewound
@@ -252,6 +253,7 @@ int main() {
   };
   auto checkpoint = [&]() {
     gProgress->phase = "checkpoint";
+    Mark("checkpoint %d", top + 1);
     TakeDiffMemorySnapshot();
     top++;
     snprintf(when, sizeof when, "checkpoint %d", top);
@@ -260,7 +262,9 @@ int main() {
   auto rewind = [&](int levels) {
     gProgress->phase = "rewind";
     const int from = top;
+    Mark("rewind from checkpoint %d to %d", from, from - levels);
     Rewind(levels);
+    Mark("rewound");
     top -= levels;
     rewinds++;
     snprintf(when, sizeof when, "after rewind %d (from checkpoint %d across %d levels to %d)",
