@@ -75,7 +75,7 @@ inline bool& Snapshotted() {
   return s;
 }
 
-// Prints `tag: message [phase, step, rewinds so far]` and exits with `code`.
+// Prints `tag: message [phase, step, rewinds so far]` on one line and exits with `code`.
 #define HS_EXIT_WITH(code, tag)                     \
   do {                                              \
     char hs_buf_[768];                              \
@@ -83,6 +83,8 @@ inline bool& Snapshotted() {
     va_start(ap, fmt);                              \
     vsnprintf(hs_buf_, sizeof hs_buf_, fmt, ap);    \
     va_end(ap);                                     \
+    for (char* hs_c_ = hs_buf_; *hs_c_; hs_c_++)    \
+      if (*hs_c_ == '\n') *hs_c_ = ' ';              \
     ::hs::Progress* hs_p_ = ::hs::ProgressSlot();   \
     if (hs_p_)                                      \
       ::hs::Say("%s: %s [%s, step %ld, after %ld rewinds]\n", tag, hs_buf_, \

@@ -61,11 +61,26 @@ def keep_going():
     return n
 )PY";
 
+// The pending Python exception as "Type: message" in `out` (cleared).
+void ExceptionText(char* out, size_t cap) {
+  PyObject *type = nullptr, *value = nullptr, *tb = nullptr;
+  PyErr_Fetch(&type, &value, &tb);
+  PyObject* str = value ? PyObject_Str(value) : nullptr;
+  const char* msg = str ? PyUnicode_AsUTF8(str) : nullptr;
+  snprintf(out, cap, "%s: %s", type ? ((PyTypeObject*)type)->tp_name : "?", msg ? msg : "?");
+  PyErr_Clear();
+  Py_XDECREF(str);
+  Py_XDECREF(type);
+  Py_XDECREF(value);
+  Py_XDECREF(tb);
+}
+
 void Run(const char* code, const char* when) {
   PyObject* r = PyRun_String(code, Py_file_input, gGlobals, gGlobals);
   if (!r) {
-    PyErr_Clear();
-    Broken("%s: Python raised running %.60s", when, code);
+    char why[200];
+    ExceptionText(why, sizeof why);
+    Broken("%s: Python raised %s running %.60s", when, why, code);
   }
   Py_DECREF(r);
 }
@@ -74,9 +89,10 @@ void Run(const char* code, const char* when) {
 uint64_t EvalU64(const char* expr, const char* when) {
   PyObject* r = PyRun_String(expr, Py_eval_input, gGlobals, gGlobals);
   if (!r || !PyLong_Check(r)) {
-    PyErr_Clear();
+    char why[200] = "not an int";
+    if (!r) ExceptionText(why, sizeof why);
     Py_XDECREF(r);
-    Broken("%s: Python raised evaluating %s", when, expr);
+    Broken("%s: evaluating %s: %s", when, expr, why);
   }
   const uint64_t v = (uint64_t)PyLong_AsUnsignedLongLongMask(r);
   Py_DECREF(r);
