@@ -38,7 +38,7 @@ ifeq ($(UNAME),Darwin)
 endif
 DEMO_SRCS := $(wildcard demo/*.cpp)
 
-.PHONY: all lib lint test test-16k rust-test cpp-test gtest demo install clean test-aarch64
+.PHONY: all lib lint test test-16k test-verify rust-test cpp-test gtest demo install clean test-aarch64
 
 all: lib
 
@@ -107,12 +107,24 @@ cpp-test: $(BUILD)/memsnap-tests $(BUILD)/memsnap-probe
 # test-16k runs the suites again with 16 KiB snapshot pages on a 4 KiB kernel, under
 # every backend: the page size of Apple Silicon, and snapshot pages only partly covered by
 # a mapping (whose shared edges stay on mprotect under userfaultfd).
-test: lib gtest rust-test cpp-test demo test-16k
+test: lib gtest rust-test cpp-test demo test-16k test-verify
 
 test-16k: export MEMSNAP_PAGE_SIZE = 16384
 test-16k: lib gtest $(BUILD)/memsnap-tests $(BUILD)/memsnap-probe
 	$(call per_backend,$(RUST_SUITES),Rust scenarios and model at 16 KiB)
 	$(call per_backend,./$(BUILD)/memsnap-tests,C++ suite at 16 KiB)
+
+# The verifying mode (README, Verifying mode): the Rust scenarios, the model test, the C++
+# suite and the demo once more with MEMSNAP_VERIFY=1, under the default backend
+# (MEMSNAP_BACKEND unset). Every part runs; the target fails at the end naming those that
+# failed.
+test-verify: export MEMSNAP_VERIFY = 1
+test-verify: lib gtest $(BUILD)/memsnap-tests $(BUILD)/memsnap-demo
+	@echo "== verifying mode (MEMSNAP_VERIFY=1), default backend"; failed=""; \
+	 env -u MEMSNAP_BACKEND $(RUST_SUITES) || failed="$$failed rust"; \
+	 env -u MEMSNAP_BACKEND ./$(BUILD)/memsnap-tests || failed="$$failed c++"; \
+	 env -u MEMSNAP_BACKEND ./$(BUILD)/memsnap-demo || failed="$$failed demo"; \
+	 if [ -n "$$failed" ]; then echo "make test-verify: failed:$$failed"; exit 1; fi
 
 $(BUILD)/memsnap-demo: $(DEMO_SRCS) include/MemorySnapshot.h include/MemorySnapshotHelpers.h lib
 	@mkdir -p $(BUILD)
@@ -257,7 +269,7 @@ soak:
 MIRI_TESTS := engine::ranges engine::free engine::dirty engine::granule engine::tests \
   sys::linux::maps sys::linux::threads::tests::syscall_file_formats \
   sys::linux::threads::tests::decimal_names sys::mach_exc mem::pool::tests::page_state_bits \
-  engine::uffd::tests
+  engine::uffd::tests engine::verify::tests
 .PHONY: miri
 miri:
 	@rustup component add --toolchain nightly miri rust-src || { echo "make miri: SKIPPED: no nightly toolchain with Miri can be installed here"; exit 0; }; \

@@ -15,6 +15,7 @@ int CallEveryFunction() {
   if (memsnap_set_tracking_mode(MemsnapTrackingMode::WholeProcess) != MemsnapStatus::Ok) failures++;
   if (memsnap_set_restore_threads(2) != MemsnapStatus::Ok) failures++;
   if (memsnap_set_pin_allocator(true) != MemsnapStatus::Ok) failures++;
+  if (memsnap_set_verify(true) != MemsnapStatus::Ok) failures++;
   size_t page = memsnap_page_size();
   void* untracked = AllocateMemory(page, MemoryKind::Generic);
   AddInitialUntrackedMemoryRegion(static_cast<uint8_t*>(untracked), page);
@@ -54,6 +55,7 @@ int CallEveryFunction() {
   MemsnapStats stats;
   stats.struct_size = sizeof stats;
   if (memsnap_get_stats(&stats) != MemsnapStatus::Ok || stats.rewinds != 2) failures++;
+  if (stats.verify_pages_checked == 0) failures++;
   if (GetMemoryUsage(MemoryKind::Generic) < page) failures++;
   if (memsnap_status_string(MemsnapStatus::Ok) == nullptr) failures++;
   memsnap_timer_record(TimerKind::Default, memsnap_current_time_us());

@@ -675,6 +675,10 @@ int main() {
       (double)s.copy_bytes / 1024.0, s.saved_diff_pages, s.saved_checkpoints);
   say("           %llu snapshots in %s, %llu restore calls in %s\n",
       (unsigned long long)s.checkpoints_taken, tsnap, (unsigned long long)s.rewinds, trest);
+  if (s.verify_pages_checked != 0) {
+    say("           verifying mode: %llu pages compared with their checkpoint's hashes\n",
+        (unsigned long long)s.verify_pages_checked);
+  }
 
   if (d.failures == 0 && d.rewinds_ok == d.rewinds_total) {
     say("demo: all %d rewinds verified\n", d.rewinds_total);

@@ -250,6 +250,11 @@ struct MemsnapStats {
    * every stack is bounded by the mapping around its stack pointer).
    */
   bool thread_descriptors;
+  /**
+   * Verifying mode (memsnap_set_verify, MEMSNAP_VERIFY=1): kernel pages compared with
+   * their checkpoint's hashes after rewinds so far (0 when the mode is off).
+   */
+  uint64_t verify_pages_checked;
 };
 
 /**
@@ -315,6 +320,18 @@ MemsnapStatus memsnap_get_stats(MemsnapStats *out);
  * A static, NUL-terminated description of a status.
  */
 const char *memsnap_status_string(MemsnapStatus status);
+
+/**
+ * Turns the verifying mode on or off (default: on when the environment variable
+ * MEMSNAP_VERIFY is 1, off when it is unset or 0). At every checkpoint it hashes every
+ * page the program can observe (the private mappings the kernel lists as writable, or
+ * anonymous and readable, less memsnap's named exclusions), independently of what
+ * memsnap tracks; after every restore call it compares them and aborts with a message
+ * naming the first range that differs, its mapping and whether memsnap tracked it. Slow
+ * by design: every checkpoint and restore call reads all of that memory. Only between
+ * InitializeMemorySnapshots and the first snapshot.
+ */
+MemsnapStatus memsnap_set_verify(bool enabled);
 
 /**
  * Chooses the write-tracking mechanism (Linux): Auto (the default), Mprotect, Uffd or

@@ -102,6 +102,7 @@ impl Engine {
         self.set_phase(Phase::Armed);
         self.checkpoints_taken.fetch_add(1, Ordering::Relaxed);
         self.record(t0, &self.last_snapshot_ns, &self.snapshot_ns);
+        self.verify_checkpoint(F);
         self.set_allowed(F, true);
     }
 
@@ -192,6 +193,7 @@ impl Engine {
         }
         self.checkpoints_taken.fetch_add(1, Ordering::Relaxed);
         self.record(t0, &self.last_snapshot_ns, &self.snapshot_ns);
+        self.verify_checkpoint(F);
         self.set_allowed(F, true);
     }
 
@@ -305,6 +307,7 @@ impl Engine {
         drop(m);
         self.rewinds.fetch_add(1, Ordering::Relaxed);
         self.record(t0, &self.last_restore_ns, &self.restore_ns);
+        self.verify_rewind(F);
     }
 
     /// Refuses a rewind across thread creation or exit: glibc keeps the heads of its
@@ -399,6 +402,7 @@ impl Engine {
         drop(m);
         self.rewinds.fetch_add(1, Ordering::Relaxed);
         self.record(t0, &self.last_restore_ns, &self.restore_ns);
+        self.verify_rewind(F);
     }
 
     /// `EraseLastSavedDiffMemorySnapshot`: forgets the second-newest checkpoint by folding
@@ -491,6 +495,7 @@ impl Engine {
         if m.floor.position > dropped {
             m.floor.position -= 1;
         }
+        self.verify_erase(dropped);
     }
 
     /// `UnrecoverableSnapshotFailure`: makes all tracked memory writable so crash

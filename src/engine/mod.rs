@@ -28,6 +28,7 @@ mod pages;
 mod scan;
 mod stats;
 mod uffd;
+mod verify;
 mod workers;
 
 use core::sync::atomic::{
@@ -235,6 +236,8 @@ pub struct Engine {
     pub threads: Option<crate::sys::ThreadLayout>,
     /// The userfaultfd backends' state (Linux).
     pub uffd: uffd::UffdState,
+    /// The verifying mode's switch and page hashes.
+    pub verify: verify::Verify,
 }
 
 static ENGINE: AtomicPtr<Engine> = AtomicPtr::new(core::ptr::null_mut());
@@ -500,6 +503,7 @@ impl Engine {
             rseq: crate::sys::rseq_layout(),
             threads: crate::sys::ThreadLayout::probe(crate::sys::rseq_layout()),
             uffd: uffd::UffdState::new(requested_backend(F), base_table(page_shift), spin_ns()),
+            verify: verify::Verify::new(F),
         };
         let bytes = core::mem::size_of::<Engine>();
         let Some(block) = crate::sys::reserve(bytes) else {
@@ -552,7 +556,11 @@ impl Engine {
                 m.blocks.reservation(),
             ];
             own[5..5 + vecs.len()].copy_from_slice(&vecs);
-            for r in own.iter().filter(|r| r.len > 0) {
+            for r in own
+                .iter()
+                .chain(&e.verify.reservations())
+                .filter(|r| r.len > 0)
+            {
                 m.add_own(*r);
             }
         }

@@ -27,6 +27,7 @@ pub struct Stats {
     pub total_restore_ns: u64,
     pub excluded_bytes: usize,
     pub eager_pages: usize,
+    pub verify_pages_checked: u64,
 }
 
 impl Engine {
@@ -54,6 +55,7 @@ impl Engine {
             total_restore_ns: self.restore_ns.load(Ordering::Relaxed),
             excluded_bytes: m.excluded_mapped_bytes(),
             eager_pages: m.eager.len(),
+            verify_pages_checked: self.verify.pages_checked(),
         }
     }
 

@@ -160,6 +160,9 @@ pub struct MemsnapStats {
     /// Thread stacks are bounded by glibc's own descriptors (false: not glibc 2.34+, and
     /// every stack is bounded by the mapping around its stack pointer).
     pub thread_descriptors: bool,
+    /// Verifying mode (memsnap_set_verify, MEMSNAP_VERIFY=1): kernel pages compared with
+    /// their checkpoint's hashes after rewinds so far (0 when the mode is off).
+    pub verify_pages_checked: u64,
 }
 
 /// The smallest struct_size memsnap_get_stats accepts: the first release's record.
@@ -341,6 +344,7 @@ pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapSta
             excluded_bytes: s.excluded_bytes,
             eager_pages: s.eager_pages,
             thread_descriptors: e.threads.is_some(),
+            verify_pages_checked: s.verify_pages_checked,
         };
         let n = size.min(core::mem::size_of::<MemsnapStats>());
         // SAFETY: the caller provides `size` writable bytes at `out`; `n` is no more than
@@ -369,6 +373,23 @@ pub extern "C" fn memsnap_status_string(status: MemsnapStatusArg) -> *const c_ch
         _ => c"unknown status",
     };
     s.as_ptr()
+}
+
+/// Turns the verifying mode on or off (default: on when the environment variable
+/// MEMSNAP_VERIFY is 1, off when it is unset or 0). At every checkpoint it hashes every
+/// page the program can observe (the private mappings the kernel lists as writable, or
+/// anonymous and readable, less memsnap's named exclusions), independently of what
+/// memsnap tracks; after every restore call it compares them and aborts with a message
+/// naming the first range that differs, its mapping and whether memsnap tracked it. Slow
+/// by design: every checkpoint and restore call reads all of that memory. Only between
+/// InitializeMemorySnapshots and the first snapshot.
+#[no_mangle]
+pub extern "C" fn memsnap_set_verify(enabled: bool) -> MemsnapStatus {
+    status((|| {
+        let e = engine_before_start()?;
+        e.set_verify(enabled);
+        Ok(())
+    })())
 }
 
 /// Chooses the write-tracking mechanism (Linux): Auto (the default), Mprotect, Uffd or

@@ -330,6 +330,15 @@ pub extern "C" fn DumpTimers() {
             s.eager_pages
         ),
     );
+    if e.verify.on() {
+        crate::fatal::print_line(
+            "DumpTimers",
+            format_args!(
+                "verifying mode: {} pages compared with their checkpoint's hashes",
+                s.verify_pages_checked
+            ),
+        );
+    }
     e.for_each_exclusion(|x| {
         crate::fatal::print_line(
             "DumpTimers",

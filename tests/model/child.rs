@@ -880,6 +880,11 @@ pub fn run(config: Config, ops: &[Op], report: *mut Report) -> ! {
     };
     // SAFETY: just written; only this thread uses it.
     let m = unsafe { &mut *model };
+    // SAFETY: a NUL-terminated name; the value is only compared, before any snapshot.
+    let verifying = unsafe {
+        let v = libc::getenv(c"MEMSNAP_VERIFY".as_ptr());
+        !v.is_null() && core::ffi::CStr::from_ptr(v).to_bytes() == b"1"
+    };
     TakeFirstMemorySnapshot();
     m.verify_current("after TakeFirstMemorySnapshot");
     m.save();
@@ -895,6 +900,19 @@ pub fn run(config: Config, ops: &[Op], report: *mut Report) -> ! {
                 r.skipped += 1;
             }
         });
+    }
+    // Under MEMSNAP_VERIFY=1 every restore call compared the observable pages with the
+    // checkpoint's hashes (a mismatch aborts with memsnap's message): some must have been.
+    if let Some(s) = stats().filter(|s| verifying && s.rewinds > 0) {
+        if s.verify_pages_checked == 0 {
+            m.fail(
+                Check::Stats,
+                format_args!(
+                    "{} rewinds under MEMSNAP_VERIFY=1 checked no page",
+                    s.rewinds
+                ),
+            );
+        }
     }
     // SAFETY: ends the child without running exit handlers (stdio buffers are tracked).
     unsafe { libc::_exit(0) }
