@@ -862,6 +862,17 @@ void ForkScenario() {
   if (pid == 0) {
     // The grandchild: restores run on this thread (no workers survive fork).
     alarm(30);
+    if (!mstest::ForkChildRewindsInherited()) {
+      // Under userfaultfd only its own checkpoints (ForkTest.UffdChildRefuses...).
+      memset(heap, 30, 3 * page);
+      TakeDiffMemorySnapshot();
+      memset(heap, 50, 3 * page);
+      gSlots[5] = 50;
+      Rewind(0);
+      MS_CHECK(AllBytes(heap, 3 * page, 30));
+      MS_CHECK_EQ(gSlots[5], 2);
+      _exit(0);
+    }
     memset(heap, 30, 3 * page);
     memset(tracked, 30, 2 * page);
     memset(gPageData, 30, 2 * page);

@@ -127,6 +127,18 @@ inline mozilla::recordreplay::MemsnapStats Stats() {
   return s;
 }
 
+// Whether a fork child may rewind to the checkpoints it inherited: not under the
+// userfaultfd backends, whose registration does not survive fork(), so the child's writes
+// before memsnap's fork handler re-armed its memory went unseen (README, Hazards: fork).
+// There the rewind is refused with a message containing kForkChildRefusal.
+inline bool ForkChildRewindsInherited() {
+  mozilla::recordreplay::MemsnapBackend b = Stats().backend;
+  return b != mozilla::recordreplay::MemsnapBackend::LinuxUffd &&
+         b != mozilla::recordreplay::MemsnapBackend::LinuxUffdAsync;
+}
+
+constexpr const char* kForkChildRefusal = "cannot be restored in this fork child";
+
 }  // namespace mstest
 
 #ifdef __linux__

@@ -106,8 +106,23 @@ extern "C" fn after_fork_in_child() {
     // SAFETY: as in the parent: the child's only thread inherited the held lock.
     unsafe { e.meta.force_unlock() };
     {
-        let m = e.meta.lock();
+        let mut m = e.meta.lock();
         e.settle_interrupted_captures(&m);
+        if e.uffd_mode().is_some() {
+            // A userfaultfd registration does not survive fork(): until the handler below
+            // re-arms the child's memory, its writes (glibc's own fork bookkeeping, the
+            // host's earlier atfork handlers, the new fault server's thread setup) are
+            // not seen. The child's own checkpoints include them; the inherited ones can
+            // no longer be restored exactly, so rewinds to them are refused.
+            let position = m.checkpoints.len();
+            if m.floor.position < position {
+                m.floor = super::Floor {
+                    position,
+                    range: super::ranges::Range::default(),
+                    what: super::FloorReason::Forked,
+                };
+            }
+        }
     }
     e.fork_parent.store(0, Ordering::Release);
     e.uffd_after_fork_in_child();

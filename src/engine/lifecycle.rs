@@ -280,6 +280,10 @@ impl Engine {
         let newest = m.checkpoints.len() - 1;
         self.scan_rewind(F, &mut m, newest);
         self.check_threads(F, &mut m, newest);
+        // (After the checks above, whose messages name a more specific cause.)
+        if m.floor.position > newest {
+            self.floor_message(F, &m, newest);
+        }
         // SAFETY: changes are disallowed; no handler is in flight.
         let pages = unsafe { self.log.quiescent_slice() };
         m.entries.clear();
@@ -344,6 +348,13 @@ impl Engine {
 
     fn floor_message(&self, function: &str, m: &Meta, target: usize) -> ! {
         let f = m.floor;
+        if f.what == FloorReason::Forked {
+            crate::fatal!(
+                function,
+                "checkpoint {} cannot be restored in this fork child: it was taken before fork(), and under userfaultfd the child's writes before memsnap's fork handler ran were not tracked (take a checkpoint in the child, or use the mprotect backend)",
+                target + 1
+            );
+        }
         crate::fatal!(
             function,
             "checkpoint {} cannot be restored: tracked memory {:#x}-{:#x} was {} before checkpoint {} was saved",
@@ -378,11 +389,14 @@ impl Engine {
             crate::fatal!(F, "no saved diff: only one checkpoint is saved");
         }
         let target = m.checkpoints.len() - 2;
-        if m.floor.position > target {
+        if m.floor.position > target && m.floor.what != FloorReason::Forked {
             self.floor_message(F, &m, target);
         }
         self.scan_rewind(F, &mut m, target + 1);
         self.check_threads(F, &mut m, target);
+        if m.floor.position > target {
+            self.floor_message(F, &m, target);
+        }
         let c = m.checkpoints[target];
         {
             let diff = &m.diffs[c.diff_start..c.diff_start + c.diff_len];

@@ -127,6 +127,9 @@ pub enum FloorReason {
     None,
     Unmapped,
     Unprotected,
+    /// A fork child under userfaultfd: the checkpoints it inherited predate writes it made
+    /// before memsnap's fork handler re-armed its memory (see `fork`).
+    Forked,
 }
 
 /// The state behind the metadata lock.
