@@ -240,17 +240,34 @@ impl Engine {
         let mut controller_seen = false;
         m.blocks.clear();
         if let Some(layout) = &self.threads {
-            let Meta { blocks, vmas, .. } = &mut *m;
-            let mut overflow = false;
-            let r = layout.for_each_block(
-                |a, len| Self::readable(vmas, a, len),
-                |b| overflow |= blocks.push(b).is_err(),
-            );
-            if let Err(why) = r {
-                crate::fatal!(function, "cannot read glibc's thread list: {}", why);
+            // A descriptor read while its thread is being created or torn down (the
+            // protocol wants other threads idle, but a thread may still be finishing its
+            // exit) can hold half-written fields: read the lists again, a bounded number
+            // of times, before giving up with a message.
+            let mut last = Ok(());
+            for _ in 0..1000 {
+                let Meta { blocks, vmas, .. } = &mut *m;
+                blocks.clear();
+                let mut overflow = false;
+                last = layout.for_each_block(
+                    |a, len| Self::readable(vmas, a, len),
+                    |a| {
+                        let i = vmas.partition_point(|v| v.end <= a);
+                        vmas.get(i).is_some_and(|v| v.start <= a)
+                    },
+                    |b| overflow |= blocks.push(b).is_err(),
+                );
+                if overflow {
+                    crate::fatal!(function, "too many threads");
+                }
+                if last.is_ok() {
+                    break;
+                }
+                sys::yield_now();
+                self.walk(function, m);
             }
-            if overflow {
-                crate::fatal!(function, "too many threads");
+            if let Err(why) = last {
+                crate::fatal!(function, "cannot read glibc's thread list: {}", why);
             }
         }
         for i in 0..m.blocks.len() {
@@ -297,14 +314,14 @@ impl Engine {
                 self.check_stack_range(function, m, tid as u32, Range::new(r.start, r.start + 1));
                 s
             } else {
-                match m.stacks.iter().find(|s| s.0 == tid) {
-                    Some(s) => s.1,
-                    None => crate::fatal!(
-                        function,
-                        "thread {} keeps running and glibc has no descriptor for it, so memsnap cannot find its stack (other threads must be idle at checkpoints)",
-                        tid
-                    ),
-                }
+                // Running through every probe, and unknown to glibc: a raw clone that is
+                // busy, or a glibc thread finishing its exit after the kernel cleared its
+                // tid. Its stack is the one found last time, or unknown: left as it is
+                // (a stack memsnap then protects faults loudly, never silently).
+                m.stacks
+                    .iter()
+                    .find(|s| s.0 == tid)
+                    .map_or(Range::default(), |s| s.1)
             };
             Self::exclude(function, m, stack, Reason::MappedStack, tid as u32);
             if let Some((at, len)) = sys::signal_stack_of(tid) {

@@ -124,13 +124,16 @@ impl ThreadLayout {
     /// Calls `f` for every descriptor on glibc's three lists. `readable(addr, len)` says
     /// whether memory may be read (the caller's region walk); a pointer that fails it, a
     /// list that does not close, or a descriptor whose stack fields contradict each other
-    /// is an error: the layout is not what this code was written for.
+    /// is an error: the layout is not what this code was written for, or a thread is being
+    /// created or is exiting right now (the caller tries again). `mapped(addr)` says
+    /// whether an address lies in any mapping (a stack block starts at its guard).
     ///
     /// Other threads must be idle (the snapshot protocol); a list being changed right now
     /// (the lock held) is waited for briefly.
     pub fn for_each_block(
         &self,
         readable: impl Fn(usize, usize) -> bool,
+        mapped: impl Fn(usize) -> bool,
         mut f: impl FnMut(ThreadBlock),
     ) -> Result<(), &'static str> {
         let word = |addr: usize| -> Option<usize> {
@@ -182,7 +185,7 @@ impl ThreadLayout {
                 if base != 0 {
                     let top = self.stack_top(pd);
                     let end = base.checked_add(len).ok_or("a glibc stack block wraps")?;
-                    if !(base < top && top <= end && pd < end) {
+                    if !(base < top && top <= end && pd < end && mapped(base) && mapped(end - 1)) {
                         return Err("a glibc thread descriptor's stack fields are inconsistent");
                     }
                     block.stack = (base, top);
@@ -191,6 +194,9 @@ impl ThreadLayout {
                 f(block);
                 node = next;
             }
+        }
+        if lock(self) != 0 {
+            return Err("glibc's thread lists changed during the walk");
         }
         Ok(())
     }
@@ -307,6 +313,7 @@ mod tests {
         layout
             .for_each_block(
                 |_, _| true,
+                |_| true,
                 |b| {
                     if b.pd == pd {
                         seen = Some(b);

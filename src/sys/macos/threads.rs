@@ -169,6 +169,7 @@ impl ThreadLayout {
     pub fn for_each_block(
         &self,
         _readable: impl Fn(usize, usize) -> bool,
+        _mapped: impl Fn(usize) -> bool,
         _f: impl FnMut(crate::sys::ThreadBlock),
     ) -> Result<(), &'static str> {
         Ok(())
