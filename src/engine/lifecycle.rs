@@ -128,6 +128,8 @@ impl Engine {
         {
             let mut m = self.meta.lock();
             let newest = m.checkpoints.len() - 1;
+            // Units the host made inaccessible are read below (see `host`).
+            self.open_views(F, &mut m);
             // SAFETY: memory changes are disallowed and no handler is in flight.
             let pages = unsafe { self.log.quiescent_slice() };
             pages.sort_unstable();
@@ -188,6 +190,7 @@ impl Engine {
             let c = &mut m.checkpoints[newest];
             c.diff_start = diff_start;
             c.diff_len = diff_len;
+            self.close_views(&mut m);
             self.push_checkpoint(F, &mut m);
         }
         self.checkpoints_taken.fetch_add(1, Ordering::Relaxed);
@@ -278,6 +281,10 @@ impl Engine {
         let newest = m.checkpoints.len() - 1;
         self.scan_rewind(F, &mut m, newest);
         self.check_threads(F, &mut m, newest);
+        // The host's protection changes since the checkpoint are undone; meanwhile every
+        // unit the host made inaccessible is open for the restore.
+        self.open_views(F, &mut m);
+        self.undo_views(F, &mut m, newest);
         // SAFETY: changes are disallowed; no handler is in flight.
         let pages = unsafe { self.log.quiescent_slice() };
         m.entries.clear();
@@ -302,6 +309,7 @@ impl Engine {
         self.reset_map_budget(m.vmas.len(), m.entries.len());
         m.entries.clear();
         self.settle_after_rewind(F, &mut m, newest);
+        self.close_views(&mut m);
         drop(m);
         self.rewinds.fetch_add(1, Ordering::Relaxed);
         self.record(t0, &self.last_restore_ns, &self.restore_ns);
@@ -380,6 +388,8 @@ impl Engine {
         }
         self.scan_rewind(F, &mut m, target + 1);
         self.check_threads(F, &mut m, target);
+        self.open_views(F, &mut m);
+        self.undo_views(F, &mut m, target);
         let c = m.checkpoints[target];
         {
             let diff = &m.diffs[c.diff_start..c.diff_start + c.diff_len];
@@ -396,6 +406,7 @@ impl Engine {
         c.diff_start = c.diff_start.min(top);
         c.diff_len = 0;
         self.settle_after_rewind(F, &mut m, target);
+        self.close_views(&mut m);
         drop(m);
         self.rewinds.fetch_add(1, Ordering::Relaxed);
         self.record(t0, &self.last_restore_ns, &self.restore_ns);
@@ -491,6 +502,7 @@ impl Engine {
         if m.floor.position > dropped {
             m.floor.position -= 1;
         }
+        self.erase_views(&mut m, dropped);
     }
 
     /// `UnrecoverableSnapshotFailure`: makes all tracked memory writable so crash
