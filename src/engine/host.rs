@@ -619,9 +619,9 @@ impl Engine {
         if flags & libc::MAP_FIXED == 0 || !self.may_hold_tracked(r.start, r.end) {
             return call();
         }
-        if flags & (libc::MAP_SHARED | libc::MAP_SHARED_VALIDATE) != 0
-            || flags & libc::MAP_ANONYMOUS == 0
-        {
+        // (MAP_TYPE is a field, not bits: MAP_SHARED_VALIDATE includes MAP_PRIVATE's.)
+        const MAP_TYPE: i32 = 0x0f;
+        if flags & MAP_TYPE != libc::MAP_PRIVATE || flags & libc::MAP_ANONYMOUS == 0 {
             crate::fatal!(
                 F,
                 "MAP_FIXED of a shared or file mapping over tracked memory {:#x}-{:#x}: memsnap cannot rewind what it replaces (map it elsewhere, or map private anonymous memory)",
