@@ -32,7 +32,6 @@
 #![cfg_attr(not(target_os = "linux"), allow(dead_code))]
 
 use super::ranges::Range;
-use super::uffd::ZERO_SLOT;
 use super::{Engine, Meta};
 use crate::mem::PageState;
 use crate::sys::{self, Access};
@@ -276,9 +275,7 @@ impl Engine {
     }
 
     /// Captures the unit at `u` as a first write would: its pre-image saved and logged,
-    /// the unit dirty and (unless the host's view forbids writes) writable. An async unit
-    /// takes its base copy as its pre-image; [`Engine::refresh_base_after`] must follow
-    /// the host call.
+    /// the unit dirty and (unless the host's view forbids writes) writable.
     fn capture_now(&self, function: &str, m: &Meta, u: usize) {
         use core::sync::atomic::Ordering;
         let Some(word) = self.table.word(u) else {
@@ -294,14 +291,9 @@ impl Engine {
                 continue;
             }
             if self.async_unit(cur) {
-                if !super::fault::claim(word, cur) {
-                    continue;
-                }
-                let pre = self.take_base(u).unwrap_or(ZERO_SLOT);
-                if !self.log.push(u) {
-                    crate::fatal!(function, "the dirty-page log is full");
-                }
-                self.table.set(u, cur.with_slot(pre));
+                // Nothing to capture: the kernel reports a zapped or replaced page of an
+                // async-registered mapping as written, so the next checkpoint takes its
+                // base copy as its pre-image like any written page's.
                 return;
             }
             if !super::fault::claim(word, cur) {
@@ -329,31 +321,6 @@ impl Engine {
                 }
             }
             return;
-        }
-    }
-
-    /// Async mode, after a host call changed the units of `r` captured by
-    /// [`Engine::capture_now`]: their current bytes become their base copy.
-    fn refresh_base_after(&self, function: &str, m: &Meta, r: Range) {
-        if !self.is_async() {
-            return;
-        }
-        let mut u = self.page_base(r.start);
-        while u < r.end {
-            let st = self.table.get(u);
-            if self.async_unit(st) && st.tracked() {
-                let view = st.host().then(|| m.view_at(u)).flatten();
-                if let Some(h) = view {
-                    if h.prot & libc::PROT_READ == 0 {
-                        self.protect_spans(u, st, libc::PROT_READ);
-                    }
-                }
-                self.refresh_base(function, u, st);
-                if let Some(h) = view {
-                    self.protect_spans(u, st, h.prot);
-                }
-            }
-            u += self.page;
         }
     }
 
@@ -452,7 +419,6 @@ impl Engine {
             u += self.page;
         }
         let ret = call();
-        self.refresh_base_after(F, &m, r);
         drop(m);
         self.leave();
         ret
@@ -662,7 +628,6 @@ impl Engine {
                 unmapped: false,
             });
             self.change_view(F, &mut m, r, host);
-            self.refresh_base_after(F, &m, r);
         }
         drop(m);
         self.leave();

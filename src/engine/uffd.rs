@@ -508,7 +508,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn alloc_slot(&self, function: &str) -> u32 {
+    fn alloc_slot(&self, function: &str) -> u32 {
         match self.pool.alloc() {
             Some(s) => s,
             None => crate::fatal!(
@@ -539,7 +539,7 @@ impl Engine {
     }
 
     /// Takes a unit's base copy out of the table (the caller now owns the slot).
-    pub(super) fn take_base(&self, unit: usize) -> Option<u32> {
+    fn take_base(&self, unit: usize) -> Option<u32> {
         let base = self.uffd.base.as_ref()?;
         let s = base_slot(base.word(unit)?.swap(0, Ordering::AcqRel))?;
         self.uffd.base_units.fetch_sub(1, Ordering::Relaxed);
@@ -599,13 +599,7 @@ impl Engine {
         }
         self.for_each_written(function, regions, true, |u| {
             let st = self.table.get(u);
-            if !st.tracked() || !st.uffd() {
-                return;
-            }
-            if st.slot().is_some() {
-                // Logged already, by a host call that zapped or replaced it (see `host`),
-                // with its base copy as its pre-image: only its base is out of date.
-                self.refresh_base(function, u, st);
+            if !st.tracked() || !st.uffd() || st.slot().is_some() {
                 return;
             }
             let old = self.peek_base(u);
@@ -627,20 +621,6 @@ impl Engine {
                 crate::fatal!(function, "the dirty-page log is full");
             }
         });
-    }
-
-    /// Async mode: makes a unit's current bytes its base copy (no copy for zeroes).
-    pub(super) fn refresh_base(&self, function: &str, u: usize, st: PageState) {
-        // SAFETY: the unit is tracked, mapped and readable (the caller opened any unit
-        // the host made inaccessible).
-        if unsafe { self.unit_is_zero(u, st) } {
-            self.set_base(u, None);
-            return;
-        }
-        let now = self.alloc_slot(function);
-        // SAFETY: a fresh slot; the unit is readable.
-        unsafe { self.copy_unit(u, st, now, true) };
-        self.set_base(u, Some(now));
     }
 
     /// Registers `r` again after the host replaced its mapping (`mmap(MAP_FIXED)`): a new
@@ -708,7 +688,7 @@ impl Engine {
     ///
     /// # Safety
     /// The unit's tracked spans are mapped and readable.
-    pub(super) unsafe fn unit_is_zero(&self, unit: usize, st: PageState) -> bool {
+    unsafe fn unit_is_zero(&self, unit: usize, st: PageState) -> bool {
         let mut zero = true;
         self.for_each_span(unit, st, |a, len, _| {
             // SAFETY: per the function's contract.
