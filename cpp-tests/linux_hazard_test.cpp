@@ -653,6 +653,8 @@ TEST(HazardTest, MallocNotPinnedWhenOptedOut) { MS_IN_CHILD(MallocPinnedScenario
 // ---------------------------------------------------------------------------------------
 // 9, 10. Tracked memory unmapped behind memsnap's back.
 
+// The program unmaps and re-protects tracked memory with raw system calls here, which
+// bypass libmemsnap's interposed munmap/mprotect (see linux_host_calls_test.cpp for those).
 void UnmappedBetweenCheckpoints(uintptr_t addr, int levels) {
   alarm(30);
   uint8_t* p = MapAt(addr, 4, 7);  // before initialization: memsnap maps elsewhere
@@ -661,7 +663,7 @@ void UnmappedBetweenCheckpoints(uintptr_t addr, int levels) {
   MS_CHECK(MemoryRangeIsTracked(p, 4 * Page()));
   MS_CHECK_EQ(Stats().oldest_restorable, 0);
   gSlots[3] = 1;
-  MS_CHECK(munmap(p, 4 * Page()) == 0);
+  MS_CHECK(syscall(SYS_munmap, p, 4 * Page()) == 0);
   TakeDiffMemorySnapshot();  // checkpoint 1 notices
   MS_CHECK_EQ(Stats().oldest_restorable, 1);
   MS_CHECK(!MemoryRangeIsTracked(p, Page()));
@@ -693,7 +695,7 @@ void UnmappedSinceNewest(uintptr_t addr) {
   InitializeMemorySnapshots();
   TakeFirstMemorySnapshot();
   MS_CHECK(MemoryRangeIsTracked(p, 4 * Page()));
-  MS_CHECK(munmap(p, 4 * Page()) == 0);
+  MS_CHECK(syscall(SYS_munmap, p, 4 * Page()) == 0);
   Rewind(0);
 }
 
@@ -714,7 +716,7 @@ void ReprotectedSinceNewest() {
   memset(page, 1, 2 * Page());
   TakeFirstMemorySnapshot();
   MS_CHECK(MemoryRangeIsTracked(page, 2 * Page()));
-  MS_CHECK(mprotect(page, Page(), PROT_READ | PROT_WRITE) == 0);
+  MS_CHECK(syscall(SYS_mprotect, page, Page(), PROT_READ | PROT_WRITE) == 0);
   page[10] = 2;  // no fault: memsnap cannot see this write
   Rewind(0);
 }
@@ -741,7 +743,7 @@ void ReprotectedUnderUffd(int levels, bool checkpointBetween) {
   memset(page, 1, 2 * Page());
   TakeFirstMemorySnapshot();  // checkpoint 0
   MS_CHECK(mstest::UffdGuarded(page, 2 * Page()));
-  MS_CHECK(mprotect(page, Page(), PROT_READ | PROT_WRITE) == 0);
+  MS_CHECK(syscall(SYS_mprotect, page, Page(), PROT_READ | PROT_WRITE) == 0);
   page[10] = 2;
   if (checkpointBetween) {
     TakeDiffMemorySnapshot();  // checkpoint 1
@@ -773,7 +775,7 @@ void ReprotectedBetweenCheckpoints(int levels) {
   uint8_t* page = gPageData;
   memset(page, 1, 2 * Page());
   TakeFirstMemorySnapshot();  // checkpoint 0
-  MS_CHECK(mprotect(page, Page(), PROT_READ | PROT_WRITE) == 0);
+  MS_CHECK(syscall(SYS_mprotect, page, Page(), PROT_READ | PROT_WRITE) == 0);
   page[10] = 2;
   TakeDiffMemorySnapshot();  // checkpoint 1: succeeds, raises the floor, re-protects
   MS_CHECK_EQ(Stats().oldest_restorable, 1);

@@ -12,6 +12,8 @@
 // live on the stack or in untracked memory; global test data has external linkage (and
 // scalars are volatile) so the compiler reloads it after a restore call.
 
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <gtest/gtest.h>
 
 #include <pthread.h>
@@ -747,8 +749,9 @@ void RestoreWritableScenario() {
   Fill(t, 2 * page, 1);
   TakeFirstMemorySnapshot();
   Fill(t, page, 2);  // dirty: captured and writable
-  // Simulate a MAP_FIXED remap resetting the protection.
-  MS_CHECK(mprotect(t, page, PROT_READ) == 0);
+  // Simulate a MAP_FIXED remap resetting the protection behind memsnap's back (a raw
+  // system call: libmemsnap's own mprotect would record it as the host's protection).
+  MS_CHECK(syscall(SYS_mprotect, t, page, PROT_READ) == 0);
   uint8_t src[4096];  // a page may be larger: a prefix is enough
   const size_t n = page < sizeof src ? page : sizeof src;
   Fill(src, n, 3);

@@ -313,7 +313,9 @@ impl Engine {
         let mut p = self.page_base(start);
         while p < end {
             let st = self.table.get(p);
-            if st.tracked() && st.uffd() {
+            if st.host() {
+                // The host's own protection lacks write there (see `host`): kept.
+            } else if st.tracked() && st.uffd() {
                 // Userfaultfd-guarded: the mapping itself must be writable again (the
                 // uffd-wp bit, which mprotect keeps, still guards the clean pages), and a
                 // dirty page must be disarmed (sync; async pages are never armed for long).

@@ -98,7 +98,7 @@ impl Engine {
     }
 
     /// Enters the section that `set_allowed(false)` waits to drain.
-    fn enter(&self, function: &str, addr: usize, writer: u64) {
+    pub(super) fn enter(&self, function: &str, addr: usize, writer: u64) {
         loop {
             self.in_flight.fetch_add(1, Ordering::SeqCst);
             if self.allowed.load(Ordering::SeqCst) {
@@ -109,7 +109,7 @@ impl Engine {
         }
     }
 
-    fn leave(&self) {
+    pub(super) fn leave(&self) {
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 
@@ -140,6 +140,7 @@ impl Engine {
             || (st.partial() && !self.tracked_at(addr))
             || st.uffd() != via_uffd
             || self.async_unit(st)
+            || st.host()
         {
             return false;
         }
@@ -160,7 +161,7 @@ impl Engine {
         let mut waits = 0u32;
         let handled = loop {
             let cur = PageState(word.load(Ordering::Acquire));
-            if !cur.tracked() {
+            if !cur.tracked() || cur.host() {
                 break false;
             }
             if cur.busy() {
@@ -220,7 +221,7 @@ impl Engine {
 
     /// Copies the unit at `page` (whose BUSY bit this thread holds) into a new slot and
     /// logs it; the caller unprotects it and publishes the slot.
-    fn capture(&self, function: &str, page: usize, st: PageState) -> u32 {
+    pub(super) fn capture(&self, function: &str, page: usize, st: PageState) -> u32 {
         let Some(slot) = self.pool.alloc() else {
             crate::fatal!(
                 function,
@@ -330,6 +331,7 @@ impl Engine {
             loop {
                 let cur = PageState(word.load(Ordering::Acquire));
                 if !cur.tracked()
+                    || cur.host()
                     || cur.partial()
                     || cur.exec() != st.exec()
                     || cur.uffd() != st.uffd()
@@ -411,7 +413,7 @@ impl Engine {
 
 /// Takes the BUSY bit of a unit whose state word still reads `cur`: the one thread that
 /// succeeds copies the unit; the others wait for it or go around.
-fn claim(word: &AtomicU32, cur: PageState) -> bool {
+pub(super) fn claim(word: &AtomicU32, cur: PageState) -> bool {
     word.compare_exchange(
         cur.0,
         cur.0 | PageState::BUSY,

@@ -129,6 +129,8 @@ impl Engine {
         {
             let mut m = self.meta.lock();
             let newest = m.checkpoints.len() - 1;
+            // Units the host made inaccessible are read below (see `host`).
+            self.open_views(F, &mut m);
             // SAFETY: memory changes are disallowed and no handler is in flight.
             let pages = unsafe { self.log.quiescent_slice() };
             pages.sort_unstable();
@@ -189,6 +191,7 @@ impl Engine {
             let c = &mut m.checkpoints[newest];
             c.diff_start = diff_start;
             c.diff_len = diff_len;
+            self.close_views(&mut m);
             self.push_checkpoint(F, &mut m);
         }
         self.checkpoints_taken.fetch_add(1, Ordering::Relaxed);
@@ -284,6 +287,10 @@ impl Engine {
         if m.floor.position > newest {
             self.floor_message(F, &m, newest);
         }
+        // The host's protection changes since the checkpoint are undone; meanwhile every
+        // unit the host made inaccessible is open for the restore.
+        self.open_views(F, &mut m);
+        self.undo_views(F, &mut m, newest);
         // SAFETY: changes are disallowed; no handler is in flight.
         let pages = unsafe { self.log.quiescent_slice() };
         m.entries.clear();
@@ -308,6 +315,7 @@ impl Engine {
         self.reset_map_budget(m.vmas.len(), m.entries.len());
         m.entries.clear();
         self.settle_after_rewind(F, &mut m, newest);
+        self.close_views(&mut m);
         drop(m);
         self.rewinds.fetch_add(1, Ordering::Relaxed);
         self.record(t0, &self.last_restore_ns, &self.restore_ns);
@@ -397,6 +405,8 @@ impl Engine {
         if m.floor.position > target {
             self.floor_message(F, &m, target);
         }
+        self.open_views(F, &mut m);
+        self.undo_views(F, &mut m, target);
         let c = m.checkpoints[target];
         {
             let diff = &m.diffs[c.diff_start..c.diff_start + c.diff_len];
@@ -413,6 +423,7 @@ impl Engine {
         c.diff_start = c.diff_start.min(top);
         c.diff_len = 0;
         self.settle_after_rewind(F, &mut m, target);
+        self.close_views(&mut m);
         drop(m);
         self.rewinds.fetch_add(1, Ordering::Relaxed);
         self.record(t0, &self.last_restore_ns, &self.restore_ns);
@@ -509,6 +520,7 @@ impl Engine {
         if m.floor.position > dropped {
             m.floor.position -= 1;
         }
+        self.erase_views(&mut m, dropped);
         self.verify_erase(dropped);
     }
 

@@ -23,6 +23,7 @@ mod countdown;
 mod exclusions;
 mod fault;
 mod fork;
+pub mod host;
 mod lifecycle;
 mod pages;
 mod scan;
@@ -173,6 +174,12 @@ pub struct Meta {
     pub eager_bytes: RawVec<u8>,
     /// glibc's thread descriptors (scan scratch).
     pub blocks: RawVec<crate::sys::ThreadBlock>,
+    /// The host's protection of tracked memory where it lacks write, and every change
+    /// of it since the oldest checkpoint (see `host`); `opened`: views a checkpoint or
+    /// rewind made accessible for its duration.
+    pub views: RawVec<host::View>,
+    pub journal: RawVec<host::Change>,
+    pub opened: RawVec<Range>,
     pub floor: Floor,
     /// The disallow scope whose rewind already reconciled the mappings.
     pub rewind_scanned_scope: u64,
@@ -461,6 +468,9 @@ impl Engine {
             eager_pages: vec(1 << 20, "eager copy"),
             eager_bytes: vec((1 << 20) * sub, "eager copy"),
             blocks: vec(1 << 16, "thread descriptor"),
+            views: vec(1 << 20, "host protection range"),
+            journal: vec(1 << 22, "host protection change"),
+            opened: vec(1 << 20, "host protection range"),
             floor: Floor::default(),
             rewind_scanned_scope: u64::MAX,
         };
@@ -519,7 +529,7 @@ impl Engine {
         let e: &'static Engine = unsafe { &*block };
         {
             let mut m = e.meta.lock();
-            let mut own = [Reservation { base: 0, len: 0 }; 32];
+            let mut own = [Reservation { base: 0, len: 0 }; 40];
             own[0] = Reservation {
                 base: block as usize,
                 len: bytes,
@@ -528,10 +538,10 @@ impl Engine {
             own[2..4].copy_from_slice(&e.pool.reservations());
             own[4] = e.log.reservation();
             if let Some(t) = &e.masks {
-                own[31] = t.reservation();
+                own[39] = t.reservation();
             }
             if let Some(r) = e.uffd.base_reservation() {
-                own[30] = r;
+                own[38] = r;
             }
             let vecs = [
                 m.own.reservation(),
@@ -557,6 +567,9 @@ impl Engine {
                 m.eager_pages.reservation(),
                 m.eager_bytes.reservation(),
                 m.blocks.reservation(),
+                m.views.reservation(),
+                m.journal.reservation(),
+                m.opened.reservation(),
             ];
             own[5..5 + vecs.len()].copy_from_slice(&vecs);
             for r in own

@@ -97,7 +97,7 @@ impl Engine {
                     }
                     let old = self.mask(unit, cur);
                     let new = change(old, bits);
-                    let keep = cur.0 & PageState::SLOT_MASK
+                    let keep = cur.0 & (PageState::SLOT_MASK | PageState::HOST)
                         | match uffd {
                             Some(true) => PageState::UFFD,
                             Some(false) => 0,

@@ -50,10 +50,11 @@ impl Engine {
         &self,
         regions: &[TrackedRegion],
         vmas: &[sys::Region],
+        views: &[super::host::View],
         mut report: impl FnMut(Problem),
     ) {
         let mut pending: Option<Problem> = None;
-        self.check_each_region(regions, vmas, |p| match &mut pending {
+        self.check_each_region(regions, vmas, views, |p| match &mut pending {
             Some(q) if q.range.end == p.range.start && q.what == p.what => {
                 q.range = Range::new(q.range.start, p.range.end);
             }
@@ -72,8 +73,32 @@ impl Engine {
         &self,
         regions: &[TrackedRegion],
         vmas: &[sys::Region],
+        views: &[super::host::View],
         mut report: impl FnMut(Problem),
     ) {
+        // Memory the host itself protected or unmapped (through memsnap, see `host`) has
+        // the protection it asked for, or is open for this checkpoint: not a problem.
+        let mut report = |p: Problem| {
+            let mut cursor = p.range.start;
+            let mut i = views.partition_point(|v| v.range.end <= p.range.start);
+            while i < views.len() && views[i].range.start < p.range.end {
+                let v = views[i].range;
+                if v.start > cursor {
+                    report(Problem {
+                        range: Range::new(cursor, v.start),
+                        what: p.what,
+                    });
+                }
+                cursor = cursor.max(v.end);
+                i += 1;
+            }
+            if cursor < p.range.end {
+                report(Problem {
+                    range: Range::new(cursor, p.range.end),
+                    what: p.what,
+                });
+            }
+        };
         for region in regions.iter() {
             let rr = region.range;
             let mut cursor = rr.start;
@@ -322,10 +347,11 @@ impl Engine {
                 regions,
                 vmas,
                 work,
+                views,
                 ..
             } = &mut *m;
             work.clear();
-            self.check_regions(regions, vmas, |p| {
+            self.check_regions(regions, vmas, views, |p| {
                 first.get_or_insert(p);
                 // The reason rides in the low bit of the page-aligned start.
                 let tag = usize::from(p.what == FloorReason::Unmapped);
@@ -383,7 +409,7 @@ impl Engine {
         } else {
             self.walk(function, m);
         }
-        self.check_regions(&m.regions, &m.vmas, |p| {
+        self.check_regions(&m.regions, &m.vmas, &m.views, |p| {
             crate::fatal!(
                 function,
                 "tracked memory {:#x}-{:#x} was {} after checkpoint {}; its saved contents can no longer be restored",

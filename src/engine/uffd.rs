@@ -624,6 +624,14 @@ impl Engine {
         });
     }
 
+    /// Registers `r` again after the host replaced its mapping (`mmap(MAP_FIXED)`): a new
+    /// mapping is not registered, and its pages are unarmed.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    pub(super) fn reregister(&self, r: Range) -> Result<(), i32> {
+        let fd = self.uffd.fd.load(Ordering::Relaxed);
+        sys::uffd_register(fd, r.start, r.len())
+    }
+
     /// Async mode: whether any tracked unit was written since it was last armed.
     pub(super) fn async_written_since_armed(
         &self,

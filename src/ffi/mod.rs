@@ -3,6 +3,8 @@
 //! into a one-line message and an abort, and call into the engine; nothing else.
 
 pub mod ext;
+#[cfg(target_os = "linux")]
+pub mod host_calls;
 pub mod original;
 
 use crate::engine::ranges::Range;

@@ -24,7 +24,11 @@ impl PageState {
     pub const PARTIAL: u32 = 1 << 28;
     /// Protected with userfaultfd write protection instead of `mprotect` (Linux).
     pub const UFFD: u32 = 1 << 27;
-    pub const SLOT_MASK: u32 = (1 << 27) - 1;
+    /// The host's own protection of the unit lacks write (it `mprotect`ed it read-only or
+    /// inaccessible, or unmapped it: see `engine::host`): a write fault on it is the
+    /// host's, never memsnap's.
+    pub const HOST: u32 = 1 << 26;
+    pub const SLOT_MASK: u32 = (1 << 26) - 1;
 
     pub fn tracked(self) -> bool {
         self.0 & Self::TRACKED != 0
@@ -41,6 +45,9 @@ impl PageState {
     pub fn uffd(self) -> bool {
         self.0 & Self::UFFD != 0
     }
+    pub fn host(self) -> bool {
+        self.0 & Self::HOST != 0
+    }
     /// The pre-image slot while the page is dirty.
     pub fn slot(self) -> Option<u32> {
         match self.0 & Self::SLOT_MASK {
@@ -50,7 +57,7 @@ impl PageState {
     }
     /// The page's description with no dirty or busy bits.
     pub fn clean(self) -> PageState {
-        PageState(self.0 & (Self::TRACKED | Self::EXEC | Self::PARTIAL | Self::UFFD))
+        PageState(self.0 & (Self::TRACKED | Self::EXEC | Self::PARTIAL | Self::UFFD | Self::HOST))
     }
     pub fn with_slot(self, slot: u32) -> PageState {
         PageState(self.clean().0 | (slot + 1))
@@ -328,6 +335,9 @@ mod tests {
         assert_eq!(d.slot(), Some(0));
         assert_eq!(d.clean(), s);
         assert_eq!(s.with_slot(41).slot(), Some(41));
+        let h = PageState(PageState::TRACKED | PageState::HOST).with_slot(PageState::SLOT_MASK - 2);
+        assert!(h.host() && h.tracked() && h.clean().host());
+        assert_eq!(h.slot(), Some(PageState::SLOT_MASK - 2));
     }
 
     #[test]

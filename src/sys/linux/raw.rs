@@ -118,6 +118,18 @@ pub unsafe fn mprotect(addr: usize, len: usize, prot: i32) -> Ret {
 
 /// # Safety
 /// See the contract above.
+pub unsafe fn mremap(old: usize, old_len: usize, new_len: usize, flags: i32, new: usize) -> Ret {
+    // SAFETY: forwarded contract.
+    unsafe {
+        syscall6(
+            sys!(SYS_mremap),
+            [old, old_len, new_len, flags as usize, new, 0],
+        )
+    }
+}
+
+/// # Safety
+/// See the contract above.
 pub unsafe fn madvise(addr: usize, len: usize, advice: i32) -> Ret {
     // SAFETY: forwarded contract.
     unsafe { syscall6(sys!(SYS_madvise), [addr, len, advice as usize, 0, 0, 0]) }
