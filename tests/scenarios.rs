@@ -608,6 +608,50 @@ fn read_into_tracked_buffer() {
     );
 }
 
+/// A scenario still running after this long has hung: its own alarm ends it.
+const WATCHDOG_SECONDS: u32 = 60;
+/// The parent's backstop for a child whose alarm cannot fire (a hang with SIGALRM
+/// blocked, as inside a signal handler): it is killed this long after it started.
+const BACKSTOP_SECONDS: u64 = WATCHDOG_SECONDS as u64 + 10;
+
+enum Ended {
+    Exited(i32),
+    Signaled(i32),
+    /// Killed by the parent's backstop.
+    Killed,
+    /// waitpid failed.
+    Lost,
+}
+
+/// Waits for the scenario child `pid`, killing it once the backstop expires.
+fn wait_or_kill(pid: libc::pid_t) -> Ended {
+    let start = std::time::Instant::now();
+    let mut killed = false;
+    loop {
+        let mut status = 0;
+        // SAFETY: polling for our own child.
+        let got = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if got == pid {
+            return if killed {
+                Ended::Killed
+            } else if libc::WIFEXITED(status) {
+                Ended::Exited(libc::WEXITSTATUS(status))
+            } else {
+                Ended::Signaled(libc::WTERMSIG(status))
+            };
+        }
+        if got < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return Ended::Lost;
+        }
+        if !killed && start.elapsed().as_secs() >= BACKSTOP_SECONDS {
+            // SAFETY: our own child, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 fn main() {
     let scenarios: [(&str, fn()); 10] = [
         (
@@ -636,16 +680,33 @@ fn main() {
         // exits without returning.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
+            // The watchdog: SIGALRM's default action ends a hung child, and the parent
+            // names the scenario. (Nothing is installed: a handler would run on top of
+            // whatever the hang holds.)
+            // SAFETY: plain alarm(2).
+            unsafe { libc::alarm(WATCHDOG_SECONDS) };
             f();
             // SAFETY: ends the child.
             unsafe { libc::_exit(0) };
         }
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-        println!("scenario {name} ... {}", if ok { "ok" } else { "FAILED" });
-        if ok {
+        let verdict = match wait_or_kill(pid) {
+            Ended::Exited(0) => None,
+            Ended::Exited(code) => Some(format!("exited with status {code}")),
+            Ended::Signaled(libc::SIGALRM) => Some(format!(
+                "watchdog: still running after {WATCHDOG_SECONDS} s, a hang"
+            )),
+            Ended::Signaled(sig) => Some(format!("killed by signal {sig}")),
+            Ended::Lost => Some("waitpid failed".to_string()),
+            Ended::Killed => Some(format!(
+                "watchdog: still running {BACKSTOP_SECONDS} s in with its alarm ignored \
+                 (SIGALRM blocked?): killed, a hang"
+            )),
+        };
+        match &verdict {
+            None => println!("scenario {name} ... ok"),
+            Some(why) => println!("scenario {name} ... FAILED ({why})"),
+        }
+        if verdict.is_none() {
             passed += 1;
         } else {
             failed += 1;
