@@ -432,6 +432,140 @@ inline bool ChildSays(void (*fn)()) {
 
 }  // namespace mstest
 
+#ifdef __linux__
+#include <dlfcn.h>
+#include <sys/ptrace.h>
+#include <sys/uio.h>
+#include <sys/user.h>
+#include <elf.h>
+
+namespace mstest {
+
+// How a traced child died, and the last SIGSEGV it received before: for death tests that
+// must die of one specific fault, not of any SIGSEGV (a crash inside memsnap's handler
+// would also be one). The tracer sees each signal before the child's handlers do
+// (ptrace's signal-delivery stop) and passes it on unchanged, so the child behaves as it
+// would untraced.
+struct TracedDeath {
+  bool traced = false;    // false: ptrace was refused (why says so)
+  int termsig = 0;        // the signal that killed it, 0 if it exited
+  int exit_code = -1;     // its exit status, if it exited
+  int segvs = 0;          // SIGSEGVs delivered to it
+  uintptr_t addr = 0;     // the last one's si_addr
+  uintptr_t pc = 0;       // and the instruction that raised it
+  char pc_object[256] = "";       // the loaded object holding that instruction
+  uintptr_t pc_base = 0;          // and where that object is loaded
+  uintptr_t stack_low = 0;        // the start of the main thread's [stack] mapping then
+  char why[128] = "";
+};
+
+// Runs fn() in a child traced by this process and reports how it died (see TracedDeath).
+// The child has 30 s; after that it is killed.
+inline TracedDeath TraceDeath(void (*fn)()) {
+  TracedDeath d;
+  pid_t pid = fork();
+  if (pid == 0) {
+    if (ptrace(PTRACE_TRACEME, 0, nullptr, nullptr) != 0) _exit(90);
+    raise(SIGSTOP);  // wait for the tracer's options
+    alarm(30);
+    fn();
+    _exit(0);
+  }
+  if (pid < 0) {
+    snprintf(d.why, sizeof d.why, "fork failed");
+    return d;
+  }
+  int status = 0;
+  if (waitpid(pid, &status, 0) != pid || !WIFSTOPPED(status)) {
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 90)
+      snprintf(d.why, sizeof d.why, "PTRACE_TRACEME refused");
+    else
+      snprintf(d.why, sizeof d.why, "the child did not stop (status %#x)", status);
+    return d;
+  }
+  d.traced = true;
+  ptrace(PTRACE_SETOPTIONS, pid, nullptr, (void*)(uintptr_t)PTRACE_O_EXITKILL);
+  ptrace(PTRACE_CONT, pid, nullptr, nullptr);
+  for (int waited_ms = 0;;) {
+    pid_t w = waitpid(pid, &status, WNOHANG);
+    if (w == 0) {
+      if ((waited_ms += 5) > 40000) {
+        kill(pid, SIGKILL);
+        snprintf(d.why, sizeof d.why, "still running after 40 s: killed");
+      }
+      usleep(5000);
+      continue;
+    }
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0) {
+      snprintf(d.why, sizeof d.why, "waitpid failed (errno %d)", errno);
+      return d;
+    }
+    if (WIFEXITED(status)) {
+      d.exit_code = WEXITSTATUS(status);
+      return d;
+    }
+    if (WIFSIGNALED(status)) {
+      d.termsig = WTERMSIG(status);
+      return d;
+    }
+    if (!WIFSTOPPED(status)) continue;
+    const int sig = WSTOPSIG(status);
+    if (sig == SIGSEGV) {
+      d.segvs++;
+      siginfo_t si;
+      memset(&si, 0, sizeof si);
+      ptrace(PTRACE_GETSIGINFO, pid, nullptr, &si);
+      d.addr = (uintptr_t)si.si_addr;
+      struct user_regs_struct regs;
+      memset(&regs, 0, sizeof regs);
+      struct iovec io = {&regs, sizeof regs};
+      ptrace(PTRACE_GETREGSET, pid, (void*)(uintptr_t)NT_PRSTATUS, &io);
+#if defined(__x86_64__)
+      d.pc = (uintptr_t)regs.rip;
+#elif defined(__aarch64__)
+      d.pc = (uintptr_t)regs.pc;
+#endif
+      // The child is a fork of this process: its objects sit where ours do.
+      Dl_info info;
+      memset(&info, 0, sizeof info);
+      const bool found = dladdr((void*)d.pc, &info) != 0;
+      snprintf(d.pc_object, sizeof d.pc_object, "%s",
+               found && info.dli_fname ? info.dli_fname : "?");
+      d.pc_base = found ? (uintptr_t)info.dli_fbase : 0;
+      char path[64];
+      snprintf(path, sizeof path, "/proc/%d/maps", (int)pid);
+      if (FILE* f = fopen(path, "r")) {
+        char line[512];
+        while (fgets(line, sizeof line, f)) {
+          if (strstr(line, "[stack]")) d.stack_low = (uintptr_t)strtoull(line, nullptr, 16);
+        }
+        fclose(f);
+      }
+    }
+    ptrace(PTRACE_CONT, pid, nullptr, (void*)(uintptr_t)sig);
+  }
+}
+
+// Whether the instruction behind `d`'s last SIGSEGV lies in the object that holds
+// `code` (a function of the test binary: the host's own code, not memsnap's).
+inline bool FaultedInObjectOf(const TracedDeath& d, const void* code) {
+  Dl_info info;
+  memset(&info, 0, sizeof info);
+  return d.pc_base != 0 && dladdr(code, &info) && (uintptr_t)info.dli_fbase == d.pc_base;
+}
+
+// Prints `d` (after a failed expectation).
+inline void SayDeath(const char* what, const TracedDeath& d) {
+  ms_say("%s: %s; signal %d, exit %d, %d SIGSEGV, the last at %#lx by pc %#lx in %s; "
+         "[stack] starts at %#lx\n",
+         what, d.traced ? "traced" : d.why, d.termsig, d.exit_code, d.segvs,
+         (unsigned long)d.addr, (unsigned long)d.pc, d.pc_object, (unsigned long)d.stack_low);
+}
+
+}  // namespace mstest
+#endif  // __linux__
+
 // Skips the test (visibly, with the backend named) when the running backend is `b`.
 #define MS_SKIP_UNDER(b, why)                                                          \
   do {                                                                                 \
