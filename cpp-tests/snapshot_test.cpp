@@ -729,15 +729,55 @@ TEST(SnapshotTest, MemoryRangeIsTracked) { MS_IN_CHILD(RangeTrackedScenario()); 
 // ---------------------------------------------------------------------------------------
 // 10. CheckFixedMemory and RestoreWritableFixedMemory.
 
+struct FixedRange {
+  uint8_t* start;
+  size_t len;
+};
+
+void CheckFixedChild(void* arg) {
+  const FixedRange* r = (const FixedRange*)arg;
+  CheckFixedMemory(r->start, r->len);
+}
+
+// CheckFixedMemory only checks: on tracked memory in use it returns and changes nothing
+// one can observe (tracking, protection, the dirty set, the bytes), and it is a live check
+// (the same range once freed is refused), so returning means the range passed.
 void CheckFixedScenario() {
   InitializeMemorySnapshots();
   uint8_t* t = (uint8_t*)AllocateMemory(4 * Page(), MemoryKind::Tracked);
+  Fill(t, 4 * Page(), 7);
   CheckFixedMemory(t, 4 * Page());  // before the first snapshot: nothing to check
   TakeFirstMemorySnapshot();
+  const MemsnapStats s0 = Stats();
   CheckFixedMemory(t, 4 * Page());
   CheckFixedMemory(t + Page(), Page());
+  const MemsnapStats s1 = Stats();
+  MS_CHECK_EQ(s1.faults_handled, s0.faults_handled);
+  MS_CHECK_EQ(s1.active_dirty_pages, s0.active_dirty_pages);
+  MS_CHECK_EQ(s1.copy_bytes, s0.copy_bytes);
+  MS_CHECK(MemoryRangeIsTracked(t, 4 * Page()));
+  MS_CHECK(Matches(t, 4 * Page(), 7));
   Fill(t, Page(), 1);  // a dirty page is still tracked memory in use
   CheckFixedMemory(t, 2 * Page());
+  // The checked clean pages are still guarded: a first write is captured (under
+  // uffd-async nothing faults; the pages are still armed instead).
+  if (mstest::IsUffdAsync()) {
+    MS_CHECK(mstest::UffdGuarded(t + 2 * Page(), 2 * Page()));
+  }
+  const uint64_t faults = Stats().faults_handled;
+  Fill(t + 2 * Page(), 2 * Page(), 2);
+  if (!mstest::IsUffdAsync()) MS_CHECK(Stats().faults_handled > faults);
+  Rewind(0);
+  MS_CHECK(Matches(t, 4 * Page(), 7));
+  // Freed, the same range is refused with memsnap's message.
+  DeallocateMemory(t, 4 * Page(), MemoryKind::Tracked);
+  FixedRange freed = {t, 2 * Page()};
+  char out[512];
+  const int status = mstest::StatusAndStderrOfChild(CheckFixedChild, &freed, out, sizeof out);
+  if (!(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT && strstr(out, "is currently free"))) {
+    mstest::ms_say("CheckFixedMemory on the freed range: status %#x, stderr \"%s\"\n", status, out);
+    _exit(1);
+  }
 }
 
 TEST(SnapshotTest, CheckFixedMemoryAcceptsTrackedRange) { MS_IN_CHILD(CheckFixedScenario()); }
