@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "MemorySnapshotHelpers.h"
+#include "kernel_offers.h"
 
 namespace mstest {
 
