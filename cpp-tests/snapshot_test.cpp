@@ -451,7 +451,8 @@ TEST(SnapshotTest, NewMappingAfterCheckpointIsZeroedByRewind) {
 }
 
 // ---------------------------------------------------------------------------------------
-// 7. Concurrent write faults from several threads.
+// 7. Concurrent write faults from several threads (under uffd-async: concurrent writes to
+// armed pages, which nothing serves and the checkpoint's scan must all find).
 
 struct ConcurrentArgs {
   uint8_t* buf;
@@ -502,8 +503,18 @@ void ConcurrentScenario() {
   TakeFirstMemorySnapshot();
   int top = 0;
   memcpy(copies, buf, bytes);
+  const bool async = mstest::IsUffdAsync();
   for (int cycle = 1; cycle <= kCycles; cycle++) {
+    const MemsnapStats before = Stats();
     RunJob(pool, ConcurrentJob, (uint32_t)cycle, args);
+    // mprotect and uffd: the threads' first writes faulted (and were served). uffd-async:
+    // nothing faults; the writes cleared the pages' uffd-wp bits, which the checkpoint's
+    // scan must find, every page of every thread (checked below).
+    if (async) {
+      MS_CHECK_EQ(Stats().faults_handled, 0);
+    } else {
+      MS_CHECK(Stats().faults_handled > before.faults_handled);
+    }
     int action = cycle % 5;
     if (action == 3) {
       Rewind(0);
@@ -511,7 +522,18 @@ void ConcurrentScenario() {
       Rewind(1);
       top--;
     } else {
+      size_t changed = 0;
+      for (size_t pg = 0; pg < kPages; pg++) {
+        changed += memcmp(buf + pg * page, copies + (size_t)top * bytes + pg * page, page) != 0;
+      }
       TakeDiffMemorySnapshot();
+      // Every page whose bytes changed since the previous checkpoint is in the new diff.
+      const size_t saved = Stats().saved_diff_pages - before.saved_diff_pages;
+      if (changed == 0 || saved < changed) {
+        mstest::ms_say("cycle %d: %zu pages changed, %zu saved in the diff\n", cycle, changed,
+                       saved);
+        _exit(1);
+      }
       top++;
       memcpy(copies + (size_t)top * bytes, buf, bytes);
       continue;
