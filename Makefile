@@ -1,7 +1,8 @@
 # memsnap: build, test, demo and install.
 #   make            the release library and include/MemorySnapshot.h
 #   make test       installs GoogleTest if missing, runs the Rust and C++ suites (the C++
-#                   suite and the Rust scenarios once per available backend: BACKENDS)
+#                   suite and the Rust scenarios once per available backend: BACKENDS,
+#                   and once in the default configuration: test-auto)
 #   make demo       runs the checkpoint/rewind demo with a timeline
 #   make install PREFIX=/usr/local
 
@@ -38,7 +39,7 @@ ifeq ($(UNAME),Darwin)
 endif
 DEMO_SRCS := $(wildcard demo/*.cpp)
 
-.PHONY: all lib lint test test-16k test-verify rust-test cpp-test gtest demo install clean test-aarch64
+.PHONY: all lib lint test test-16k test-verify test-auto rust-test cpp-test gtest demo install clean test-aarch64
 
 all: lib
 
@@ -65,8 +66,8 @@ endif
 # refusing what the kernel offers) fails the target. Under CI=true a skip fails too: CI
 # runs as root on a 6.18 kernel, which offers all three, so a missing backend there is a
 # regression, not the machine; a CI machine that cannot offer one must say so by setting
-# BACKENDS. `auto` is whichever the machine's best is, so it is not a pass of its own;
-# macOS has one mechanism. Override, e.g. BACKENDS=uffd.
+# BACKENDS. `auto`, the default, has a pass of its own (test-auto); macOS has one
+# mechanism. Override, e.g. BACKENDS=uffd.
 ifeq ($(UNAME),Darwin)
   BACKENDS ?= auto
 else
@@ -115,12 +116,38 @@ $(BUILD)/memsnap-probe: cpp-tests/probe/backend_probe.cpp cpp-tests/kernel_offer
 cpp-test: $(BUILD)/memsnap-tests $(BUILD)/memsnap-probe
 	$(call per_backend,./$(BUILD)/memsnap-tests,C++ suite)
 
+# The default configuration, MEMSNAP_BACKEND unset (auto), as a host gets it: one more
+# pass of the scenarios, the model test and the C++ suite, at the default page size. The
+# probe checks first that auto picked the best backend memsnap can provide and prints why
+# it passed over better ones (memsnap's reasons), and the choice must be the first of
+# uffd-async, uffd and mprotect that the per-backend probes found available. (macOS: the
+# BACKENDS pass is already this one.)
+test-auto: lib gtest $(BUILD)/memsnap-tests $(BUILD)/memsnap-probe
+ifeq ($(UNAME),Darwin)
+	@echo "make test-auto: the auto pass of BACKENDS is the default configuration here"
+else
+	@best=""; for b in uffd-async uffd mprotect; do \
+	  if MEMSNAP_BACKEND=$$b $(PROBE) >/dev/null 2>&1; then best=$$b; break; fi; \
+	done; \
+	out=$$(env -u MEMSNAP_BACKEND $(PROBE) 2>&1) || { \
+	  echo "make test: the probe of the default backend failed: $$out"; exit 1; }; \
+	if [ "$${out%% *}" != "$$best" ]; then \
+	  echo "make test: auto chose $${out%% *}, the per-backend probes say $$best is the best"; \
+	  exit 1; \
+	fi; \
+	echo "== default configuration (MEMSNAP_BACKEND unset): $$out"; \
+	failed=""; \
+	env -u MEMSNAP_BACKEND $(RUST_SUITES) || failed="$$failed Rust"; \
+	env -u MEMSNAP_BACKEND ./$(BUILD)/memsnap-tests || failed="$$failed C++"; \
+	if [ -n "$$failed" ]; then echo "make test: the default pass failed:$$failed"; exit 1; fi
+endif
+
 # The demo verifies every rewind it makes, so it doubles as an end-to-end check; it runs
 # once, under the default backend.
 # test-16k runs the suites again with 16 KiB snapshot pages on a 4 KiB kernel, under
 # every backend: the page size of Apple Silicon, and snapshot pages only partly covered by
 # a mapping (whose shared edges stay on mprotect under userfaultfd).
-test: lib gtest rust-test cpp-test demo test-16k test-verify
+test: lib gtest rust-test cpp-test test-auto demo test-16k test-verify
 
 test-16k: export MEMSNAP_PAGE_SIZE = 16384
 test-16k: lib gtest $(BUILD)/memsnap-tests $(BUILD)/memsnap-probe

@@ -60,7 +60,17 @@ void SetBackendScenario(int request) {
   TakeFirstMemorySnapshot();
   MemsnapStats s = Stats();
   if (st == MemsnapStatus::Ok && request != 0) MS_CHECK(s.backend == Expected(request));
-  if (request == 0) MS_CHECK(s.backend != MemsnapBackend::Inactive);
+  if (request == 0) {
+    // Auto picks the best backend this kernel offers (asked without memsnap).
+    const MemsnapBackend best = mstest::KernelOffersUffd(true)    ? MemsnapBackend::LinuxUffdAsync
+                                : mstest::KernelOffersUffd(false) ? MemsnapBackend::LinuxUffd
+                                                                  : MemsnapBackend::LinuxMprotect;
+    if (s.backend != best) {
+      ms_say("auto chose %s, the best backend the kernel offers is %s\n",
+             mstest::BackendName(s.backend), mstest::BackendName(best));
+      _exit(1);
+    }
+  }
   // Too late now; a backend memsnap cannot provide stays Unsupported.
   MS_CHECK(memsnap_set_backend(request) ==
            (offered ? MemsnapStatus::AlreadyStarted : MemsnapStatus::Unsupported));

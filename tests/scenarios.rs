@@ -513,7 +513,8 @@ fn partial_snapshot_pages() {
 }
 
 /// The backend `MEMSNAP_BACKEND` asks for is the one running: the test matrix runs the
-/// whole suite once per backend, and a silent fallback would test the wrong one.
+/// whole suite once per backend, and a silent fallback would test the wrong one. Unset
+/// (the default pass), auto must have picked the best backend memsnap can provide.
 fn requested_backend_is_active() {
     InitializeMemorySnapshots();
     TakeFirstMemorySnapshot();
@@ -528,6 +529,26 @@ fn requested_backend_is_active() {
         check(s.backend == w, "the requested backend is active");
     }
     check(s.backend != MemsnapBackend::Inactive, "a backend is active");
+    if want.is_none() && cfg!(target_os = "linux") {
+        // After the first snapshot memsnap_set_backend answers Unsupported for a backend
+        // memsnap cannot provide and AlreadyStarted for one it could have chosen: auto
+        // passed over none of the latter.
+        let better: &[(i32, MemsnapBackend)] = match s.backend {
+            MemsnapBackend::LinuxMprotect => &[
+                (3, MemsnapBackend::LinuxUffdAsync),
+                (2, MemsnapBackend::LinuxUffd),
+            ],
+            MemsnapBackend::LinuxUffd => &[(3, MemsnapBackend::LinuxUffdAsync)],
+            _ => &[],
+        };
+        for &(request, name) in better {
+            check(
+                memsnap_set_backend(MemsnapBackendRequestArg(request))
+                    == MemsnapStatus::Unsupported,
+                &format!("auto chose {:?} although {name:?} is available", s.backend),
+            );
+        }
+    }
     if s.backend == MemsnapBackend::LinuxMprotect {
         check(s.uffd_tracked_bytes == 0, "nothing on userfaultfd");
     } else {
