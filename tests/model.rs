@@ -1,7 +1,10 @@
 //! Model-based randomized test ("prove nothing is lost"): seeded random sequences of
-//! writes (.data, .bss, heap, tracked, untracked and malloc'd blocks), allocations and
-//! frees, checkpoints, rewinds of random depth, erases and new futures after rewinds, each
-//! run in a forked child against a model kept in untracked memory (see model/child.rs).
+//! writes (.data, .bss, heap, tracked, untracked and malloc'd blocks, the host's own
+//! mappings), allocations and frees, memory the host maps and registers as tracked, kernel
+//! writes after `memsnap_prepare_write`, the host's own mmap, munmap and mprotect,
+//! checkpoints, rewinds of random depth, erases and new futures after rewinds, in
+//! whole-process or (one sequence in four) registered-only mode, each run in a forked
+//! child against a model kept in untracked memory (see model/child.rs).
 //! This file owns the driver: seeds, children, the summary, and shrinking a failure to its
 //! shortest failing prefix and a minimized operation list.
 //!
@@ -99,6 +102,12 @@ struct Totals {
     rewinds: u64,
     deep_rewinds: u64,
     erases: u64,
+    registered_only: u64,
+    registrations: u64,
+    kernel_writes: u64,
+    host_calls: u64,
+    floor_raises: u64,
+    unmaps_undone: u64,
 }
 
 /// Report pages shared with the children, one per concurrent child.
@@ -371,6 +380,12 @@ fn main() {
                 totals.rewinds += r.rewinds;
                 totals.deep_rewinds += r.deep_rewinds;
                 totals.erases += r.erases;
+                totals.registered_only += r.registered_only;
+                totals.registrations += r.registrations;
+                totals.kernel_writes += r.kernel_writes;
+                totals.host_calls += r.host_calls;
+                totals.floor_raises += r.floor_raises;
+                totals.unmaps_undone += r.unmaps_undone;
             }
             Err(f) => failures.push((index, seed, f)),
         }
@@ -378,14 +393,20 @@ fn main() {
     let secs = started.elapsed().as_secs_f64();
     if failures.is_empty() {
         println!(
-            "model: {} sequences, {} ops ({} skipped), {} checkpoints, {} rewinds ({} deeper than the newest checkpoint), {} erases: all matched ({secs:.1} s)",
+            "model: {} sequences ({} registered-only), {} ops ({} skipped), {} checkpoints ({} after which older ones were out of reach), {} rewinds ({} deeper than the newest checkpoint), {} erases, {} registrations, {} kernel writes after memsnap_prepare_write, {} host mmap/munmap/mprotect calls ({} unmaps undone by rewinds): all matched ({secs:.1} s)",
             totals.sequences,
+            totals.registered_only,
             totals.ops,
             totals.skipped,
             totals.checkpoints,
+            totals.floor_raises,
             totals.rewinds,
             totals.deep_rewinds,
-            totals.erases
+            totals.erases,
+            totals.registrations,
+            totals.kernel_writes,
+            totals.host_calls,
+            totals.unmaps_undone
         );
         return;
     }

@@ -55,6 +55,10 @@ pub enum Check {
     Stats = 5,
     /// Setup failed (memsnap calls before the first operation).
     Setup = 6,
+    /// A kernel write after `memsnap_prepare_write` failed, or its status was wrong.
+    KernelWrite = 7,
+    /// The host's own mmap, munmap or mprotect failed.
+    Host = 8,
 }
 
 impl Check {
@@ -66,6 +70,8 @@ impl Check {
             4 => Check::Allocation,
             5 => Check::Stats,
             6 => Check::Setup,
+            7 => Check::KernelWrite,
+            8 => Check::Host,
             _ => Check::None,
         }
     }
@@ -83,6 +89,17 @@ pub struct Report {
     /// Rewinds that popped at least one checkpoint.
     pub deep_rewinds: u64,
     pub erases: u64,
+    /// 1 when the sequence ran in registered-only mode.
+    pub registered_only: u64,
+    /// Successful `RegisterAllocatedMemory(Tracked)` calls, kernel writes after
+    /// `memsnap_prepare_write`, and the host's own mmap, munmap and mprotect calls.
+    pub registrations: u64,
+    pub kernel_writes: u64,
+    pub host_calls: u64,
+    /// Checkpoints that put older ones out of reach (after a raw unmap or mprotect).
+    pub floor_raises: u64,
+    /// Rewinds that brought back a host mapping unmapped since the target.
+    pub unmaps_undone: u64,
     pub check: u32,
     pub msg_len: u32,
     pub msg: [u8; 1024],
@@ -97,6 +114,12 @@ impl Report {
         self.rewinds = 0;
         self.deep_rewinds = 0;
         self.erases = 0;
+        self.registered_only = 0;
+        self.registrations = 0;
+        self.kernel_writes = 0;
+        self.host_calls = 0;
+        self.floor_raises = 0;
+        self.unmaps_undone = 0;
         self.check = 0;
         self.msg_len = 0;
     }
@@ -149,6 +172,14 @@ struct Saved {
     tracked_hash: [u64; TRACKED_SLOTS],
     malloc: [Block; MALLOC_SLOTS],
     malloc_hash: [u64; MALLOC_SLOTS],
+    /// Host mappings this checkpoint tracks (whole-process mode: every one mapped before
+    /// it), and their hashes.
+    host: [Block; HOST_SLOTS],
+    host_hash: [u64; HOST_SLOTS],
+    /// Their protection then (`Op::HostProtect`'s `prot`), which a rewind gives back.
+    host_prot: [u8; HOST_SLOTS],
+    /// And `Model::host_born` for them.
+    host_born: [usize; HOST_SLOTS],
 }
 
 struct Model {
@@ -162,8 +193,25 @@ struct Model {
     tracked: [Block; TRACKED_SLOTS],
     untracked: [Block; UNTRACKED_SLOTS],
     malloc: [Block; MALLOC_SLOTS],
-    /// Every range ever handed out as a fresh tracked allocation, sorted and merged: the
-    /// tracked free set is exactly this less the live tracked blocks.
+    host: [Block; HOST_SLOTS],
+    /// The index the first checkpoint taken after a host mapping was made has (or will
+    /// have): the checkpoint from which whole-process mode tracks it.
+    host_born: [usize; HOST_SLOTS],
+    /// The protection the host gave each host mapping (0 read-write, 1 read-only, 2 none).
+    host_prot: [u8; HOST_SLOTS],
+    /// A tracked host mapping rewound while inaccessible: the hash its bytes must have once
+    /// the host makes it accessible again (its shadow could not be refreshed).
+    host_pending: [Option<u64>; HOST_SLOTS],
+    /// The oldest checkpoint a rewind may reach: memsnap's `oldest_restorable`.
+    floor: usize,
+    registered_only: bool,
+    /// A pipe for the kernel writes of `Op::PrepareWrite`: [read end, write end].
+    pipe: [i32; 2],
+    /// Untracked room for reading /proc/self/maps.
+    maps_buf: usize,
+    /// Every range ever handed out as a fresh tracked allocation or registered as tracked,
+    /// sorted and merged: the tracked free set is exactly this less the live tracked
+    /// blocks.
     arena: [Block; ARENA_CAP],
     arena_len: usize,
     freed: [Block; FREED_RING],
@@ -174,7 +222,11 @@ struct Model {
     sh_tracked: [usize; TRACKED_SLOTS],
     sh_untracked: [usize; UNTRACKED_SLOTS],
     sh_malloc: [usize; MALLOC_SLOTS],
+    sh_host: [usize; HOST_SLOTS],
 }
+
+/// Bytes of /proc/self/maps read at a time.
+const MAPS_BUF: usize = 64 << 10;
 
 fn hash(p: usize, len: usize) -> u64 {
     // SAFETY: callers pass live regions of `len` readable bytes.
@@ -260,12 +312,32 @@ impl Model {
             Target::Tracked(i) => slot(&self.tracked, &self.sh_tracked, i),
             Target::Untracked(i) => slot(&self.untracked, &self.sh_untracked, i),
             Target::Malloc(i) => slot(&self.malloc, &self.sh_malloc, i),
+            Target::Host(i) => slot(&self.host, &self.sh_host, i),
+        }
+    }
+
+    /// `region(t)` if the host may write it (its protection allows).
+    fn writable(&self, t: Target) -> Option<(usize, usize, usize)> {
+        match t {
+            Target::Host(i) if self.host_prot[i as usize] != 0 => None,
+            _ => self.region(t),
+        }
+    }
+
+    /// Whether memsnap tracks the live region `t` (in whole: no region is partly tracked).
+    fn tracked(&self, t: Target) -> bool {
+        match t {
+            Target::Data | Target::Bss | Target::Heap | Target::Malloc(_) => !self.registered_only,
+            Target::Tracked(_) => true,
+            Target::Untracked(_) => false,
+            Target::Host(i) => !self.registered_only && self.host_born[i as usize] < self.n,
         }
     }
 
     /// Every live region with its name, for the whole-memory comparisons.
     fn for_each_region(&self, mut f: impl FnMut(Target, usize, usize, usize)) {
-        let mut all = [Target::Data; 3 + TRACKED_SLOTS + UNTRACKED_SLOTS + MALLOC_SLOTS];
+        let mut all =
+            [Target::Data; 3 + TRACKED_SLOTS + UNTRACKED_SLOTS + MALLOC_SLOTS + HOST_SLOTS];
         let mut k = 3;
         all[1] = Target::Bss;
         all[2] = Target::Heap;
@@ -281,6 +353,10 @@ impl Model {
             all[k] = Target::Malloc(i as u8);
             k += 1;
         }
+        for i in 0..HOST_SLOTS {
+            all[k] = Target::Host(i as u8);
+            k += 1;
+        }
         for t in all {
             if let Some((p, s, len)) = self.region(t) {
                 f(t, p, s, len);
@@ -290,7 +366,11 @@ impl Model {
 
     /// Memory equals the shadows everywhere.
     fn verify_current(&self, when: &str) {
-        self.for_each_region(|t, p, s, len| self.compare(Check::Current, when, t, p, s, len));
+        self.for_each_region(|t, p, s, len| {
+            if !matches!(t, Target::Host(i) if self.host_prot[i as usize] == 2) {
+                self.compare(Check::Current, when, t, p, s, len)
+            }
+        });
     }
 
     fn compare(&self, check: Check, when: &str, t: Target, p: usize, s: usize, len: usize) {
@@ -331,12 +411,12 @@ impl Model {
                 ),
             );
         }
-        if s.oldest_restorable != 0 {
+        if s.oldest_restorable != self.floor {
             self.fail(
                 Check::Stats,
                 format_args!(
-                    "{when}: oldest restorable checkpoint is {} (nothing was unmapped or unprotected)",
-                    s.oldest_restorable
+                    "{when}: oldest restorable checkpoint is {}, the model's {}",
+                    s.oldest_restorable, self.floor
                 ),
             );
         }
@@ -351,7 +431,21 @@ impl Model {
             tracked_hash: [0; TRACKED_SLOTS],
             malloc: self.malloc,
             malloc_hash: [0; MALLOC_SLOTS],
+            host: [Block::default(); HOST_SLOTS],
+            host_hash: [0; HOST_SLOTS],
+            host_prot: self.host_prot,
+            host_born: self.host_born,
         };
+        if !self.registered_only {
+            // Every live host mapping is found by this checkpoint, if not by an older one.
+            for i in 0..HOST_SLOTS {
+                if self.host[i].live() {
+                    s.host[i] = self.host[i];
+                    s.host_hash[i] = self.host_pending[i]
+                        .unwrap_or_else(|| hash(self.sh_host[i], self.host[i].len));
+                }
+            }
+        }
         for i in 0..TRACKED_SLOTS {
             if self.tracked[i].live() {
                 s.tracked_hash[i] = hash(self.sh_tracked[i], self.tracked[i].len);
@@ -403,6 +497,9 @@ impl Model {
         }
         if self.malloc.iter().any(|t| t.overlaps(&b)) {
             return Some("a live malloc block");
+        }
+        if self.host.iter().any(|t| t.overlaps(&b)) {
+            return Some("a live host mapping");
         }
         None
     }
@@ -487,6 +584,190 @@ impl Model {
         }
     }
 
+    /// `len` bytes of fresh anonymous read-write memory the host maps itself, aligned to
+    /// the snapshot page (mmap aligns only to the kernel's), so that it fills whole units.
+    fn host_mmap(&self, len: usize) -> usize {
+        // SAFETY: sysconf has no preconditions.
+        let k = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let slack = self.ps - k;
+        // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing.
+        let p = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                len + slack,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            self.fail(Check::Host, format_args!("mmap of {len:#x} bytes failed"));
+        }
+        let p = p as usize;
+        let start = (p + self.ps - 1) & !(self.ps - 1);
+        // SAFETY: the head and tail trimmed off were just mapped above and are unused.
+        unsafe {
+            if start > p {
+                libc::munmap(p as *mut _, start - p);
+            }
+            let tail = p + len + slack - (start + len);
+            if tail > 0 {
+                libc::munmap((start + len) as *mut _, tail);
+            }
+        }
+        start
+    }
+
+    /// What /proc/self/maps (read into untracked memory) says of `[start, start + len)`.
+    fn perms_over(&self, start: usize, len: usize) -> Perms {
+        let end = start + len;
+        // SAFETY: a NUL-terminated path.
+        let fd = unsafe {
+            libc::open(
+                c"/proc/self/maps".as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            self.fail(Check::Host, format_args!("cannot open /proc/self/maps"));
+        }
+        let buf = bytes_mut(self.maps_buf, MAPS_BUF);
+        let (mut have, mut found) = (0usize, Perms::default());
+        loop {
+            // SAFETY: reading into the untracked buffer's free tail.
+            let n = unsafe { libc::read(fd, buf[have..].as_mut_ptr() as *mut _, MAPS_BUF - have) };
+            if n < 0 {
+                self.fail(Check::Host, format_args!("reading /proc/self/maps failed"));
+            }
+            have += n as usize;
+            let mut used = 0;
+            while let Some(nl) = buf[used..have].iter().position(|&c| c == b'\n') {
+                if let Some((a, b, readable, writable)) = parse_maps_line(&buf[used..used + nl]) {
+                    if a < end && start < b {
+                        found.unwritable |= !writable;
+                        found.readable |= readable;
+                        found.unreadable |= !readable;
+                    }
+                }
+                used += nl + 1;
+            }
+            buf.copy_within(used..have, 0);
+            have -= used;
+            if n == 0 || have == MAPS_BUF {
+                break;
+            }
+        }
+        // SAFETY: our descriptor.
+        unsafe { libc::close(fd) };
+        found
+    }
+
+    /// `TakeDiffMemorySnapshot` with the model's checks; `floor_raised`: memsnap must find
+    /// that tracked memory vanished or was unprotected since the previous checkpoint, so
+    /// nothing older than this one stays reachable.
+    fn checkpoint(&mut self, when: &str, floor_raised: bool) {
+        TakeDiffMemorySnapshot();
+        self.verify_current(when);
+        self.save();
+        self.report(|r| r.checkpoints += 1);
+        if floor_raised {
+            self.floor = self.n - 1;
+            self.report(|r| r.floor_raises += 1);
+        }
+        self.check_stats(when);
+    }
+
+    /// `Op::RegisterTracked`.
+    fn register_tracked(&mut self, slot: usize, pages: usize) -> bool {
+        if slot >= TRACKED_SLOTS || self.tracked[slot].live() || pages == 0 {
+            return false;
+        }
+        let len = pages * self.ps;
+        let p = self.host_mmap(len);
+        let b = Block { ptr: p, len };
+        if let Some(name) = self.overlaps_anything(b) {
+            self.fail(
+                Check::Host,
+                format_args!("mmap returned {p:#x}+{len:#x}, overlapping {name}"),
+            );
+        }
+        pattern(bytes_mut(p, len), 0x5c ^ slot as u8);
+        pattern(bytes_mut(self.sh_tracked[slot], len), 0x5c ^ slot as u8);
+        RegisterAllocatedMemory(p as *mut _, len, TRACKED);
+        if !MemoryRangeIsTracked(p as *mut _, len) {
+            self.fail(
+                Check::Allocation,
+                format_args!(
+                    "RegisterAllocatedMemory({p:#x}, {len:#x}, Tracked) left the range untracked"
+                ),
+            );
+        }
+        // memsnap now holds it like memory it handed out: freed or rolled back, it joins
+        // the free set.
+        self.arena_add(b);
+        self.tracked[slot] = b;
+        self.report(|r| r.registrations += 1);
+        true
+    }
+
+    /// `Op::PrepareWrite`.
+    fn prepare_and_read(&mut self, t: Target, off: u32, len: u32, val: u8) -> bool {
+        // Whether a malloc block's pages are tracked yet depends on where the allocator put
+        // it (memory the heap grew into since the newest checkpoint is not).
+        if matches!(t, Target::Malloc(_)) {
+            return false;
+        }
+        let Some((p, s, size)) = self.writable(t) else {
+            return false;
+        };
+        let off = off as usize % size;
+        let len = (len as usize).clamp(1, (size - off).min(MAX_KERNEL_WRITE));
+        let want = if self.tracked(t) {
+            MemsnapStatus::Ok
+        } else {
+            MemsnapStatus::NotTracked
+        };
+        let st = memsnap_prepare_write((p + off) as *mut _, len);
+        if st != want {
+            self.fail(
+                Check::KernelWrite,
+                format_args!(
+                    "memsnap_prepare_write({:#x}, {len}) over {t:?} returned {st:?} instead of {want:?}",
+                    p + off
+                ),
+            );
+        }
+        let src = &mut bytes_mut(s, size)[off..off + len];
+        pattern(src, val);
+        // SAFETY: our pipe; the source is the untracked shadow.
+        let w = unsafe { libc::write(self.pipe[1], src.as_ptr() as *const _, len) };
+        if w != len as isize {
+            self.fail(
+                Check::KernelWrite,
+                format_args!("write(2) into the pipe returned {w}"),
+            );
+        }
+        let mut got = 0;
+        while got < len {
+            // SAFETY: inside the live region, whose pages were just prepared.
+            let n = unsafe { libc::read(self.pipe[0], (p + off + got) as *mut _, len - got) };
+            if n <= 0 {
+                self.fail(
+                    Check::KernelWrite,
+                    format_args!(
+                        "read(2) of {len} bytes into {t:?} at {:#x} after memsnap_prepare_write returned {n} after {got} bytes (errno {})",
+                        p + off,
+                        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+                    ),
+                );
+            }
+            got += n as usize;
+        }
+        self.report(|r| r.kernel_writes += 1);
+        true
+    }
+
     fn alloc_tracked(&mut self, slot: usize, pages: usize, hint: bool) -> bool {
         if slot >= TRACKED_SLOTS || self.tracked[slot].live() || pages == 0 {
             return false;
@@ -551,7 +832,7 @@ impl Model {
     fn step(&mut self, op: Op) -> bool {
         match op {
             Op::Write { t, off, len, val } => {
-                let Some((p, s, size)) = self.region(t) else {
+                let Some((p, s, size)) = self.writable(t) else {
                     return false;
                 };
                 let off = off as usize % size;
@@ -560,7 +841,7 @@ impl Model {
                 pattern(&mut bytes_mut(s, size)[off..off + len], val);
             }
             Op::Touch { t, off, len } => {
-                let Some((p, _, size)) = self.region(t) else {
+                let Some((p, _, size)) = self.writable(t) else {
                     return false;
                 };
                 let off = off as usize % size;
@@ -637,6 +918,158 @@ impl Model {
                 pattern(bytes_mut(p, size), slot as u8 ^ 0xa5);
                 pattern(bytes_mut(self.sh_malloc[slot], size), slot as u8 ^ 0xa5);
             }
+            Op::RegisterTracked { slot, pages } => {
+                return self.register_tracked(slot as usize, pages as usize);
+            }
+            Op::PrepareWrite { t, off, len, val } => {
+                return self.prepare_and_read(t, off, len, val);
+            }
+            Op::HostMap { slot, pages } => {
+                let slot = slot as usize;
+                if slot >= HOST_SLOTS || self.host[slot].live() || pages == 0 {
+                    return false;
+                }
+                let len = pages as usize * self.ps;
+                let p = self.host_mmap(len);
+                let b = Block { ptr: p, len };
+                if let Some(name) = self.overlaps_anything(b) {
+                    self.fail(
+                        Check::Host,
+                        format_args!("mmap returned {p:#x}+{len:#x}, overlapping {name}"),
+                    );
+                }
+                if MemoryRangeIsTracked(p as *mut _, len) {
+                    self.fail(
+                        Check::Allocation,
+                        format_args!(
+                            "a host mapping {p:#x}+{len:#x} is tracked before any checkpoint saw it"
+                        ),
+                    );
+                }
+                pattern(bytes_mut(p, len), 0xc3 ^ slot as u8);
+                pattern(bytes_mut(self.sh_host[slot], len), 0xc3 ^ slot as u8);
+                self.host[slot] = b;
+                self.host_born[slot] = self.n;
+                self.host_prot[slot] = 0;
+                self.host_pending[slot] = None;
+                self.report(|r| r.host_calls += 1);
+            }
+            Op::HostUnmap { slot, raw } => {
+                let slot = slot as usize;
+                if slot >= HOST_SLOTS || !self.host[slot].live() {
+                    return false;
+                }
+                let tracked = self.tracked(Target::Host(slot as u8));
+                // A raw system call is checked only on memory as the host mapped it.
+                if raw && (self.host_prot[slot] != 0 || (tracked && self.n == MAX_CHECKPOINTS)) {
+                    return false;
+                }
+                let b = self.host[slot];
+                let r = if raw {
+                    // SAFETY: the host's own mapping, which nothing references any more.
+                    unsafe { libc::syscall(libc::SYS_munmap, b.ptr, b.len) as i32 }
+                } else {
+                    // SAFETY: as above; memsnap retains it if it is tracked.
+                    unsafe { libc::munmap(b.ptr as *mut _, b.len) }
+                };
+                if r != 0 {
+                    self.fail(Check::Host, format_args!("munmap({:#x}) failed", b.ptr));
+                }
+                self.host[slot] = Block::default();
+                self.host_pending[slot] = None;
+                self.report(|r| r.host_calls += 1);
+                if raw && tracked {
+                    // memsnap did not see it: a rewind before the next checkpoint would be
+                    // refused (README, Hazards), so take it now.
+                    self.checkpoint(
+                        "at the checkpoint after a raw unmap of tracked memory",
+                        true,
+                    );
+                } else if tracked {
+                    // Retained: inaccessible to the program, as if unmapped.
+                    let perms = self.perms_over(b.ptr, b.len);
+                    if perms.readable {
+                        self.fail(
+                            Check::Host,
+                            format_args!(
+                                "tracked memory {:#x}+{:#x} is still accessible after munmap",
+                                b.ptr, b.len
+                            ),
+                        );
+                    }
+                }
+            }
+            Op::HostProtect { t, prot, raw } => {
+                let prot = prot % 3;
+                let region = match t {
+                    Target::Host(_) | Target::Tracked(_) => self.region(t),
+                    _ => None,
+                };
+                let Some((p, _, len)) = region else {
+                    return false;
+                };
+                let host = match t {
+                    Target::Host(i) => Some(i as usize),
+                    _ => None,
+                };
+                let before = host.map_or(0, |i| self.host_prot[i]);
+                // Only tracked host mappings are made read-only or inaccessible: memory
+                // a checkpoint has not found yet would be left out as unwritable.
+                if prot != 0 && !(host.is_some() && self.tracked(t)) {
+                    return false;
+                }
+                if raw && (prot != 0 || before != 0) {
+                    return false;
+                }
+                let unprotects = raw && self.perms_over(p, len).unwritable;
+                if unprotects && self.n == MAX_CHECKPOINTS {
+                    return false;
+                }
+                let flags = [
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::PROT_READ,
+                    libc::PROT_NONE,
+                ][prot as usize];
+                let r = if raw {
+                    // SAFETY: a live region of the host's, read-write as it was mapped.
+                    unsafe { libc::syscall(libc::SYS_mprotect, p, len, flags) as i32 }
+                } else {
+                    // SAFETY: a live region of the host's; memsnap journals the change.
+                    unsafe { libc::mprotect(p as *mut _, len, flags) }
+                };
+                if r != 0 {
+                    self.fail(
+                        Check::Host,
+                        format_args!("mprotect({p:#x}, {flags}) failed"),
+                    );
+                }
+                self.report(|r| r.host_calls += 1);
+                if let Some(i) = host {
+                    self.host_prot[i] = prot;
+                    if prot != 2 && before == 2 {
+                        // Accessible again: the bytes must be those it was made
+                        // inaccessible with, or, if a rewind came between, the target's.
+                        let (p, s, len) = (self.host[i].ptr, self.sh_host[i], self.host[i].len);
+                        match self.host_pending[i].take() {
+                            Some(h) if hash(p, len) != h => self.fail(
+                                Check::Rewound,
+                                format_args!(
+                                    "host mapping {i} ({p:#x}+{len:#x}), rewound while inaccessible, does not hold the target's bytes once accessible"
+                                ),
+                            ),
+                            Some(_) => bytes_mut(s, len).copy_from_slice(bytes(p, len)),
+                            None => self.compare(Check::Current, "after a recommit", t, p, s, len),
+                        }
+                    }
+                }
+                if unprotects {
+                    // As for a raw unmap: clean tracked pages became writable unseen.
+                    self.checkpoint(
+                        "at the checkpoint after a raw mprotect of write-protected tracked memory",
+                        true,
+                    );
+                }
+            }
             Op::Free { slot } => {
                 let slot = slot as usize;
                 if slot >= MALLOC_SLOTS || !self.malloc[slot].live() {
@@ -651,26 +1084,38 @@ impl Model {
                 if self.n == MAX_CHECKPOINTS {
                     return false;
                 }
-                TakeDiffMemorySnapshot();
-                self.verify_current("after TakeDiffMemorySnapshot");
-                self.save();
-                self.report(|r| r.checkpoints += 1);
-                self.check_stats("after TakeDiffMemorySnapshot");
+                self.checkpoint("after TakeDiffMemorySnapshot", false);
             }
             Op::Rewind { depth } => {
-                if depth as usize >= self.n {
+                // Below the floor memsnap refuses (with an abort): not a rewind to make.
+                if depth as usize >= self.n - self.floor {
                     return false;
                 }
                 self.rewind(depth as usize);
             }
-            Op::RewindAll => self.rewind(self.n - 1),
+            Op::RewindAll => self.rewind(self.n - 1 - self.floor),
             Op::Erase => {
                 if self.n < 2 {
                     return false;
                 }
                 EraseLastSavedDiffMemorySnapshot();
-                self.saved[self.n - 2] = self.saved[self.n - 1];
+                let dropped = self.n - 2;
+                self.saved[dropped] = self.saved[self.n - 1];
                 self.n -= 1;
+                // Indices above the dropped checkpoint move down by one.
+                if self.floor > dropped {
+                    self.floor -= 1;
+                }
+                let saved = &mut self.saved[..self.n];
+                for born in self
+                    .host_born
+                    .iter_mut()
+                    .chain(saved.iter_mut().flat_map(|c| c.host_born.iter_mut()))
+                {
+                    if *born > dropped {
+                        *born -= 1;
+                    }
+                }
                 self.verify_current("after EraseLastSavedDiffMemorySnapshot");
                 self.report(|r| r.erases += 1);
                 self.check_stats("after EraseLastSavedDiffMemorySnapshot");
@@ -680,7 +1125,8 @@ impl Model {
     }
 
     fn rewind(&mut self, depth: usize) {
-        let target = self.saved[self.n - 1 - depth];
+        let index = self.n - 1 - depth;
+        let target = self.saved[index];
         for b in self.tracked {
             if b.live() && !target.tracked.contains(&b) {
                 // Allocated after the target: the rewind returns it to the free set.
@@ -711,9 +1157,30 @@ impl Model {
                 );
             }
         };
-        expect(Target::Data, data(), DATA_LEN, target.data);
-        expect(Target::Bss, bss(), BSS_LEN, target.bss);
-        expect(Target::Heap, self.heap, HEAP_LEN, target.heap);
+        // Untracked memory keeps its latest bytes: the model's current shadow.
+        let kept = |t: Target| {
+            if let Some((p, s, len)) = self.region(t) {
+                self.compare(Check::Untracked, when, t, p, s, len);
+            }
+        };
+        if self.registered_only {
+            kept(Target::Data);
+            kept(Target::Bss);
+            kept(Target::Heap);
+            for i in 0..MALLOC_SLOTS {
+                kept(Target::Malloc(i as u8));
+            }
+        } else {
+            expect(Target::Data, data(), DATA_LEN, target.data);
+            expect(Target::Bss, bss(), BSS_LEN, target.bss);
+            expect(Target::Heap, self.heap, HEAP_LEN, target.heap);
+            for i in 0..MALLOC_SLOTS {
+                let b = target.malloc[i];
+                if b.live() {
+                    expect(Target::Malloc(i as u8), b.ptr, b.len, target.malloc_hash[i]);
+                }
+            }
+        }
         for i in 0..TRACKED_SLOTS {
             let b = target.tracked[i];
             if b.live() {
@@ -725,40 +1192,118 @@ impl Model {
                 );
             }
         }
-        for i in 0..MALLOC_SLOTS {
-            let b = target.malloc[i];
-            if b.live() {
-                expect(Target::Malloc(i as u8), b.ptr, b.len, target.malloc_hash[i]);
-            }
-        }
         for i in 0..UNTRACKED_SLOTS {
-            if let Some((p, s, len)) = self.region(Target::Untracked(i as u8)) {
-                self.compare(
-                    Check::Untracked,
-                    when,
-                    Target::Untracked(i as u8),
-                    p,
-                    s,
-                    len,
+            kept(Target::Untracked(i as u8));
+        }
+        // Host mappings. Whole-process mode: one the target tracked is back as it was then,
+        // its protection included, even if the host unmapped it since (memsnap retained
+        // it); one mapped after the target reads as zero and is untracked (README, Hazards),
+        // so the rewound program, which never made it, finds no stale bytes: the host
+        // forgets it. Registered-only mode tracks none of them.
+        let mut forgotten = [false; HOST_SLOTS];
+        let mut back = [false; HOST_SLOTS];
+        for (i, (gone, returns)) in forgotten.iter_mut().zip(back.iter_mut()).enumerate() {
+            let (b, tb, t) = (self.host[i], target.host[i], Target::Host(i as u8));
+            if self.registered_only {
+                if b.live() {
+                    kept(t);
+                }
+                continue;
+            }
+            if b.live() && b != tb {
+                if !self.perms_over(b.ptr, b.len).readable {
+                    self.fail(
+                        Check::Rewound,
+                        format_args!(
+                            "{when} of depth {depth}: host mapping {i} ({:#x}+{:#x}), mapped after the target, is inaccessible",
+                            b.ptr, b.len
+                        ),
+                    );
+                }
+                if let Some(at) = bytes(b.ptr, b.len).iter().position(|&x| x != 0) {
+                    self.fail(
+                        Check::Rewound,
+                        format_args!(
+                            "{when} of depth {depth}: host mapping {i} ({:#x}+{:#x}), mapped after the target, is not zero at offset {at}",
+                            b.ptr, b.len
+                        ),
+                    );
+                }
+                if MemoryRangeIsTracked(b.ptr as *mut _, b.len) {
+                    self.fail(
+                        Check::Rewound,
+                        format_args!(
+                            "{when} of depth {depth}: host mapping {i}, mapped after the target, is still tracked"
+                        ),
+                    );
+                }
+                // SAFETY: the host's own mapping, untracked now and referenced by nothing.
+                unsafe { libc::munmap(b.ptr as *mut _, b.len) };
+                *gone = true;
+            }
+            if !tb.live() {
+                continue;
+            }
+            let perms = self.perms_over(tb.ptr, tb.len);
+            let inaccessible = target.host_prot[i] == 2;
+            if perms.readable == inaccessible || perms.unreadable != inaccessible {
+                self.fail(
+                    Check::Rewound,
+                    format_args!(
+                        "{when} of depth {depth}: host mapping {i} ({:#x}+{:#x}){} is {} instead of {} as at the target",
+                        tb.ptr,
+                        tb.len,
+                        if b != tb { ", unmapped since," } else { "" },
+                        if perms.readable { "accessible" } else { "inaccessible" },
+                        if inaccessible { "inaccessible" } else { "accessible" }
+                    ),
                 );
+            }
+            if !inaccessible {
+                expect(t, tb.ptr, tb.len, target.host_hash[i]);
+            }
+            *returns = true;
+        }
+        for i in 0..HOST_SLOTS {
+            if forgotten[i] {
+                self.host[i] = Block::default();
+            }
+            if back[i] {
+                if self.host[i] != target.host[i] {
+                    self.report(|r| r.unmaps_undone += 1);
+                }
+                self.host[i] = target.host[i];
+                self.host_prot[i] = target.host_prot[i];
+                self.host_born[i] = target.host_born[i];
+                self.host_pending[i] = (target.host_prot[i] == 2).then_some(target.host_hash[i]);
+            } else if !self.host[i].live() {
+                self.host_pending[i] = None;
             }
         }
         // Memory is now verified to be the target's: it becomes the model's current state.
         self.tracked = target.tracked;
-        self.malloc = target.malloc;
-        bytes_mut(self.sh_data, DATA_LEN).copy_from_slice(bytes(data(), DATA_LEN));
-        bytes_mut(self.sh_bss, BSS_LEN).copy_from_slice(bytes(bss(), BSS_LEN));
-        bytes_mut(self.sh_heap, HEAP_LEN).copy_from_slice(bytes(self.heap, HEAP_LEN));
+        if !self.registered_only {
+            self.malloc = target.malloc;
+            bytes_mut(self.sh_data, DATA_LEN).copy_from_slice(bytes(data(), DATA_LEN));
+            bytes_mut(self.sh_bss, BSS_LEN).copy_from_slice(bytes(bss(), BSS_LEN));
+            bytes_mut(self.sh_heap, HEAP_LEN).copy_from_slice(bytes(self.heap, HEAP_LEN));
+            for i in 0..MALLOC_SLOTS {
+                let b = self.malloc[i];
+                if b.live() {
+                    bytes_mut(self.sh_malloc[i], b.len).copy_from_slice(bytes(b.ptr, b.len));
+                }
+            }
+            for i in 0..HOST_SLOTS {
+                let b = self.host[i];
+                if b.live() && self.host_prot[i] != 2 {
+                    bytes_mut(self.sh_host[i], b.len).copy_from_slice(bytes(b.ptr, b.len));
+                }
+            }
+        }
         for i in 0..TRACKED_SLOTS {
             let b = self.tracked[i];
             if b.live() {
                 bytes_mut(self.sh_tracked[i], b.len).copy_from_slice(bytes(b.ptr, b.len));
-            }
-        }
-        for i in 0..MALLOC_SLOTS {
-            let b = self.malloc[i];
-            if b.live() {
-                bytes_mut(self.sh_malloc[i], b.len).copy_from_slice(bytes(b.ptr, b.len));
             }
         }
         self.check_stats(when);
@@ -775,6 +1320,35 @@ impl Model {
     }
 }
 
+/// Whether some page of a range is mapped without write permission (the clean tracked
+/// pages of the mprotect backend, pages on mprotect under the others, read-only or
+/// inaccessible memory), with read permission, or without it.
+#[derive(Clone, Copy, Default)]
+struct Perms {
+    unwritable: bool,
+    readable: bool,
+    unreadable: bool,
+}
+
+/// `(start, end, readable, writable)` of a /proc/self/maps line.
+fn parse_maps_line(line: &[u8]) -> Option<(usize, usize, bool, bool)> {
+    let dash = line.iter().position(|&c| c == b'-')?;
+    let space = dash + line[dash..].iter().position(|&c| c == b' ')?;
+    let hex = |t: &[u8]| {
+        t.iter().try_fold(0usize, |v, &c| {
+            let d = (c as char).to_digit(16)? as usize;
+            Some(v.checked_mul(16)? + d)
+        })
+    };
+    let perms = line.get(space + 1..space + 5)?;
+    Some((
+        hex(&line[..dash])?,
+        hex(&line[dash + 1..space])?,
+        perms[0] == b'r',
+        perms[1] == b'w',
+    ))
+}
+
 /// Runs `ops` in this (forked, single-threaded) child and ends it: exit 0 when every check
 /// held, 1 with the report filled in when one failed. memsnap's own aborts end it with
 /// SIGABRT and their message on stderr.
@@ -788,14 +1362,29 @@ pub fn run(config: Config, ops: &[Op], report: *mut Report) -> ! {
     // it out of tracking even if that rule changes.
     let _ = memsnap_untrack_region(report as *mut _, report_page);
     let _ = memsnap_set_restore_threads(config.restore_threads as usize);
+    if config.registered_only
+        && memsnap_set_tracking_mode(MemsnapTrackingModeArg(1)) != MemsnapStatus::Ok
+    {
+        // SAFETY: ends the child.
+        unsafe { libc::_exit(4) };
+    }
+    let mut pipe = [0i32; 2];
+    // SAFETY: a two-int array on this (untracked) stack.
+    if unsafe { libc::pipe(pipe.as_mut_ptr()) } != 0 {
+        // SAFETY: ends the child.
+        unsafe { libc::_exit(5) };
+    }
+    // SAFETY: the shared report page; the parent reads it only after this child exits.
+    unsafe { (*report).registered_only = config.registered_only as u64 };
     let ps = memsnap_page_size();
     let alloc_bytes = MAX_ALLOC_PAGES * ps;
     let model_bytes = core::mem::size_of::<Model>();
     let shadow_bytes = DATA_LEN
         + BSS_LEN
         + HEAP_LEN
-        + (TRACKED_SLOTS + UNTRACKED_SLOTS) * alloc_bytes
-        + MALLOC_SLOTS * MAX_MALLOC;
+        + (TRACKED_SLOTS + UNTRACKED_SLOTS + HOST_SLOTS) * alloc_bytes
+        + MALLOC_SLOTS * MAX_MALLOC
+        + MAPS_BUF;
     let ops_bytes = core::mem::size_of_val(ops);
     let total = model_bytes + 64 + shadow_bytes + ops_bytes + 64;
     let base = AllocateMemory(total, GENERIC) as usize;
@@ -811,6 +1400,8 @@ pub fn run(config: Config, ops: &[Op], report: *mut Report) -> ! {
     let sh_tracked = core::array::from_fn(|_| carve(alloc_bytes));
     let sh_untracked = core::array::from_fn(|_| carve(alloc_bytes));
     let sh_malloc = core::array::from_fn(|_| carve(MAX_MALLOC));
+    let sh_host = core::array::from_fn(|_| carve(alloc_bytes));
+    let maps_buf = carve(MAPS_BUF);
     cursor = (cursor + 63) & !63;
     let ops_copy = cursor as *mut Op;
     // SAFETY: room for ops.len() Ops was reserved, 64-byte aligned; untracked memory, so
@@ -853,6 +1444,10 @@ pub fn run(config: Config, ops: &[Op], report: *mut Report) -> ! {
         tracked_hash: [0; TRACKED_SLOTS],
         malloc: [Block::default(); MALLOC_SLOTS],
         malloc_hash: [0; MALLOC_SLOTS],
+        host: [Block::default(); HOST_SLOTS],
+        host_hash: [0; HOST_SLOTS],
+        host_prot: [0; HOST_SLOTS],
+        host_born: [0; HOST_SLOTS],
     };
     // SAFETY: `base` is a fresh, page-aligned, untracked block with room for a Model.
     unsafe {
@@ -866,6 +1461,14 @@ pub fn run(config: Config, ops: &[Op], report: *mut Report) -> ! {
             tracked: [Block::default(); TRACKED_SLOTS],
             untracked: [Block::default(); UNTRACKED_SLOTS],
             malloc: [Block::default(); MALLOC_SLOTS],
+            host: [Block::default(); HOST_SLOTS],
+            host_born: [0; HOST_SLOTS],
+            host_prot: [0; HOST_SLOTS],
+            host_pending: [None; HOST_SLOTS],
+            floor: 0,
+            registered_only: config.registered_only,
+            pipe,
+            maps_buf,
             arena: [Block::default(); ARENA_CAP],
             arena_len: 0,
             freed: [Block::default(); FREED_RING],
@@ -876,6 +1479,7 @@ pub fn run(config: Config, ops: &[Op], report: *mut Report) -> ! {
             sh_tracked,
             sh_untracked,
             sh_malloc,
+            sh_host,
         })
     };
     // SAFETY: just written; only this thread uses it.

@@ -15,6 +15,11 @@ pub const TRACKED_SLOTS: usize = 6;
 pub const UNTRACKED_SLOTS: usize = 3;
 /// Blocks from `malloc` during the run live at once.
 pub const MALLOC_SLOTS: usize = 8;
+/// Mappings the host makes itself (`mmap`) and does not register, live at once.
+pub const HOST_SLOTS: usize = 4;
+/// The longest kernel write (`read(2)` into memory after `memsnap_prepare_write`): well
+/// inside a pipe's capacity, so the write into the pipe never blocks.
+pub const MAX_KERNEL_WRITE: usize = 16 << 10;
 /// The largest tracked or untracked allocation, in snapshot pages.
 pub const MAX_ALLOC_PAGES: usize = 4;
 /// The largest `malloc` during the run, in bytes.
@@ -37,6 +42,9 @@ pub enum Target {
     Untracked(u8),
     /// A live block `malloc`ed during the run.
     Malloc(u8),
+    /// A live mapping the host made with `mmap` and did not register: tracked from the
+    /// next checkpoint in whole-process mode, never in registered-only mode.
+    Host(u8),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,8 +70,16 @@ pub enum Op {
         pages: u8,
         hint: bool,
     },
+    /// `DeallocateMemory(.., Tracked)`: the block joins the free set, whether it came from
+    /// `AllocateMemory` or `RegisterAllocatedMemory`.
     FreeTracked {
         slot: u8,
+    },
+    /// The host maps `pages` itself, writes its own bytes and registers them with
+    /// `RegisterAllocatedMemory(.., Tracked)`: tracked at once, a tracked slot like any.
+    RegisterTracked {
+        slot: u8,
+        pages: u8,
     },
     AllocUntracked {
         slot: u8,
@@ -88,6 +104,43 @@ pub enum Op {
     },
     /// `EraseLastSavedDiffMemorySnapshot`.
     Erase,
+    /// `memsnap_prepare_write` over bytes `val + 7 i` at `off` (mod the region's size),
+    /// `len` of them (clamped to `MAX_KERNEL_WRITE`), then the kernel writes them there
+    /// (`read(2)` from a pipe): it must land under every backend, and the status must say
+    /// whether the region is tracked.
+    PrepareWrite {
+        t: Target,
+        off: u32,
+        len: u32,
+        val: u8,
+    },
+    /// The host maps `pages` snapshot pages itself (`mmap`, anonymous, read-write) into a
+    /// host slot and writes its own bytes there.
+    HostMap {
+        slot: u8,
+        pages: u8,
+    },
+    /// The host unmaps a host slot. Through libc's `munmap`, which memsnap interposes,
+    /// tracked memory is retained: a rewind to before the unmap brings it back with its
+    /// bytes. With `raw`, a system call memsnap does not see: where the slot was tracked,
+    /// older checkpoints become unreachable and a rewind before the next checkpoint is
+    /// refused (README, Hazards), so the executor takes that checkpoint at once.
+    HostUnmap {
+        slot: u8,
+        raw: bool,
+    },
+    /// The host changes the protection of a slot: `prot` 0 read-write, 1 read-only, 2
+    /// none (a decommit, as allocators do), through libc's `mprotect`, which memsnap
+    /// interposes: the protection is journaled and a rewind restores the target's. Only
+    /// tracked host mappings take 1 and 2. With `raw` (read-write only, a system call
+    /// memsnap does not see), unprotecting clean tracked pages (those memsnap keeps
+    /// read-only: the mprotect backend's) makes older checkpoints unreachable as for an
+    /// unmap, and the executor takes a checkpoint at once.
+    HostProtect {
+        t: Target,
+        prot: u8,
+        raw: bool,
+    },
     /// A rewind to the first saved checkpoint, however deep that is. Every sequence ends
     /// with one, and so does every prefix tried while shrinking.
     RewindAll,
@@ -119,6 +172,29 @@ impl fmt::Display for Op {
             Op::Checkpoint => write!(f, "checkpoint"),
             Op::Rewind { depth } => write!(f, "rewind depth={depth}"),
             Op::Erase => write!(f, "erase"),
+            Op::RegisterTracked { slot, pages } => {
+                write!(f, "register tracked slot={slot} pages={pages}")
+            }
+            Op::PrepareWrite { t, off, len, val } => {
+                write!(
+                    f,
+                    "prepare and read(2) into {t:?} off={off} len={len} val={val}"
+                )
+            }
+            Op::HostMap { slot, pages } => write!(f, "host mmap slot={slot} pages={pages}"),
+            Op::HostUnmap { slot, raw } => {
+                write!(
+                    f,
+                    "host munmap slot={slot}{}",
+                    if raw { " (raw syscall)" } else { "" }
+                )
+            }
+            Op::HostProtect { t, prot, raw } => write!(
+                f,
+                "host mprotect {t:?} {}{}",
+                ["read-write", "read-only", "none"][prot as usize % 3],
+                if raw { " (raw syscall)" } else { "" }
+            ),
             Op::RewindAll => write!(f, "rewind to the first checkpoint"),
         }
     }
@@ -132,6 +208,9 @@ pub struct Config {
     /// Let `malloc` grow the heap (brk) after the first snapshot, so rewinds must move
     /// the program break back (the default).
     pub heap_growth: bool,
+    /// `memsnap_set_tracking_mode(RegisteredOnly)`: only tracked allocations and registered
+    /// memory are tracked; the statics, the heap and host mappings keep their latest bytes.
+    pub registered_only: bool,
 }
 
 /// xorshift64* seeded through splitmix64, so nearby seeds give unrelated sequences.
@@ -163,6 +242,7 @@ impl Rng {
 struct Live {
     tracked: u8,
     malloc: u8,
+    host: u8,
 }
 
 /// The generator's abstract view of the executor's state: enough to emit only operations
@@ -172,6 +252,8 @@ struct Abstract {
     now: Live,
     untracked: u8,
     freed_tracked: bool,
+    /// The oldest checkpoint a rewind may reach, as far as the generator can tell.
+    floor: usize,
 }
 
 fn pick_slot(rng: &mut Rng, mask: u8, slots: usize, want_live: bool) -> Option<u8> {
@@ -196,18 +278,20 @@ pub fn generate(seed: u64, len: usize) -> (Config, Vec<Op>) {
     let config = Config {
         restore_threads: [0u8, 1, 2, 4][rng.below(4) as usize],
         heap_growth: true,
+        registered_only: rng.below(4) == 0,
     };
     let mut a = Abstract {
         saved: vec![Live::default()],
         now: Live::default(),
         untracked: 0,
         freed_tracked: false,
+        floor: 0,
     };
     let mut ops = Vec::with_capacity(len + 1);
     while ops.len() < len {
-        let op = match rng.below(100) {
+        let op = match rng.below(112) {
             0..=41 => {
-                let t = match rng.below(6) {
+                let t = match rng.below(7) {
                     0 => Target::Data,
                     1 => Target::Bss,
                     2 => Target::Heap,
@@ -217,6 +301,10 @@ pub fn generate(seed: u64, len: usize) -> (Config, Vec<Op>) {
                     },
                     4 => match pick_slot(&mut rng, a.untracked, UNTRACKED_SLOTS, true) {
                         Some(s) => Target::Untracked(s),
+                        None => continue,
+                    },
+                    5 => match pick_slot(&mut rng, a.now.host, HOST_SLOTS, true) {
+                        Some(s) => Target::Host(s),
                         None => continue,
                     },
                     _ => match pick_slot(&mut rng, a.now.malloc, MALLOC_SLOTS, true) {
@@ -301,7 +389,12 @@ pub fn generate(seed: u64, len: usize) -> (Config, Vec<Op>) {
             }
             84..=95 => {
                 let n = a.saved.len() as u64;
-                let depth = if rng.below(2) == 0 { 0 } else { rng.below(n) };
+                let reachable = n - a.floor as u64;
+                let depth = if rng.below(2) == 0 {
+                    0
+                } else {
+                    rng.below(reachable)
+                };
                 a.saved.truncate((n - depth) as usize);
                 let target = *a
                     .saved
@@ -310,16 +403,95 @@ pub fn generate(seed: u64, len: usize) -> (Config, Vec<Op>) {
                 if a.now.tracked & !target.tracked != 0 {
                     a.freed_tracked = true;
                 }
+                // Registered-only mode rewinds neither the heap nor host mappings.
+                let kept = a.now;
                 a.now = target;
+                if config.registered_only {
+                    a.now.malloc = kept.malloc;
+                    a.now.host = kept.host;
+                }
                 Op::Rewind { depth: depth as u8 }
             }
-            _ => {
+            96..=99 => {
                 let n = a.saved.len();
                 if n < 2 {
                     continue;
                 }
                 a.saved.remove(n - 2);
+                if a.floor > n - 2 {
+                    a.floor -= 1;
+                }
                 Op::Erase
+            }
+            100..=103 => {
+                let Some(slot) = pick_slot(&mut rng, a.now.tracked, TRACKED_SLOTS, false) else {
+                    continue;
+                };
+                a.now.tracked |= 1 << slot;
+                Op::RegisterTracked {
+                    slot,
+                    pages: 1 + rng.below(MAX_ALLOC_PAGES as u64) as u8,
+                }
+            }
+            104..=105 => {
+                let Some(slot) = pick_slot(&mut rng, a.now.host, HOST_SLOTS, false) else {
+                    continue;
+                };
+                a.now.host |= 1 << slot;
+                Op::HostMap {
+                    slot,
+                    pages: 1 + rng.below(MAX_ALLOC_PAGES as u64) as u8,
+                }
+            }
+            106 => {
+                let Some(slot) = pick_slot(&mut rng, a.now.host, HOST_SLOTS, true) else {
+                    continue;
+                };
+                a.now.host &= !(1 << slot);
+                let raw = rng.below(3) == 0;
+                // A raw unmap of a slot assumed tracked: the executor then checkpoints at
+                // once and nothing older is reachable.
+                if raw && !config.registered_only && a.saved.len() < MAX_CHECKPOINTS {
+                    a.saved.push(a.now);
+                    a.floor = a.saved.len() - 1;
+                }
+                Op::HostUnmap { slot, raw }
+            }
+            107..=108 => {
+                let raw = rng.below(4) == 0;
+                let t = if raw && rng.below(2) == 0 {
+                    pick_slot(&mut rng, a.now.tracked, TRACKED_SLOTS, true).map(Target::Tracked)
+                } else {
+                    pick_slot(&mut rng, a.now.host, HOST_SLOTS, true).map(Target::Host)
+                };
+                let Some(t) = t else { continue };
+                let prot = if raw { 0 } else { rng.below(3) as u8 };
+                Op::HostProtect { t, prot, raw }
+            }
+            _ => {
+                let t = match rng.below(6) {
+                    0 => Target::Data,
+                    1 => Target::Bss,
+                    2 => Target::Heap,
+                    3 => match pick_slot(&mut rng, a.now.tracked, TRACKED_SLOTS, true) {
+                        Some(s) => Target::Tracked(s),
+                        None => continue,
+                    },
+                    4 => match pick_slot(&mut rng, a.untracked, UNTRACKED_SLOTS, true) {
+                        Some(s) => Target::Untracked(s),
+                        None => continue,
+                    },
+                    _ => match pick_slot(&mut rng, a.now.host, HOST_SLOTS, true) {
+                        Some(s) => Target::Host(s),
+                        None => continue,
+                    },
+                };
+                Op::PrepareWrite {
+                    t,
+                    off: rng.next() as u32,
+                    len: 1 + rng.below(MAX_KERNEL_WRITE as u64) as u32,
+                    val: rng.next() as u8,
+                }
             }
         };
         ops.push(op);
