@@ -178,6 +178,41 @@ Outcome Observe(Fault f, Handler h, bool memsnap) {
 
 int ExpectedSignal(Fault f) { return f == kBusError ? SIGBUS : SIGSEGV; }
 
+// A status alone accepts any death by that signal, a crash inside memsnap's handler
+// included. Traced runs (mstest::TraceDeath) show which fault killed the child.
+Run gTracedRun;
+void RunTracedFault() { RunFault(&gTracedRun); }
+
+mstest::TracedDeath Trace(Fault f, Handler h, bool memsnap) {
+  gTracedRun = {f, h, memsnap};
+  return mstest::TraceDeath(RunTracedFault);
+}
+
+// With memsnap the fatal fault is the one without it: the same signals, raised by the
+// program's own instruction (memsnap's handler passed it on and did not fault itself), at
+// the same address (a stack overflow's depends on the frame: just below the stack).
+void ExpectSameFatalFault(Fault f, Handler h) {
+  const mstest::TracedDeath plain = Trace(f, h, false);
+  const mstest::TracedDeath with = Trace(f, h, true);
+  ASSERT_TRUE(plain.traced && with.traced) << plain.why << " " << with.why;
+  char both[1024];
+  snprintf(both, sizeof both,
+           "%s: without memsnap signal %d after fault %d at %#lx in %s; with: signal %d after "
+           "fault %d at %#lx by pc %#lx in %s",
+           kNames[f], plain.termsig, plain.fault_sig, (unsigned long)plain.addr,
+           plain.pc_object, with.termsig, with.fault_sig, (unsigned long)with.addr,
+           (unsigned long)with.pc, with.pc_object);
+  EXPECT_EQ(plain.termsig, ExpectedSignal(f)) << both;
+  EXPECT_EQ(with.termsig, plain.termsig) << both;
+  EXPECT_EQ(with.fault_sig, plain.fault_sig) << both;
+  EXPECT_TRUE(mstest::FaultedInObjectOf(with, (const void*)&RunFault)) << both;
+  if (f == kStackOverflow) {
+    EXPECT_TRUE(with.addr < with.stack_low && with.stack_low - with.addr <= (1u << 20)) << both;
+  } else {
+    EXPECT_EQ(with.addr, plain.addr) << both;
+  }
+}
+
 TEST(ForeignFaultTest, SameDeathSignalWithoutHandler) {
   for (int f = 0; f < kFaults; f++) {
     Outcome plain = Observe((Fault)f, kNone, false);
@@ -187,6 +222,7 @@ TEST(ForeignFaultTest, SameDeathSignalWithoutHandler) {
     ASSERT_TRUE(WIFSIGNALED(with.status)) << kNames[f] << " with memsnap: status " << with.status << " " << with.out;
     EXPECT_EQ(WTERMSIG(with.status), WTERMSIG(plain.status)) << kNames[f];
     EXPECT_STREQ(with.out, "") << kNames[f];  // memsnap printed nothing
+    ExpectSameFatalFault((Fault)f, kNone);
   }
 }
 
@@ -224,6 +260,7 @@ TEST(ForeignFaultTest, IgnoredSigsegvStillKills) {
     ASSERT_TRUE(WIFSIGNALED(with.status)) << kNames[f] << " " << with.out;
     EXPECT_EQ(WTERMSIG(with.status), WTERMSIG(plain.status)) << kNames[f];
     EXPECT_EQ(WTERMSIG(with.status), SIGSEGV);
+    ExpectSameFatalFault((Fault)f, kIgnore);
   }
 }
 

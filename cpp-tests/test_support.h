@@ -442,17 +442,18 @@ inline bool ChildSays(void (*fn)()) {
 
 namespace mstest {
 
-// How a traced child died, and the last SIGSEGV it received before: for death tests that
-// must die of one specific fault, not of any SIGSEGV (a crash inside memsnap's handler
-// would also be one). The tracer sees each signal before the child's handlers do
+// How a traced child died, and the last fault signal (SIGSEGV or SIGBUS) it received
+// before: for death tests that must die of one specific fault, not of any SIGSEGV (a crash
+// inside memsnap's handler would also be one). The tracer sees each signal before the child's handlers do
 // (ptrace's signal-delivery stop) and passes it on unchanged, so the child behaves as it
 // would untraced.
 struct TracedDeath {
   bool traced = false;    // false: ptrace was refused (why says so)
   int termsig = 0;        // the signal that killed it, 0 if it exited
   int exit_code = -1;     // its exit status, if it exited
-  int segvs = 0;          // SIGSEGVs delivered to it
-  uintptr_t addr = 0;     // the last one's si_addr
+  int faults = 0;         // SIGSEGVs and SIGBUSes delivered to it
+  int fault_sig = 0;      // the last one's signal
+  uintptr_t addr = 0;     // and si_addr
   uintptr_t pc = 0;       // and the instruction that raised it
   char pc_object[256] = "";       // the loaded object holding that instruction
   uintptr_t pc_base = 0;          // and where that object is loaded
@@ -512,8 +513,9 @@ inline TracedDeath TraceDeath(void (*fn)()) {
     }
     if (!WIFSTOPPED(status)) continue;
     const int sig = WSTOPSIG(status);
-    if (sig == SIGSEGV) {
-      d.segvs++;
+    if (sig == SIGSEGV || sig == SIGBUS) {
+      d.faults++;
+      d.fault_sig = sig;
       siginfo_t si;
       memset(&si, 0, sizeof si);
       ptrace(PTRACE_GETSIGINFO, pid, nullptr, &si);
@@ -548,7 +550,7 @@ inline TracedDeath TraceDeath(void (*fn)()) {
   }
 }
 
-// Whether the instruction behind `d`'s last SIGSEGV lies in the object that holds
+// Whether the instruction behind `d`'s last fault lies in the object that holds
 // `code` (a function of the test binary: the host's own code, not memsnap's).
 inline bool FaultedInObjectOf(const TracedDeath& d, const void* code) {
   Dl_info info;
@@ -558,9 +560,9 @@ inline bool FaultedInObjectOf(const TracedDeath& d, const void* code) {
 
 // Prints `d` (after a failed expectation).
 inline void SayDeath(const char* what, const TracedDeath& d) {
-  ms_say("%s: %s; signal %d, exit %d, %d SIGSEGV, the last at %#lx by pc %#lx in %s; "
-         "[stack] starts at %#lx\n",
-         what, d.traced ? "traced" : d.why, d.termsig, d.exit_code, d.segvs,
+  ms_say("%s: %s; signal %d, exit %d, %d faults, the last (signal %d) at %#lx by pc %#lx "
+         "in %s; [stack] starts at %#lx\n",
+         what, d.traced ? "traced" : d.why, d.termsig, d.exit_code, d.faults, d.fault_sig,
          (unsigned long)d.addr, (unsigned long)d.pc, d.pc_object, (unsigned long)d.stack_low);
 }
 
