@@ -332,11 +332,6 @@ fn main() {
             ", heap grown beforehand"
         }
     );
-    if std::env::var("MEMSNAP_VERIFY").as_deref() == Ok("1") {
-        println!(
-            "model: MEMSNAP_VERIFY=1: registrations are skipped (a rewind to before one leaves the host's bytes in memory the verifier expects to read as zero)"
-        );
-    }
     let started = Instant::now();
     let reports = Reports::new(jobs + 1);
     let shrink_report = reports.get(jobs);

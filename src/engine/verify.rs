@@ -550,9 +550,13 @@ impl Engine {
                 let page = p;
                 p += self.sub;
                 let want = expected(page);
-                if want == Expected::Absent && (file || !managed) {
+                if want == Expected::Absent
+                    && (file || !managed || RangeSet::contains(&m.free, page))
+                {
                     // Obtained since: a file mapping is back to its file's contents,
-                    // which is not checked; read-only memory is not memsnap's to clear.
+                    // which is not checked; read-only memory is not memsnap's to clear;
+                    // tracked memory registered since is back in memsnap's free set,
+                    // which the program cannot see and which is zeroed when handed out.
                     continue;
                 }
                 // SAFETY: as in `verify_checkpoint`; other threads are idle at rewinds.

@@ -685,13 +685,6 @@ impl Model {
 
     /// `Op::RegisterTracked`.
     fn register_tracked(&mut self, slot: usize, pages: usize) -> bool {
-        // Under MEMSNAP_VERIFY=1 a rewind to before a registration aborts: the range rolls
-        // back into the free set still holding the host's bytes, which the verifier, as
-        // for any memory obtained after the target, expects to read as zero. Until memsnap
-        // or the verifier settles which is right, such sequences skip registrations.
-        if self.verifying {
-            return false;
-        }
         if slot >= TRACKED_SLOTS || self.tracked[slot].live() || pages == 0 {
             return false;
         }
