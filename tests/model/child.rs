@@ -165,6 +165,7 @@ impl Block {
 /// What the model remembers of one saved checkpoint.
 #[derive(Clone, Copy)]
 struct Saved {
+    fixed: [u64; FIXED],
     data: u64,
     bss: u64,
     heap: u64,
@@ -221,6 +222,8 @@ struct Model {
     arena_len: usize,
     freed: [Block; FREED_RING],
     freed_count: usize,
+    /// (memory, shadow, length) of each `Target::Fixed` region.
+    fixed: [(usize, usize, usize); FIXED],
     sh_data: usize,
     sh_bss: usize,
     sh_heap: usize,
@@ -267,6 +270,150 @@ fn pattern(dst: &mut [u8], val: u8) {
     }
 }
 
+/// `Target::Fixed(0)` and `(1)`: thread-local arrays (static TLS, beside the thread's
+/// descriptor), of the controller and of an idle worker. Not a multiple of the page.
+const TLS_LEN: usize = 8 * 1024 + 100;
+/// `Target::Fixed(2)`: 1 MiB of a mapping whose two other parts are worker stacks.
+const BIG_LEN: usize = 1 << 20;
+/// The worker stacks on either side of it (declared untracked), each this long.
+const WORKER_STACK: usize = 1 << 20;
+/// `Target::Fixed(3)`: the committed half of a `PROT_NONE` reservation, in kernel pages.
+const RESERVE_PAGES: usize = 64;
+
+thread_local! {
+    static TLS: core::cell::UnsafeCell<[u8; TLS_LEN]> =
+        const { core::cell::UnsafeCell::new([0; TLS_LEN]) };
+}
+
+fn tls_array() -> usize {
+    TLS.with(|t| t.get() as usize)
+}
+
+/// What a worker shares with the controller: in untracked memory.
+#[repr(C)]
+struct WorkerBox {
+    /// Where the worker's thread-local array is (0 until it has said).
+    tls: core::sync::atomic::AtomicUsize,
+    park: core::sync::atomic::AtomicU32,
+}
+
+/// A worker idle at every checkpoint and rewind: publishes its thread-local array, then
+/// parks for good (the sequence ends with `_exit`).
+extern "C" fn worker(arg: *mut libc::c_void) -> *mut libc::c_void {
+    // SAFETY: `arg` is a WorkerBox in untracked memory that outlives the process's run.
+    let b = unsafe { &*(arg as *const WorkerBox) };
+    pattern(bytes_mut(tls_array(), TLS_LEN), 0x77);
+    b.tls
+        .store(tls_array(), core::sync::atomic::Ordering::Release);
+    loop {
+        // SAFETY: FUTEX_WAIT on a word of the box; nobody ever wakes it.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                b.park.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                0,
+                core::ptr::null::<libc::timespec>(),
+            );
+        }
+    }
+}
+
+/// Sets up the `Target::Fixed` regions before the first snapshot: `(memory, length)`.
+fn fixed_regions(kernel_page: usize) -> [(usize, usize); FIXED] {
+    let fail = |code: i32| -> ! {
+        // SAFETY: ends the child.
+        unsafe { libc::_exit(code) }
+    };
+    pattern(bytes_mut(tls_array(), TLS_LEN), 0x44);
+    // Two worker stacks and the 1 MiB between them: one anonymous mapping, whose outer
+    // parts are declared untracked (as the README asks of stacks) and hold the stacks.
+    let all = 2 * WORKER_STACK + BIG_LEN;
+    // SAFETY: a fresh anonymous mapping.
+    let base = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            all,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        fail(6);
+    }
+    let base = base as usize;
+    let big = base + WORKER_STACK;
+    pattern(bytes_mut(big, BIG_LEN), 0x55);
+    // Three idle workers: one on a stack glibc maps (its thread-local array, beside its
+    // descriptor, is tracked: `Fixed(1)`), two on the untracked stacks around `big` (their
+    // TLS sits at the top of those stacks, untracked memory the host declared, so it is
+    // not rewound and not modelled).
+    let boxes = AllocateMemory(3 * core::mem::size_of::<WorkerBox>(), GENERIC) as *mut WorkerBox;
+    let mut worker_tls = 0;
+    for (k, stack) in [0, base, big + BIG_LEN].into_iter().enumerate() {
+        if stack != 0 {
+            RegisterAllocatedMemory(stack as *mut _, WORKER_STACK, GENERIC);
+        }
+        // SAFETY: the box is fresh untracked memory (zeroed); a given stack is the host's
+        // own memory for the worker's whole life; pthread objects live on this frame.
+        unsafe {
+            let b = boxes.add(k);
+            let mut attr: libc::pthread_attr_t = core::mem::zeroed();
+            libc::pthread_attr_init(&mut attr);
+            if stack != 0 {
+                libc::pthread_attr_setstack(&mut attr, stack as *mut _, WORKER_STACK);
+            }
+            let mut t: libc::pthread_t = core::mem::zeroed();
+            if libc::pthread_create(&mut t, &attr, worker, b as *mut _) != 0 {
+                fail(7);
+            }
+            libc::pthread_attr_destroy(&mut attr);
+            loop {
+                let p = (*b).tls.load(core::sync::atomic::Ordering::Acquire);
+                if p != 0 {
+                    if stack == 0 {
+                        worker_tls = p;
+                    }
+                    break;
+                }
+                libc::sched_yield();
+            }
+        }
+    }
+    // A reservation whose upper half is committed read-write.
+    let resv = RESERVE_PAGES * kernel_page;
+    // SAFETY: a fresh reservation; the upper half made read-write in it.
+    let r = unsafe {
+        let r = libc::mmap(
+            core::ptr::null_mut(),
+            2 * resv,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        if r == libc::MAP_FAILED
+            || libc::mprotect(
+                (r as usize + resv) as *mut _,
+                resv,
+                libc::PROT_READ | libc::PROT_WRITE,
+            ) != 0
+        {
+            fail(8);
+        }
+        r as usize + resv
+    };
+    pattern(bytes_mut(r, resv), 0x66);
+    [
+        (tls_array(), TLS_LEN),
+        (worker_tls, TLS_LEN),
+        (big, BIG_LEN),
+        (r, resv),
+    ]
+}
+
 fn stats() -> Option<MemsnapStats> {
     // SAFETY: MemsnapStats is plain data; zero is a valid starting value.
     let mut s: MemsnapStats = unsafe { core::mem::zeroed() };
@@ -311,6 +458,7 @@ impl Model {
             (i < b.len() && b[i].live()).then(|| (b[i].ptr, s[i], b[i].len))
         };
         match t {
+            Target::Fixed(i) => self.fixed.get(i as usize).copied(),
             Target::Data => Some((data(), self.sh_data, DATA_LEN)),
             Target::Bss => Some((bss(), self.sh_bss, BSS_LEN)),
             Target::Heap => Some((self.heap, self.sh_heap, HEAP_LEN)),
@@ -332,7 +480,9 @@ impl Model {
     /// Whether memsnap tracks the live region `t` (in whole: no region is partly tracked).
     fn tracked(&self, t: Target) -> bool {
         match t {
-            Target::Data | Target::Bss | Target::Heap | Target::Malloc(_) => !self.registered_only,
+            Target::Data | Target::Bss | Target::Heap | Target::Malloc(_) | Target::Fixed(_) => {
+                !self.registered_only
+            }
             Target::Tracked(_) => true,
             Target::Untracked(_) => false,
             Target::Host(i) => !self.registered_only && self.host_born[i as usize] < self.n,
@@ -342,10 +492,14 @@ impl Model {
     /// Every live region with its name, for the whole-memory comparisons.
     fn for_each_region(&self, mut f: impl FnMut(Target, usize, usize, usize)) {
         let mut all =
-            [Target::Data; 3 + TRACKED_SLOTS + UNTRACKED_SLOTS + MALLOC_SLOTS + HOST_SLOTS];
+            [Target::Data; 3 + FIXED + TRACKED_SLOTS + UNTRACKED_SLOTS + MALLOC_SLOTS + HOST_SLOTS];
         let mut k = 3;
         all[1] = Target::Bss;
         all[2] = Target::Heap;
+        for i in 0..FIXED {
+            all[k] = Target::Fixed(i as u8);
+            k += 1;
+        }
         for i in 0..TRACKED_SLOTS {
             all[k] = Target::Tracked(i as u8);
             k += 1;
@@ -429,6 +583,7 @@ impl Model {
 
     fn save(&mut self) {
         let mut s = Saved {
+            fixed: core::array::from_fn(|i| hash(self.fixed[i].1, self.fixed[i].2)),
             data: hash(self.sh_data, DATA_LEN),
             bss: hash(self.sh_bss, BSS_LEN),
             heap: hash(self.sh_heap, HEAP_LEN),
@@ -1172,6 +1327,9 @@ impl Model {
             }
         };
         if self.registered_only {
+            for i in 0..FIXED {
+                kept(Target::Fixed(i as u8));
+            }
             kept(Target::Data);
             kept(Target::Bss);
             kept(Target::Heap);
@@ -1179,6 +1337,10 @@ impl Model {
                 kept(Target::Malloc(i as u8));
             }
         } else {
+            for i in 0..FIXED {
+                let (p, _, len) = self.fixed[i];
+                expect(Target::Fixed(i as u8), p, len, target.fixed[i]);
+            }
             expect(Target::Data, data(), DATA_LEN, target.data);
             expect(Target::Bss, bss(), BSS_LEN, target.bss);
             expect(Target::Heap, self.heap, HEAP_LEN, target.heap);
@@ -1295,6 +1457,9 @@ impl Model {
             bytes_mut(self.sh_data, DATA_LEN).copy_from_slice(bytes(data(), DATA_LEN));
             bytes_mut(self.sh_bss, BSS_LEN).copy_from_slice(bytes(bss(), BSS_LEN));
             bytes_mut(self.sh_heap, HEAP_LEN).copy_from_slice(bytes(self.heap, HEAP_LEN));
+            for &(p, sh, len) in self.fixed.iter() {
+                bytes_mut(sh, len).copy_from_slice(bytes(p, len));
+            }
             for i in 0..MALLOC_SLOTS {
                 let b = self.malloc[i];
                 if b.live() {
@@ -1387,7 +1552,10 @@ pub fn run(config: Config, ops: &[Op], report: *mut Report) -> ! {
     let ps = memsnap_page_size();
     let alloc_bytes = MAX_ALLOC_PAGES * ps;
     let model_bytes = core::mem::size_of::<Model>();
-    let shadow_bytes = DATA_LEN
+    let kernel_page = memsnap::sys::os_page_size();
+    let fixed_mem = fixed_regions(kernel_page);
+    let shadow_bytes = fixed_mem.iter().map(|f| f.1).sum::<usize>()
+        + DATA_LEN
         + BSS_LEN
         + HEAP_LEN
         + (TRACKED_SLOTS + UNTRACKED_SLOTS + HOST_SLOTS) * alloc_bytes
@@ -1402,6 +1570,12 @@ pub fn run(config: Config, ops: &[Op], report: *mut Report) -> ! {
         cursor += len;
         p
     };
+    let fixed: [(usize, usize, usize); FIXED] = core::array::from_fn(|i| {
+        let (p, len) = fixed_mem[i];
+        let sh = carve(len);
+        bytes_mut(sh, len).copy_from_slice(bytes(p, len));
+        (p, sh, len)
+    });
     let sh_data = carve(DATA_LEN);
     let sh_bss = carve(BSS_LEN);
     let sh_heap = carve(HEAP_LEN);
@@ -1450,6 +1624,7 @@ pub fn run(config: Config, ops: &[Op], report: *mut Report) -> ! {
         !v.is_null() && core::ffi::CStr::from_ptr(v).to_bytes() == b"1"
     };
     let empty = Saved {
+        fixed: [0; FIXED],
         data: 0,
         bss: 0,
         heap: 0,
@@ -1488,6 +1663,7 @@ pub fn run(config: Config, ops: &[Op], report: *mut Report) -> ! {
             arena_len: 0,
             freed: [Block::default(); FREED_RING],
             freed_count: 0,
+            fixed,
             sh_data,
             sh_bss,
             sh_heap,

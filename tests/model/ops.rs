@@ -27,9 +27,17 @@ pub const MAX_MALLOC: usize = 48 << 10;
 /// Saved checkpoints the model keeps at most; the generator stops checkpointing there.
 pub const MAX_CHECKPOINTS: usize = 20;
 
+/// Host memory set up before the first snapshot that no allocation call names (see
+/// `child.rs`, `Fixed`): the controller's thread-local array, an idle worker's, a 1 MiB
+/// mapping whose neighbours in the same mapping are the stacks of worker threads
+/// (declared untracked), and the read-write half of a `PROT_NONE` reservation.
+pub const FIXED: usize = 4;
+
 /// A region a write goes to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
+    /// One of the `FIXED` host regions.
+    Fixed(u8),
     /// A static with a non-zero initializer (`.data`).
     Data,
     /// A zero-initialized static (`.bss`).
@@ -291,7 +299,8 @@ pub fn generate(seed: u64, len: usize) -> (Config, Vec<Op>) {
     while ops.len() < len {
         let op = match rng.below(112) {
             0..=41 => {
-                let t = match rng.below(7) {
+                let t = match rng.below(8) {
+                    7 => Target::Fixed(rng.below(FIXED as u64) as u8),
                     0 => Target::Data,
                     1 => Target::Bss,
                     2 => Target::Heap,
