@@ -99,8 +99,27 @@ $(BUILD)/memsnap-probe: cpp-tests/probe/backend_probe.cpp include/MemorySnapshot
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $< -o $@ $(HOST_LDFLAGS)
 
-cpp-test: $(BUILD)/memsnap-tests $(BUILD)/memsnap-probe
+# A host linked with lazy binding (Linux): cpp-tests/lazy, kept out of the eagerly bound
+# suite above, and the plugin it dlopens, both linked -z lazy.
+LAZY_LDFLAGS := -L$(LIBDIR) -lmemsnap -Wl,-rpath,$(abspath $(LIBDIR)) -Wl,-z,lazy -pthread
+ifneq ($(UNAME),Darwin)
+  LAZY_TESTS := $(BUILD)/memsnap-lazy-tests
+endif
+
+$(BUILD)/libmemsnap-lazy-plugin.so: cpp-tests/lazy/plugin.cpp include/MemorySnapshot.h include/MemorySnapshotHelpers.h lib
+	@mkdir -p $(BUILD)
+	$(CXX) $(CXXFLAGS) -fPIC -shared $< -o $@ $(LAZY_LDFLAGS)
+
+$(BUILD)/memsnap-lazy-tests: cpp-tests/lazy/lazy_binding_test.cpp cpp-tests/test_support.h $(BUILD)/libmemsnap-lazy-plugin.so lib gtest
+	@mkdir -p $(BUILD)
+	$(CXX) $(CXXFLAGS) $(GTEST_CFLAGS) $< -o $@ $(LAZY_LDFLAGS) $(GTEST_LIBS) -ldl \
+	  -Wl,--export-dynamic-symbol=memsnap_timer_record
+
+cpp-test: $(BUILD)/memsnap-tests $(BUILD)/memsnap-probe $(LAZY_TESTS)
 	$(call per_backend,./$(BUILD)/memsnap-tests,C++ suite)
+ifneq ($(LAZY_TESTS),)
+	$(call per_backend,./$(LAZY_TESTS),lazy-binding host)
+endif
 
 # The demo verifies every rewind it makes, so it doubles as an end-to-end check; it runs
 # once, under the default backend.
