@@ -92,6 +92,7 @@ impl Engine {
         if let Err(e) = sys::install_fault_handler(super::fault::on_write_fault) {
             crate::fatal!(F, "cannot install the write-fault handler (error {})", e);
         }
+        self.bind_exports(F);
         self.set_allowed(F, false);
         {
             let mut m = self.meta.lock();
@@ -125,6 +126,7 @@ impl Engine {
                 "memsnap's write-fault handler was replaced by another (a signal handler or, on macOS, the exception port); writes are no longer tracked"
             );
         }
+        self.bind_exports(F);
         self.set_allowed(F, false);
         {
             let mut m = self.meta.lock();

@@ -583,9 +583,20 @@ impl Engine {
         e.balance[1].fetch_add(bytes as isize, Ordering::Relaxed);
         // As early as possible: memory malloc obtains from now on stays mapped.
         e.apply_pin();
+        e.bind_exports(F);
         ENGINE.store(block, Ordering::Release);
         e.handle_forks(F);
         e
+    }
+
+    /// Binds the host's lazy PLT slots that name memsnap's functions, in objects loaded
+    /// since the last call: ld.so's resolver, run by a first call inside a disallow scope,
+    /// would write tracked memory (its own data and the caller's GOT). Only while memory
+    /// changes are allowed.
+    fn bind_exports(&self, function: &str) {
+        if let Err(why) = crate::sys::bind_exports() {
+            crate::fatal!(function, "{}", why);
+        }
     }
 
     pub fn phase(&self) -> Phase {

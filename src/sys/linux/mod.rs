@@ -1,7 +1,9 @@
 //! The Linux side of the platform boundary: `/proc/self/maps` for the region walk, `mprotect`
-//! for protection, SIGSEGV for fault capture, `/proc/self/task/*/syscall` for thread stacks.
+//! for protection, SIGSEGV for fault capture, `/proc/self/task/*/syscall` for thread stacks,
+//! and binding memsnap's lazy PLT slots ahead of time (`bind`).
 
 mod altstack;
+mod bind;
 mod glibc;
 pub mod maps;
 mod procmap;
@@ -11,6 +13,7 @@ pub mod threads;
 pub mod uffd;
 
 pub use altstack::signal_stack_of;
+pub use bind::bind_exports;
 pub use glibc::ThreadLayout;
 pub use signals::FaultCallback;
 pub use threads::{

@@ -126,6 +126,12 @@ pub fn for_each_writable_mapping(_start: usize, _end: usize, _f: impl FnMut(usiz
 /// Nothing to probe ahead of time on macOS; see the Linux backend.
 pub fn prepare() {}
 
+/// Binds nothing: dyld's lazy pointers (`__la_symbol_ptr`) are not bound ahead of time,
+/// so hosts link with `-bind_at_load` (see README, Hazards). Returns the slots written.
+pub fn bind_exports() -> Result<usize, &'static str> {
+    Ok(0)
+}
+
 /// macOS has no per-process mapping limit like Linux's vm.max_map_count.
 pub fn max_map_count() -> Option<usize> {
     None
