@@ -173,9 +173,12 @@ endif
 test: lib gtest rust-test cpp-test test-auto demo test-16k test-verify test-hosts
 
 test-16k: export MEMSNAP_PAGE_SIZE = 16384
-test-16k: lib gtest $(BUILD)/memsnap-tests $(BUILD)/memsnap-probe
+test-16k: lib gtest $(BUILD)/memsnap-tests $(BUILD)/memsnap-probe $(LAZY_TESTS)
 	$(call per_backend,$(RUST_SUITES),Rust scenarios and model at 16 KiB)
 	$(call per_backend,./$(BUILD)/memsnap-tests,C++ suite at 16 KiB)
+ifneq ($(LAZY_TESTS),)
+	$(call per_backend,./$(LAZY_TESTS),lazy-binding host at 16 KiB)
+endif
 
 # The verifying mode (README, Verifying mode): the Rust scenarios, the model test, the C++
 # suite and the demo once more with MEMSNAP_VERIFY=1, under the default backend
