@@ -92,26 +92,6 @@ enum class MemsnapTrackingMode {
 };
 
 /**
- * Why a range is left out of snapshots.
- */
-enum class Reason : uint8_t {
-  Own,
-  Untracked,
-  MainStack,
-  ThreadStack,
-  CachedStack,
-  /**
-   * A thread glibc does not know (a raw `clone`): its stack is bounded by the mapping
-   * around its stack pointer, clipped to exclude tracked data.
-   */
-  MappedStack,
-  SignalStack,
-  Rseq,
-  TidWord,
-  Errno,
-};
-
-/**
  * The kinds of memory the original distinguishes. Only `Tracked` memory is saved and
  * restored; every other kind is untracked. Order and values match the original.
  */
