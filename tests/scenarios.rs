@@ -337,7 +337,8 @@ fn remapped_tracked_memory_is_noticed() {
     // range first and keep tracking it (docs/host-calls.md).
     let map = |at: usize, flags: i32| {
         // SAFETY: an anonymous mapping; with MAP_FIXED only over our own mapping.
-        unsafe {
+        #[cfg(target_os = "linux")]
+        let p = unsafe {
             libc::syscall(
                 libc::SYS_mmap,
                 at,
@@ -347,7 +348,21 @@ fn remapped_tracked_memory_is_noticed() {
                 -1,
                 0,
             ) as usize
-        }
+        };
+        // (Nothing is interposed outside Linux: libc's mmap is behind memsnap's back.)
+        // SAFETY: as above.
+        #[cfg(not(target_os = "linux"))]
+        let p = unsafe {
+            libc::mmap(
+                at as *mut _,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
+                -1,
+                0,
+            ) as usize
+        };
+        p
     };
     let base = map(0, 0);
     check(base != libc::MAP_FAILED as usize, "mmap");

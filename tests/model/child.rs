@@ -270,6 +270,60 @@ fn pattern(dst: &mut [u8], val: u8) {
     }
 }
 
+/// `munmap` and `mprotect` behind memsnap's back: raw system calls on Linux, where
+/// libmemsnap interposes the libc functions (docs/host-calls.md); elsewhere nothing is
+/// interposed, and libc's are the same thing.
+///
+/// # Safety
+/// As for the system calls.
+#[cfg(target_os = "linux")]
+unsafe fn raw_munmap(p: usize, len: usize) -> i32 {
+    // SAFETY: forwarded contract.
+    unsafe { libc::syscall(libc::SYS_munmap, p, len) as i32 }
+}
+
+/// See the Linux variant.
+///
+/// # Safety
+/// As for the system call.
+#[cfg(not(target_os = "linux"))]
+unsafe fn raw_munmap(p: usize, len: usize) -> i32 {
+    // SAFETY: forwarded contract.
+    unsafe { libc::munmap(p as *mut _, len) }
+}
+
+/// See `raw_munmap`.
+///
+/// # Safety
+/// As for the system call.
+#[cfg(target_os = "linux")]
+unsafe fn raw_mprotect(p: usize, len: usize, prot: i32) -> i32 {
+    // SAFETY: forwarded contract.
+    unsafe { libc::syscall(libc::SYS_mprotect, p, len, prot) as i32 }
+}
+
+/// See `raw_munmap`.
+///
+/// # Safety
+/// As for the system call.
+#[cfg(not(target_os = "linux"))]
+unsafe fn raw_mprotect(p: usize, len: usize, prot: i32) -> i32 {
+    // SAFETY: forwarded contract.
+    unsafe { libc::mprotect(p as *mut _, len, prot) }
+}
+
+#[cfg(target_os = "macos")]
+extern "C" {
+    // In libSystem but not declared by the libc crate for Apple targets.
+    fn pthread_attr_setstack(
+        attr: *mut libc::pthread_attr_t,
+        stack: *mut libc::c_void,
+        size: libc::size_t,
+    ) -> libc::c_int;
+}
+#[cfg(not(target_os = "macos"))]
+use libc::pthread_attr_setstack;
+
 /// `Target::Fixed(0)` and `(1)`: thread-local arrays (static TLS, beside the thread's
 /// descriptor), of the controller and of an idle worker. Not a multiple of the page.
 const TLS_LEN: usize = 8 * 1024 + 100;
@@ -294,7 +348,6 @@ fn tls_array() -> usize {
 struct WorkerBox {
     /// Where the worker's thread-local array is (0 until it has said).
     tls: core::sync::atomic::AtomicUsize,
-    park: core::sync::atomic::AtomicU32,
 }
 
 /// A worker idle at every checkpoint and rewind: publishes its thread-local array, then
@@ -306,16 +359,8 @@ extern "C" fn worker(arg: *mut libc::c_void) -> *mut libc::c_void {
     b.tls
         .store(tls_array(), core::sync::atomic::Ordering::Release);
     loop {
-        // SAFETY: FUTEX_WAIT on a word of the box; nobody ever wakes it.
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                b.park.as_ptr(),
-                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-                0,
-                core::ptr::null::<libc::timespec>(),
-            );
-        }
+        // SAFETY: pause(2) has no preconditions; nothing wakes this thread for good.
+        unsafe { libc::pause() };
     }
 }
 
@@ -363,7 +408,7 @@ fn fixed_regions(kernel_page: usize) -> [(usize, usize); FIXED] {
             let mut attr: libc::pthread_attr_t = core::mem::zeroed();
             libc::pthread_attr_init(&mut attr);
             if stack != 0 {
-                libc::pthread_attr_setstack(&mut attr, stack as *mut _, WORKER_STACK);
+                pthread_attr_setstack(&mut attr, stack as *mut _, WORKER_STACK);
             }
             let mut t: libc::pthread_t = core::mem::zeroed();
             if libc::pthread_create(&mut t, &attr, worker, b as *mut _) != 0 {
@@ -1127,7 +1172,7 @@ impl Model {
                 let b = self.host[slot];
                 let r = if raw {
                     // SAFETY: the host's own mapping, which nothing references any more.
-                    unsafe { libc::syscall(libc::SYS_munmap, b.ptr, b.len) as i32 }
+                    unsafe { raw_munmap(b.ptr, b.len) }
                 } else {
                     // SAFETY: as above; memsnap retains it if it is tracked.
                     unsafe { libc::munmap(b.ptr as *mut _, b.len) }
@@ -1192,7 +1237,7 @@ impl Model {
                 ][prot as usize];
                 let r = if raw {
                     // SAFETY: a live region of the host's, read-write as it was mapped.
-                    unsafe { libc::syscall(libc::SYS_mprotect, p, len, flags) as i32 }
+                    unsafe { raw_mprotect(p, len, flags) }
                 } else {
                     // SAFETY: a live region of the host's; memsnap journals the change.
                     unsafe { libc::mprotect(p as *mut _, len, flags) }
