@@ -301,3 +301,38 @@ TEST(HostMemoryTest, ThreadWithLargeTlsExitsBetweenCheckpoints) {
 }
 
 }  // namespace host_memory_test
+
+namespace host_memory_test {
+
+// Anonymous memory that is read-only at a checkpoint and made writable afterwards (a JIT
+// flipping code to data, an allocator recommitting) should get its bytes back at a
+// rewind. KNOWN LOSS, not fixed yet (found by MEMSNAP_VERIFY=1): memsnap tracks only
+// what is writable at a scan, so the memory counts as obtained after the checkpoint and
+// a rewind zeroes it, under every backend (README, Limits). Skipped, visibly, unless
+// MEMSNAP_TEST_KNOWN_FAILURES=1.
+void ReadOnlyThenWritableScenario() {
+  InitializeMemorySnapshots();
+  const size_t len = 4 * mstest::SnapshotPage();
+  uint8_t* p = static_cast<uint8_t*>(mstest::MapSnapshotPages(len));
+  MS_CHECK(p != MAP_FAILED);
+  memset(p, 9, len);
+  MS_CHECK(mprotect(p, len, PROT_READ) == 0);
+  TakeFirstMemorySnapshot();
+  MS_CHECK(mprotect(p, len, PROT_READ | PROT_WRITE) == 0);
+  memset(p, 1, len);
+  TakeDiffMemorySnapshot();
+  memset(p, 2, len);
+  mstest::Rewind(0);
+  for (size_t i = 0; i < len; i++) MS_CHECK_EQ(p[i], 1);
+  mstest::Rewind(1);
+  for (size_t i = 0; i < len; i++) MS_CHECK_EQ(p[i], 9);
+}
+
+TEST(HostMemoryTest, ReadOnlyThenWritableIsRewound) {
+  if (!getenv("MEMSNAP_TEST_KNOWN_FAILURES"))
+    GTEST_SKIP() << "known loss: read-only anonymous memory made writable after a "
+                    "checkpoint is zeroed by a rewind to it (README, Limits)";
+  MS_IN_CHILD(ReadOnlyThenWritableScenario());
+}
+
+}  // namespace host_memory_test
