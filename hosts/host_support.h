@@ -166,6 +166,50 @@ inline void Rewind(int levels) {
   if (ProgressSlot()) ProgressSlot()->rewinds++;
 }
 
+// ---- The checkpoint and rewind bookkeeping the threaded hosts share. The object lives on
+// the controller's stack (never rewound): what each checkpoint observed, and after every
+// rewind what the host observes now, checked against it. `observe(when)` reads the host's
+// state; `check(now, then, when)` calls Diverged on a mismatch.
+template <class State, int kLevels>
+struct Timeline {
+  State expect[kLevels];
+  int top = 0, rewinds = 0, rounds = 0;
+  char when[128];
+
+  template <class Work>
+  void Round(Work work) {
+    ProgressSlot()->phase = "round";
+    ProgressSlot()->step++;
+    work();
+    rounds++;
+  }
+
+  template <class Observe>
+  void Checkpoint(Observe observe) {
+    ProgressSlot()->phase = "checkpoint";
+    Mark("checkpoint %d", top + 1);
+    TakeDiffMemorySnapshot();
+    top++;
+    snprintf(when, sizeof when, "checkpoint %d", top);
+    expect[top] = observe(when);
+  }
+
+  template <class Observe, class Check>
+  void RewindAndCheck(int levels, Observe observe, Check check) {
+    ProgressSlot()->phase = "rewind";
+    const int from = top;
+    Mark("rewind from checkpoint %d to %d", from, from - levels);
+    Rewind(levels);
+    Mark("rewound");
+    top -= levels;
+    rewinds++;
+    snprintf(when, sizeof when, "after rewind %d (from checkpoint %d across %d levels to %d)",
+             rewinds, from, levels, top);
+    const State now = observe(when);
+    check(now, expect[top], when);
+  }
+};
+
 inline MemsnapStats Stats() {
   MemsnapStats s;
   memset(&s, 0, sizeof s);

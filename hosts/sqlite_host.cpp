@@ -239,43 +239,19 @@ int main() {
   Mark("first snapshot");
   TakeFirstMemorySnapshot();
   CheckBackend();
-  DbState expect[kMaxLevels];  // on the controller's stack: never rewound
-  int top = 0;
-  int rewinds = 0, rounds = 1;
-  expect[0] = Observe("checkpoint 0");
-
-  char when[128];
-  auto round = [&]() {
-    gProgress->phase = "round";
-    gProgress->step++;
-    RunRound(gCrew, ControllerAlongside, &rng);
-    rounds++;
-  };
-  auto checkpoint = [&]() {
-    gProgress->phase = "checkpoint";
-    Mark("checkpoint %d", top + 1);
-    TakeDiffMemorySnapshot();
-    top++;
-    snprintf(when, sizeof when, "checkpoint %d", top);
-    expect[top] = Observe(when);
-  };
+  Timeline<DbState, kMaxLevels> t;  // on the controller's stack: never rewound
+  t.rounds = 1;
+  t.expect[0] = Observe("checkpoint 0");
+  auto round = [&]() { t.Round([&] { RunRound(gCrew, ControllerAlongside, &rng); }); };
+  auto checkpoint = [&]() { t.Checkpoint(Observe); };
   auto rewind = [&](int levels) {
-    gProgress->phase = "rewind";
-    const int from = top;
-    Mark("rewind from checkpoint %d to %d", from, from - levels);
-    Rewind(levels);
-    Mark("rewound");
-    top -= levels;
-    rewinds++;
-    snprintf(when, sizeof when, "after rewind %d (from checkpoint %d across %d levels to %d)",
-             rewinds, from, levels, top);
-    const DbState s = Observe(when);
-    const DbState& e = expect[top];
-    if (s.hash != e.hash || s.blobs != e.blobs || s.keys != e.keys)
-      Diverged("%s: database hash %016llx with %ld blobs and %ld keys; the checkpoint had "
-               "%016llx with %ld blobs and %ld keys",
-               when, (unsigned long long)s.hash, s.blobs, s.keys, (unsigned long long)e.hash,
-               e.blobs, e.keys);
+    t.RewindAndCheck(levels, Observe, [](const DbState& s, const DbState& e, const char* when) {
+      if (s.hash != e.hash || s.blobs != e.blobs || s.keys != e.keys)
+        Diverged("%s: database hash %016llx with %ld blobs and %ld keys; the checkpoint had "
+                 "%016llx with %ld blobs and %ld keys",
+                 when, (unsigned long long)s.hash, s.blobs, s.keys, (unsigned long long)e.hash,
+                 e.blobs, e.keys);
+    });
   };
 
   for (int i = 0; i < 4; i++) {  // checkpoints 1..4
@@ -302,15 +278,15 @@ int main() {
   round();
   rewind(0);
   round();
-  snprintf(when, sizeof when, "after %d rewinds and %d rounds", rewinds, rounds);
-  const DbState last = Observe(when);
+  snprintf(t.when, sizeof t.when, "after %d rewinds and %d rounds", t.rewinds, t.rounds);
+  const DbState last = Observe(t.when);
 
   const MemsnapStats st = Stats();
   StopCrew(gCrew);
   for (int w = 0; w < kWorkers; w++) pthread_join(threads[w], nullptr);
   Say("PASS sqlite_host: allocator %s, backend %s, %zu-byte pages: %d rounds, %d rewinds, "
       "%ld blobs (%ld KiB) and %ld keys at the end, %llu faults\n",
-      TheAllocator()->name, BackendName(st.backend), memsnap_page_size(), rounds, rewinds,
+      TheAllocator()->name, BackendName(st.backend), memsnap_page_size(), t.rounds, t.rewinds,
       last.blobs, last.blobBytes >> 10, last.keys, (unsigned long long)st.faults_handled);
   _exit(0);
 }

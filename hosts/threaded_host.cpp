@@ -234,40 +234,17 @@ int main() {
   Mark("first snapshot");
   TakeFirstMemorySnapshot();
   CheckBackend();
-  State expect[kMaxLevels];  // on the controller's stack: never rewound
-  int top = 0, rewinds = 0, rounds = 2;
-  expect[0] = Observe("checkpoint 0");
-
-  char when[128];
-  auto round = [&]() {
-    gProgress->phase = "round";
-    gProgress->step++;
-    RunRound(gCrew, ControllerAlongside, &rng);
-    rounds++;
-  };
-  auto checkpoint = [&]() {
-    gProgress->phase = "checkpoint";
-    Mark("checkpoint %d", top + 1);
-    TakeDiffMemorySnapshot();
-    top++;
-    snprintf(when, sizeof when, "checkpoint %d", top);
-    expect[top] = Observe(when);
-  };
+  Timeline<State, kMaxLevels> t;  // on the controller's stack: never rewound
+  t.rounds = 2;
+  t.expect[0] = Observe("checkpoint 0");
+  auto round = [&]() { t.Round([&] { RunRound(gCrew, ControllerAlongside, &rng); }); };
+  auto checkpoint = [&]() { t.Checkpoint(Observe); };
   auto rewind = [&](int levels) {
-    gProgress->phase = "rewind";
-    const int from = top;
-    Mark("rewind from checkpoint %d to %d", from, from - levels);
-    Rewind(levels);
-    Mark("rewound");
-    top -= levels;
-    rewinds++;
-    snprintf(when, sizeof when, "after rewind %d (from checkpoint %d across %d levels to %d)",
-             rewinds, from, levels, top);
-    const State s = Observe(when);
-    const State& e = expect[top];
-    if (s.hash != e.hash || s.nodes != e.nodes)
-      Diverged("%s: hash %016llx over %ld nodes; the checkpoint had %016llx over %ld nodes", when,
-               (unsigned long long)s.hash, s.nodes, (unsigned long long)e.hash, e.nodes);
+    t.RewindAndCheck(levels, Observe, [](const State& s, const State& e, const char* when) {
+      if (s.hash != e.hash || s.nodes != e.nodes)
+        Diverged("%s: hash %016llx over %ld nodes; the checkpoint had %016llx over %ld nodes",
+                 when, (unsigned long long)s.hash, s.nodes, (unsigned long long)e.hash, e.nodes);
+    });
   };
 
   // Checkpoints 1..6, then rewinds of every depth, each followed by new work.
@@ -303,15 +280,15 @@ int main() {
   rewind(1);  // checkpoint 2
   round();
   round();
-  snprintf(when, sizeof when, "after %d rewinds and %d rounds", rewinds, rounds);
-  const State last = Observe(when);
+  snprintf(t.when, sizeof t.when, "after %d rewinds and %d rounds", t.rewinds, t.rounds);
+  const State last = Observe(t.when);
 
   const MemsnapStats st = Stats();
   StopCrew(gCrew);
   for (int w = 0; w < kWorkers; w++) pthread_join(threads[w], nullptr);
   Say("PASS threaded_host: allocator %s, backend %s, %zu-byte pages: %d rounds, %d rewinds, "
       "%ld nodes (%ld KiB) at the end, %llu faults\n",
-      TheAllocator()->name, BackendName(st.backend), memsnap_page_size(), rounds, rewinds,
+      TheAllocator()->name, BackendName(st.backend), memsnap_page_size(), t.rounds, t.rewinds,
       last.nodes, last.bytes >> 10, (unsigned long long)st.faults_handled);
   _exit(0);
 }
