@@ -152,6 +152,7 @@ TEST(HostMemoryTest, TrackedMemoryBesideUserStacksIsRewound) {
   MS_IN_CHILD(BesideUserStacksScenario());
 }
 
+#if defined(__linux__)  // glibc's stacks and pthread_getattr_np
 // Host memory mapped right above a glibc-mapped thread stack, whose top holds the
 // thread's TLS and descriptor: the kernel merges the two mappings into one. The host maps
 // `len + stack` bytes and unmaps the lower `stack`, so that the next thread stack of that
@@ -206,6 +207,7 @@ void AboveGlibcStackScenario() {
 TEST(HostMemoryTest, MemoryMergedAboveGlibcStackIsRewound) {
   MS_IN_CHILD(AboveGlibcStackScenario());
 }
+#endif  // __linux__
 
 // A PROT_NONE reservation whose upper half is committed read-write before the first
 // snapshot, and another piece committed between checkpoints.

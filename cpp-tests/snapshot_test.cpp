@@ -12,7 +12,9 @@
 // live on the stack or in untracked memory; global test data has external linkage (and
 // scalars are volatile) so the compiler reloads it after a restore call.
 
-#include <sys/syscall.h>
+#ifdef __linux__
+#include <sys/syscall.h>  // mprotect behind libmemsnap's interposed one
+#endif
 #include <unistd.h>
 #include <gtest/gtest.h>
 
@@ -813,7 +815,11 @@ void RestoreWritableScenario() {
   Fill(t, page, 2);  // dirty: captured and writable
   // Simulate a MAP_FIXED remap resetting the protection behind memsnap's back (a raw
   // system call: libmemsnap's own mprotect would record it as the host's protection).
+#ifdef __linux__
   MS_CHECK(syscall(SYS_mprotect, t, page, PROT_READ) == 0);
+#else
+  MS_CHECK(mprotect(t, page, PROT_READ) == 0);  // nothing is interposed there
+#endif
   uint8_t src[4096];  // a page may be larger: a prefix is enough
   const size_t n = page < sizeof src ? page : sizeof src;
   Fill(src, n, 3);
