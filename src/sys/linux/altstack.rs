@@ -99,6 +99,7 @@ mod tests {
                 ss_flags: 0,
                 ss_size: mem.len(),
             };
+            // SAFETY: stack_t is plain data; all-zero is a valid value to be overwritten.
             let mut old: libc::stack_t = unsafe { core::mem::zeroed() };
             // SAFETY: a valid stack_t for a buffer that outlives its use below.
             assert_eq!(unsafe { sigaltstack(&ss, &mut old) }, 0);
