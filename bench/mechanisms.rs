@@ -775,8 +775,8 @@ impl Mechanism for CopyProtect {
         let saved = child::map_private(offsets.len() * page);
         child::touch(saved, page);
         let base = mem.as_mut_ptr() as usize;
-        // SAFETY (all three blocks): protection changes and copies on this child's own
-        // mapping, page-aligned and in bounds.
+        // SAFETY: protection changes and copies on this child's own mapping,
+        // page-aligned and in bounds (the same holds for the two blocks below).
         unsafe {
             libc::mprotect(base as *mut _, heap, libc::PROT_READ);
             for &o in &offsets {

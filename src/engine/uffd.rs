@@ -604,9 +604,10 @@ impl Engine {
                 return;
             }
             let old = self.peek_base(u);
-            // SAFETY: the unit is tracked and readable; `old` is its base slot.
             let same = match old {
+                // SAFETY: the unit is tracked and readable; `s` is its base slot.
                 Some(s) => unsafe { self.unit_matches(u, st, s) },
+                // SAFETY: the unit is tracked and readable.
                 None => unsafe { self.unit_is_zero(u, st) },
             };
             if same {

@@ -993,8 +993,8 @@ mod tests {
         let k = page();
         let base = map(2);
         let fd = uffd_open(UffdMode::Sync).unwrap();
-        // SAFETY: nothing is armed (the call fails); our mapping.
         assert_eq!(
+            // SAFETY: nothing is armed (the call fails); our mapping.
             unsafe { uffd_protect(fd, base, 2 * k, true) },
             Err(libc::ENOENT)
         );
@@ -1207,8 +1207,8 @@ mod tests {
                 runs_written(pm, base, base + 3 * k, false),
                 vec![(base + 2 * k, base + 3 * k)]
             );
-            // SAFETY: as above: the middle page is unregistered and unmapped.
             assert_eq!(
+                // SAFETY: as above: the middle page is unregistered and unmapped.
                 unsafe { uffd_protect(fd, base + k, k, true) },
                 Err(libc::ENOENT)
             );
