@@ -15,7 +15,7 @@ UNAME    := $(shell uname -s)
 
 ifeq ($(UNAME),Darwin)
   LIBFILE  := libmemsnap.dylib
-  # -bind_at_load is macOS's -z now: hosts must bind eagerly (see README, Hazards).
+  # -bind_at_load is macOS's -z now: hosts must bind eagerly (see docs/hazards.md).
   RPATH    := -Wl,-rpath,$(abspath $(LIBDIR)) -Wl,-bind_at_load
   PC_BIND  := -Wl,-bind_at_load
   GTEST_PREFIX := $(shell brew --prefix googletest 2>/dev/null)
@@ -23,8 +23,8 @@ ifeq ($(UNAME),Darwin)
   GTEST_LIBS   := $(if $(GTEST_PREFIX),-L$(GTEST_PREFIX)/lib) -lgtest -lgtest_main
 else
   LIBFILE  := libmemsnap.so
-  # Hosts may bind lazily: memsnap binds its own functions' PLT slots ahead (see README,
-  # Hazards). The suites bind eagerly all the same, as their exact dirty-page counts would
+  # Hosts may bind lazily: memsnap binds its own functions' PLT slots ahead (see
+  # docs/hazards.md). The suites bind eagerly all the same, as their exact dirty-page counts would
   # also see the GOT pages that other libraries' lazily bound calls write; the lazily bound
   # host is build/memsnap-lazy-tests.
   RPATH    := -Wl,-rpath,$(abspath $(LIBDIR)) -Wl,-z,now
@@ -180,7 +180,7 @@ ifneq ($(LAZY_TESTS),)
 	$(call per_backend,./$(LAZY_TESTS),lazy-binding host at 16 KiB)
 endif
 
-# The verifying mode (README, Verifying mode): the Rust scenarios, the model test, the C++
+# The verifying mode (docs/verify.md): the Rust scenarios, the model test, the C++
 # suite and the demo once more with MEMSNAP_VERIFY=1, under the default backend
 # (MEMSNAP_BACKEND unset). Every part runs; the target fails at the end naming those that
 # failed.
@@ -247,8 +247,8 @@ test-hosts: host-deps $(BUILD)/memsnap-tests $(BUILD)/memsnap-probe $(HOST_BINS)
 
 # The Rust unit tests and scenarios for Linux aarch64, cross-built and run under qemu-user
 # (Debian's gcc-aarch64-linux-gnu and qemu-user). Not part of `make test`; the model test
-# is left out (too slow emulated, and it trips qemu-user itself: see README, Platform
-# matrix).
+# is left out (too slow emulated, and it trips qemu-user itself: see docs/testing.md,
+# Where it runs).
 AARCH64_ENV := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
   CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
 test-aarch64:

@@ -127,7 +127,7 @@ pub fn for_each_writable_mapping(_start: usize, _end: usize, _f: impl FnMut(usiz
 pub fn prepare() {}
 
 /// Binds nothing: dyld's lazy pointers (`__la_symbol_ptr`) are not bound ahead of time,
-/// so hosts link with `-bind_at_load` (see README, Hazards). Returns the slots written.
+/// so hosts link with `-bind_at_load` (see docs/hazards.md). Returns the slots written.
 pub fn bind_exports() -> Result<usize, &'static str> {
     Ok(0)
 }
