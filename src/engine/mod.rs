@@ -579,6 +579,14 @@ impl Engine {
             {
                 m.add_own(*r);
             }
+            // The library's own statics, where it is a shared object of its own: memory
+            // memsnap owns by construction, never protected and never rewound.
+            crate::sys::for_each_own_writable_segment(crate::sys::os_page_size(), |lo, hi| {
+                m.add_own(Reservation {
+                    base: lo,
+                    len: hi - lo,
+                })
+            });
         }
         e.balance[1].fetch_add(bytes as isize, Ordering::Relaxed);
         // As early as possible: memory malloc obtains from now on stays mapped.

@@ -19,6 +19,12 @@ pub use regions::{discard, protect, walk_regions, WalkError};
 pub fn thread_stack_bytes(usable: usize) -> usize {
     usable
 }
+
+/// libmemsnap's own writable segments, left out of tracking on Linux
+/// (`sys/linux/own_object.rs`). Not yet on macOS: the dylib's `__DATA` stays tracked, and
+/// its statics (the engine pointer, the shared state pointer, the requested settings) are
+/// written only before the first snapshot; the macOS state lives in memory memsnap maps.
+pub fn for_each_own_writable_segment(_page: usize, _f: impl FnMut(usize, usize)) {}
 pub use threads::{
     current_errno_location, current_rseq_area, current_signal_stack, current_sp,
     exited_threads_cpu_ns, for_each_thread_sp, rseq_layout, settle_threads, signal_stack_of,
