@@ -29,9 +29,9 @@
 //! debugger's list instead (`_r_debug`: every namespace's link maps, with their load bias,
 //! dynamic section and path), and one slot it bound per object, which a library unloaded
 //! and loaded again at the same place has lazy again. The record of both ([`BOUND`]) is
-//! libmemsnap's data, which whole-process mode tracks and rewinds together with ld.so's
-//! list: a rewind to before a `dlopen` takes both back, so the object loaded afresh when
-//! the program runs forward again is bound too.
+//! libmemsnap's own data, never rewound: after a rewind to before a `dlopen`, ld.so's list
+//! no longer matches the record, or (the object loaded afresh at the same place) its
+//! sentinel slot is lazy again, and either makes the next snapshot walk and bind it.
 //!
 //! Everything runs on the caller's stack: no allocation, and `dl_iterate_phdr`'s lock
 //! (during a walk) is the only lock taken.
@@ -56,8 +56,9 @@ struct BoundObjects {
     sentinel_count: AtomicUsize,
 }
 
-/// In libmemsnap's data, so that a rewind moves it back with ld.so's list (see the module
-/// comment). Written only while memory changes are allowed.
+/// In libmemsnap's own data, which is never tracked when libmemsnap is a shared object
+/// (`own_object.rs`); linked into a program it is tracked and rewound, which the sentinel
+/// check makes equally safe. Written only while memory changes are allowed.
 static BOUND: BoundObjects = BoundObjects::new();
 
 impl BoundObjects {
