@@ -47,8 +47,18 @@ DEMO_SRCS := $(wildcard demo/*.cpp)
 
 all: lib
 
-lib:
+# The library and the generated header are files with real prerequisites, so that the
+# C++ binaries below relink only when the library changed (cargo decides what to rebuild;
+# the touch makes the library newer than its sources even when cargo had nothing to do).
+LIB       := $(LIBDIR)/$(LIBFILE)
+RUST_SRCS := $(shell find src -name '*.rs') Cargo.toml Cargo.lock build.rs cbindgen.toml
+$(LIB): $(RUST_SRCS)
 	$(CARGO) build --release
+	@touch $@
+include/MemorySnapshot.h: $(LIB)
+	@touch $@
+
+lib: $(LIB)
 
 # GoogleTest: Debian's libgtest-dev, or Homebrew's googletest on macOS.
 gtest:
@@ -109,11 +119,11 @@ rust-test: $(BUILD)/memsnap-probe
 	$(CARGO) test --release --lib
 	$(call per_backend,$(RUST_SUITES),Rust scenarios and model)
 
-$(BUILD)/memsnap-tests: $(CPP_TESTS) include/MemorySnapshot.h include/MemorySnapshotHelpers.h lib gtest
+$(BUILD)/memsnap-tests: $(CPP_TESTS) $(wildcard cpp-tests/*.h) include/MemorySnapshot.h include/MemorySnapshotHelpers.h $(LIB) | gtest
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $(GTEST_CFLAGS) $(CPP_TESTS) -o $@ $(HOST_LDFLAGS) $(GTEST_LIBS)
 
-$(BUILD)/memsnap-probe: cpp-tests/probe/backend_probe.cpp cpp-tests/kernel_offers.h include/MemorySnapshot.h lib
+$(BUILD)/memsnap-probe: cpp-tests/probe/backend_probe.cpp cpp-tests/kernel_offers.h include/MemorySnapshot.h $(LIB)
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $< -o $@ $(HOST_LDFLAGS)
 
@@ -124,11 +134,11 @@ ifneq ($(UNAME),Darwin)
   LAZY_TESTS := $(BUILD)/memsnap-lazy-tests
 endif
 
-$(BUILD)/libmemsnap-lazy-plugin.so: cpp-tests/lazy/plugin.cpp include/MemorySnapshot.h include/MemorySnapshotHelpers.h lib
+$(BUILD)/libmemsnap-lazy-plugin.so: cpp-tests/lazy/plugin.cpp include/MemorySnapshot.h include/MemorySnapshotHelpers.h $(LIB)
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) -fPIC -shared $< -o $@ $(LAZY_LDFLAGS)
 
-$(BUILD)/memsnap-lazy-tests: cpp-tests/lazy/lazy_binding_test.cpp cpp-tests/test_support.h $(BUILD)/libmemsnap-lazy-plugin.so lib gtest
+$(BUILD)/memsnap-lazy-tests: cpp-tests/lazy/lazy_binding_test.cpp cpp-tests/test_support.h $(BUILD)/libmemsnap-lazy-plugin.so $(LIB) | gtest
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $(GTEST_CFLAGS) $< -o $@ $(LAZY_LDFLAGS) $(GTEST_LIBS) -ldl \
 	  -Wl,--export-dynamic-symbol=memsnap_timer_record
@@ -192,7 +202,7 @@ test-verify: lib gtest $(BUILD)/memsnap-tests $(BUILD)/memsnap-demo
 	 env -u MEMSNAP_BACKEND ./$(BUILD)/memsnap-demo || failed="$$failed demo"; \
 	 if [ -n "$$failed" ]; then echo "make test-verify: failed:$$failed"; exit 1; fi
 
-$(BUILD)/memsnap-demo: $(DEMO_SRCS) include/MemorySnapshot.h include/MemorySnapshotHelpers.h lib
+$(BUILD)/memsnap-demo: $(DEMO_SRCS) include/MemorySnapshot.h include/MemorySnapshotHelpers.h $(LIB)
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $(DEMO_SRCS) -o $@ $(HOST_LDFLAGS)
 
@@ -226,16 +236,16 @@ host-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(BUILD)/sqlite-host: hosts/sqlite_host.cpp $(HOST_HDRS) lib host-deps
+$(BUILD)/sqlite-host: hosts/sqlite_host.cpp $(HOST_HDRS) $(LIB) | host-deps
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $< -o $@ $(HOST_LDFLAGS) -lsqlite3
 
-$(BUILD)/threaded-host: hosts/threaded_host.cpp $(HOST_HDRS) lib
+$(BUILD)/threaded-host: hosts/threaded_host.cpp $(HOST_HDRS) $(LIB)
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $< -o $@ $(HOST_LDFLAGS)
 
 # Debian's interpreter (python3-config --embed), not one a version manager puts first.
-$(BUILD)/python-host: hosts/python_host.cpp $(HOST_HDRS) lib host-deps
+$(BUILD)/python-host: hosts/python_host.cpp $(HOST_HDRS) $(LIB) | host-deps
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $$($(PYTHON_CONFIG) --includes) $< -o $@ $(HOST_LDFLAGS) \
 	  $$($(PYTHON_CONFIG) --embed --ldflags)
