@@ -248,6 +248,7 @@ impl Engine {
                 r.born = target + 1;
             }
         }
+        m.read_only_rewound(target);
         let c = m.checkpoints[target];
         if c.brk != 0 && sys::program_break() > c.brk {
             // glibc's cached break (in rewound libc data) says c.brk again; were the
@@ -519,6 +520,7 @@ impl Engine {
                 r.born -= 1;
             }
         }
+        m.read_only_erased(dropped);
         if m.floor.position > dropped {
             m.floor.position -= 1;
         }

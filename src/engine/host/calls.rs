@@ -24,6 +24,9 @@ impl Engine {
         let Some(r) = self.host_range(addr, len) else {
             return call();
         };
+        if zapping_advice(advice) {
+            self.adopt_for_host_call(F, r);
+        }
         if !zapping_advice(advice) || !self.may_hold_tracked(r.start, r.end) {
             return call();
         }
@@ -53,6 +56,7 @@ impl Engine {
             // SAFETY: the host's own call, forwarded unchanged.
             return unsafe { sys::raw::munmap(addr, len) };
         };
+        self.adopt_for_host_call(F, r);
         if !self.may_hold_tracked(r.start, r.end) {
             // SAFETY: as above.
             return unsafe { sys::raw::munmap(addr, len) };
@@ -106,6 +110,7 @@ impl Engine {
         let Some(r) = self.host_range(addr, len) else {
             return call();
         };
+        self.adopt_for_host_call(F, r);
         if !self.may_hold_tracked(r.start, r.end) {
             return call();
         }
@@ -203,6 +208,9 @@ impl Engine {
         let Some(r) = self.host_range(addr, len) else {
             return call();
         };
+        if flags & libc::MAP_FIXED != 0 {
+            self.adopt_for_host_call(F, r);
+        }
         if flags & libc::MAP_FIXED == 0 || !self.may_hold_tracked(r.start, r.end) {
             return call();
         }
@@ -276,6 +284,12 @@ impl Engine {
         let Some(new_len) = crate::mem::round_up(new_len, self.sub).filter(|&n| n > 0) else {
             return call();
         };
+        self.adopt_for_host_call(F, r);
+        if flags & libc::MREMAP_FIXED != 0 {
+            if let Some(dest) = Range::from_len(new_addr, new_len) {
+                self.adopt_for_host_call(F, dest);
+            }
+        }
         if !self.may_hold_tracked(r.start, r.end) {
             if flags & libc::MREMAP_FIXED != 0
                 && self.may_hold_tracked(new_addr, new_addr.saturating_add(new_len))

@@ -234,7 +234,7 @@ impl Engine {
     }
 
     /// Sets (`on`) or clears the HOST bit of the tracked units of `r`.
-    fn mark_host(&self, r: Range, on: bool) {
+    pub(super) fn mark_host(&self, r: Range, on: bool) {
         let mut u = self.page_base(r.start);
         while u < r.end {
             if let Some(word) = self.table.word(u) {
