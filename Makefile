@@ -322,11 +322,21 @@ apple-build:
 	  file $$out/memsnap-demo; \
 	done
 
-# Speed and memory against fork copy-on-write and full copies, in one run (release
-# profile). Prints a table; writes bench/results.json and bench/chart.svg.
-.PHONY: bench
-bench:
+# Speed and memory against fork copy-on-write and full copies, and the end-to-end SQLite
+# workloads (bench/e2e.rs), in one run (release profile). Prints a table; writes
+# bench/results.json and bench/chart.svg. Fails if an end-to-end rewind did not verify.
+# The SQLite workloads link the system libsqlite3 (Debian's libsqlite3-dev).
+.PHONY: bench bench-deps
+bench: bench-deps
 	$(CARGO) bench --bench memsnap
+
+bench-deps:
+ifneq ($(UNAME),Darwin)
+	@dpkg-query -W -f='$${Status}' libsqlite3-dev 2>/dev/null | grep -q 'ok installed' || { \
+	  echo "Installing libsqlite3-dev"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libsqlite3-dev >/dev/null; }
+endif
 
 # Long model-test run (tests/model.rs), not part of `make test`: sequences of SOAK_LEN
 # operations for SOAK_SECONDS from base seed SOAK_SEED (printed first; every failure prints
