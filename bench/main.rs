@@ -9,18 +9,21 @@
 //!
 //! Options (after `--`): `--quick` (small heaps, one repetition: a smoke test),
 //! `--only <text>` (workloads whose name contains text), `--heaps-mib 64,1024`,
-//! `--mechanism <name>` (one mechanism only, e.g. to profile it), `--no-write` (print only).
-//! The end-to-end workloads' options are in bench/e2e.rs (`--sqlite-mib`,
-//! `--cadence-seconds`, `--reset-iters`).
+//! `--mechanism <name>` (one mechanism only, e.g. to profile it), `--no-write` (print only),
+//! `--report` (only regenerate bench/RESULTS.md from bench/results.json). The end-to-end
+//! workloads' options are in bench/e2e.rs (`--sqlite-mib`, `--cadence-seconds`,
+//! `--reset-iters`).
 
 mod child;
 mod e2e;
 mod e2e_report;
 mod e2e_run;
+mod goals;
 mod heap_hash;
 mod json;
 mod mechanisms;
 mod report;
+mod results_md;
 mod sqlite;
 mod svg;
 mod workloads;
@@ -121,6 +124,10 @@ fn harvest_curve(shared: &[u8], s: &mut child::Sample) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/bench");
+    if args.iter().any(|a| a == "--report") {
+        results_md::write(dir).unwrap_or_else(|e| panic!("bench --report: {e}"));
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let no_write = args.iter().any(|a| a == "--no-write");
     let arg = |name: &str| {
@@ -250,7 +257,8 @@ fn main() {
         std::fs::write(format!("{dir}/results.json"), doc).expect("write bench/results.json");
         std::fs::write(format!("{dir}/chart.svg"), svg::chart(&records))
             .expect("write bench/chart.svg");
-        println!("wrote {dir}/results.json and {dir}/chart.svg");
+        results_md::write(dir).unwrap_or_else(|e| panic!("bench/RESULTS.md: {e}"));
+        println!("wrote {dir}/results.json, {dir}/chart.svg and {dir}/RESULTS.md");
     }
     if !e2e_problems.is_empty() {
         eprintln!("bench: end-to-end verification failed (see UNVERIFIED above)");
