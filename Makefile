@@ -111,12 +111,13 @@ define per_backend
 	if [ -n "$$failed" ]; then echo "make test: $(2) failed under:$$failed"; exit 1; fi
 endef
 
-# The unit tests once (they fork their own userfaultfd cases), then the forked scenarios
+# The unit tests once (they fork their own userfaultfd cases; bench_report: the bench's
+# pure pieces, which its harness-less target cannot test), then the forked scenarios
 # (which check that the requested backend is the one running) and the model test once per
 # backend.
 RUST_SUITES := $(CARGO) test --release --test scenarios --test model
 rust-test: $(BUILD)/memsnap-probe
-	$(CARGO) test --release --lib
+	$(CARGO) test --release --lib --test bench_report
 	$(call per_backend,$(RUST_SUITES),Rust scenarios and model)
 
 $(BUILD)/memsnap-tests: $(CPP_TESTS) $(wildcard cpp-tests/*.h) include/MemorySnapshot.h include/MemorySnapshotHelpers.h $(LIB) | gtest
@@ -322,11 +323,25 @@ apple-build:
 	  file $$out/memsnap-demo; \
 	done
 
-# Speed and memory against fork copy-on-write and full copies, in one run (release
-# profile). Prints a table; writes bench/results.json and bench/chart.svg.
-.PHONY: bench
-bench:
+# Speed and memory against fork copy-on-write and full copies, and the end-to-end SQLite
+# workloads (bench/e2e.rs), in one run (release profile). Prints a table; writes
+# bench/results.json, bench/chart.svg and bench/RESULTS.md (generated from results.json;
+# `make bench-report` regenerates it alone). Fails if an end-to-end rewind did not verify.
+# The SQLite workloads link the system libsqlite3 (Debian's libsqlite3-dev).
+.PHONY: bench bench-report bench-deps
+bench: bench-deps
 	$(CARGO) bench --bench memsnap
+
+bench-report: bench-deps
+	$(CARGO) bench --bench memsnap -- --report
+
+bench-deps:
+ifneq ($(UNAME),Darwin)
+	@dpkg-query -W -f='$${Status}' libsqlite3-dev 2>/dev/null | grep -q 'ok installed' || { \
+	  echo "Installing libsqlite3-dev"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libsqlite3-dev >/dev/null; }
+endif
 
 # Long model-test run (tests/model.rs), not part of `make test`: sequences of SOAK_LEN
 # operations for SOAK_SECONDS from base seed SOAK_SEED (printed first; every failure prints
