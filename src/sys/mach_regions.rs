@@ -1,0 +1,262 @@
+//! The macOS region classifier as a pure function: Mach region records (what
+//! `mach_vm_region_recurse` reports at depth 0) in, [`Region`]s out, with the ranges that
+//! must never be tracked (memsnap's own memory) cut out and reported as
+//! [`RegionKind::Kernel`]. Also the `kern_return_t` to errno mapping of protection calls.
+//!
+//! No Mach call here, so that it compiles everywhere and the Linux unit tests (and Miri)
+//! run it on crafted records; `macos/regions.rs` does the walk and feeds it. The constants
+//! are xnu's (`osfmk/mach/vm_prot.h`, `vm_inherit.h`, `vm_region.h`, `vm_statistics.h`,
+//! `kern_return.h`); on macOS `regions.rs` checks them against mach2's at compile time.
+#![cfg_attr(not(target_os = "macos"), allow(dead_code))]
+
+use super::{Region, RegionKind};
+
+pub const VM_PROT_READ: i32 = 1;
+pub const VM_PROT_WRITE: i32 = 2;
+pub const VM_PROT_EXECUTE: i32 = 4;
+pub const VM_INHERIT_SHARE: u32 = 0;
+pub const SM_TRUESHARED: u8 = 5;
+pub const SM_SHARED_ALIASED: u8 = 7;
+/// `VM_MEMORY_STACK`: thread stacks, and libpthread's `pthread_t` and TSD with them.
+pub const VM_MEMORY_STACK: u32 = 30;
+
+pub const KERN_INVALID_ADDRESS: i32 = 1;
+pub const KERN_PROTECTION_FAILURE: i32 = 2;
+pub const KERN_NO_SPACE: i32 = 3;
+pub const KERN_RESOURCE_SHORTAGE: i32 = 6;
+
+/// One depth-0 VM map entry, the fields of `vm_region_submap_info_64` the policy reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegionRecord {
+    pub start: usize,
+    pub end: usize,
+    pub protection: i32,
+    pub max_protection: i32,
+    pub inheritance: u32,
+    pub share_mode: u8,
+    pub is_submap: bool,
+    pub user_tag: u32,
+    pub external_pager: bool,
+    /// `VM_REGION_FLAG_JIT_ENABLED` in the `flags` field newer kernels fill in
+    /// (xnu-11417's `vm_region_submap_info_64` has no such field: there it reads 0).
+    pub jit_flag: bool,
+}
+
+/// What the classifier needs besides the records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// `[start, end)` ranges never tracked, reported as [`RegionKind::Kernel`]:
+    /// memsnap's own mappings. Empty ranges are ignored; the others must not overlap.
+    pub excluded: [(usize, usize); 3],
+}
+
+/// The region one record describes, before exclusions.
+///
+/// - Kind: the shared region's submap entries, JIT regions (`jit_flag`) → `Kernel`; thread stacks →
+///   `MainStack` (the kind never tracked); file-backed → `File`; else `Anonymous`.
+/// - `private` requires writable maximum protection (memsnap must be able to give
+///   write back), a copy-on-write or private share mode and an inheritance other than
+///   `VM_INHERIT_SHARE` (what `MAP_SHARED` sets).
+pub fn classify(r: &RegionRecord) -> Region {
+    let prot = r.protection;
+    let kind = if r.is_submap || r.jit_flag {
+        RegionKind::Kernel
+    } else if r.user_tag == VM_MEMORY_STACK {
+        RegionKind::MainStack
+    } else if r.external_pager {
+        RegionKind::File
+    } else {
+        RegionKind::Anonymous
+    };
+    Region {
+        start: r.start,
+        end: r.end,
+        read: prot & VM_PROT_READ != 0,
+        write: prot & VM_PROT_WRITE != 0,
+        exec: prot & VM_PROT_EXECUTE != 0,
+        private: kind != RegionKind::Kernel
+            && r.max_protection & VM_PROT_WRITE != 0
+            && r.inheritance != VM_INHERIT_SHARE
+            && r.share_mode != SM_TRUESHARED
+            && r.share_mode != SM_SHARED_ALIASED,
+        kind,
+    }
+}
+
+/// Calls `f` with `region` cut at the excluded ranges: the pieces inside one are
+/// reported as `Kernel` and not private, the rest as they are, in address order.
+pub fn split_excluded(region: Region, excluded: &[(usize, usize); 3], mut f: impl FnMut(Region)) {
+    let mut pieces = [(0usize, 0usize); 3];
+    for (p, &(b, e)) in pieces.iter_mut().zip(excluded) {
+        *p = (b.max(region.start), e.min(region.end));
+    }
+    pieces.sort_unstable();
+    let mut cursor = region.start;
+    for (b, e) in pieces {
+        if b >= e {
+            continue;
+        }
+        if b > cursor {
+            f(Region {
+                start: cursor,
+                end: b,
+                ..region
+            });
+        }
+        f(Region {
+            start: b,
+            end: e,
+            private: false,
+            kind: RegionKind::Kernel,
+            ..region
+        });
+        cursor = cursor.max(e);
+    }
+    if cursor < region.end {
+        f(Region {
+            start: cursor,
+            ..region
+        });
+    }
+}
+
+/// The classifier: every record, classified and cut at the excluded ranges, in order.
+pub fn classify_all(
+    records: impl IntoIterator<Item = RegionRecord>,
+    policy: &Policy,
+    mut f: impl FnMut(Region),
+) {
+    for r in records {
+        split_excluded(classify(&r), &policy.excluded, &mut f);
+    }
+}
+
+/// The errno of a failed `mach_vm_protect`.
+pub fn errno_of(kr: i32) -> i32 {
+    match kr {
+        KERN_PROTECTION_FAILURE => libc::EACCES,
+        KERN_INVALID_ADDRESS => libc::EFAULT,
+        KERN_NO_SPACE | KERN_RESOURCE_SHORTAGE => libc::EAGAIN,
+        _ => libc::EINVAL,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RW: i32 = VM_PROT_READ | VM_PROT_WRITE;
+    const RX: i32 = VM_PROT_READ | VM_PROT_EXECUTE;
+    const RWX: i32 = RW | VM_PROT_EXECUTE;
+    /// `VM_INHERIT_COPY`, `SM_COW`, `SM_PRIVATE`.
+    const COPY: u32 = 1;
+    const SM_COW: u8 = 1;
+    const SM_PRIVATE: u8 = 2;
+
+    fn anon(start: usize, end: usize, prot: i32) -> RegionRecord {
+        RegionRecord {
+            start,
+            end,
+            protection: prot,
+            max_protection: RWX,
+            inheritance: COPY,
+            share_mode: SM_PRIVATE,
+            ..RegionRecord::default()
+        }
+    }
+
+    fn submap(start: usize, end: usize) -> RegionRecord {
+        RegionRecord {
+            is_submap: true,
+            share_mode: SM_COW,
+            protection: RX,
+            max_protection: RX,
+            inheritance: VM_INHERIT_SHARE,
+            ..anon(start, end, RX)
+        }
+    }
+
+    fn run(records: &[RegionRecord], policy: &Policy) -> Vec<Region> {
+        let mut out = Vec::new();
+        classify_all(records.iter().copied(), policy, |r| out.push(r));
+        out
+    }
+
+    fn trackable(r: &Region) -> bool {
+        r.write && r.private && matches!(r.kind, RegionKind::Anonymous | RegionKind::File)
+    }
+
+    #[test]
+    fn regions_straddling_an_excluded_range_are_cut() {
+        let policy = Policy {
+            excluded: [(0x3000, 0x5000), (0x8000, 0x9000), (0, 0)],
+        };
+        let out = run(&[anon(0x1000, 0xa000, RW)], &policy);
+        let spans: Vec<_> = out.iter().map(|r| (r.start, r.end, r.kind)).collect();
+        use RegionKind::{Anonymous as A, Kernel as K};
+        assert_eq!(
+            spans,
+            vec![
+                (0x1000, 0x3000, A),
+                (0x3000, 0x5000, K),
+                (0x5000, 0x8000, A),
+                (0x8000, 0x9000, K),
+                (0x9000, 0xa000, A)
+            ]
+        );
+        // Unordered exclusions, one covering the whole region.
+        let policy = Policy {
+            excluded: [(0x9000, 0x9100), (0, 0x2000), (0x1000, 0x1000)],
+        };
+        let out = run(&[anon(0x1000, 0x2000, RW)], &policy);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].start, out[0].end, out[0].kind), (0x1000, 0x2000, K));
+    }
+
+    #[test]
+    fn submap_entries_are_never_tracked() {
+        let r = run(&[submap(0x1000, 0x9000)], &Policy::default())[0];
+        assert_eq!((r.kind, r.private), (RegionKind::Kernel, false));
+        assert!(!trackable(&r));
+    }
+
+    #[test]
+    fn kinds_and_privacy() {
+        let p = Policy::default();
+        let stack = RegionRecord {
+            user_tag: VM_MEMORY_STACK,
+            ..anon(0, 0x1000, RW)
+        };
+        assert_eq!(run(&[stack], &p)[0].kind, RegionKind::MainStack);
+        let file = RegionRecord {
+            external_pager: true,
+            share_mode: SM_COW,
+            ..anon(0, 0x1000, RW)
+        };
+        assert_eq!(run(&[file], &p)[0].kind, RegionKind::File);
+        assert!(run(&[file], &p)[0].private);
+        // MAP_SHARED, true sharing, aliasing, and a maximum protection without write.
+        for r in [
+            RegionRecord {
+                inheritance: VM_INHERIT_SHARE,
+                ..anon(0, 0x1000, RW)
+            },
+            RegionRecord {
+                share_mode: SM_TRUESHARED,
+                ..anon(0, 0x1000, RW)
+            },
+            RegionRecord {
+                share_mode: SM_SHARED_ALIASED,
+                ..anon(0, 0x1000, RW)
+            },
+            RegionRecord {
+                max_protection: RX,
+                ..anon(0, 0x1000, VM_PROT_READ)
+            },
+        ] {
+            assert!(!run(&[r], &p)[0].private, "{r:?}");
+        }
+        let r = run(&[anon(0, 0x1000, VM_PROT_READ)], &p)[0];
+        assert!(r.read && !r.write && !r.exec && r.private);
+    }
+}
