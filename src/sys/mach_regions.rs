@@ -1,6 +1,6 @@
 //! The macOS region classifier as a pure function: Mach region records (what
 //! `mach_vm_region_recurse` reports at depth 0) in, [`Region`]s out, with the ranges that
-//! must never be tracked (memsnap's own memory) cut out and reported as
+//! must never be tracked (the shared region, memsnap's own memory) cut out and reported as
 //! [`RegionKind::Kernel`]. Also the `kern_return_t` to errno mapping of protection calls.
 //!
 //! No Mach call here, so that it compiles everywhere and the Linux unit tests (and Miri)
@@ -25,6 +25,13 @@ pub const KERN_PROTECTION_FAILURE: i32 = 2;
 pub const KERN_NO_SPACE: i32 = 3;
 pub const KERN_RESOURCE_SHORTAGE: i32 = 6;
 
+/// The kernel's reservation for the shared region, per architecture
+/// (`osfmk/mach/shared_region.h`, `SHARED_REGION_BASE_*`/`SHARED_REGION_SIZE_*`):
+/// `vm_shared_region_enter` (`osfmk/vm/vm_shared_region.c`) maps the submap over all of
+/// it. Used only when dyld cannot tell the cache's own range (see `macos/regions.rs`).
+pub const SHARED_REGION_X86_64: (usize, usize) = (0x7FF8_0000_0000, 0x7_FE00_0000);
+pub const SHARED_REGION_ARM64: (usize, usize) = (0x1_8000_0000, 0x1_8000_0000);
+
 /// One depth-0 VM map entry, the fields of `vm_region_submap_info_64` the policy reads.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RegionRecord {
@@ -45,8 +52,9 @@ pub struct RegionRecord {
 /// What the classifier needs besides the records.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
-    /// `[start, end)` ranges never tracked, reported as [`RegionKind::Kernel`]:
-    /// memsnap's own mappings. Empty ranges are ignored; the others must not overlap.
+    /// `[start, end)` ranges never tracked, reported as [`RegionKind::Kernel`]: the
+    /// shared region (the dyld shared cache) and memsnap's own mappings. Empty ranges
+    /// are ignored; the others must not overlap.
     pub excluded: [(usize, usize); 3],
 }
 
@@ -121,6 +129,12 @@ pub fn split_excluded(region: Region, excluded: &[(usize, usize); 3], mut f: imp
 }
 
 /// The classifier: every record, classified and cut at the excluded ranges, in order.
+///
+/// The shared region is excluded by range, not only by its submap entries: a write to a
+/// page of it (a system library's data, the main thread's TSD) makes xnu clip that piece
+/// out of the submap and map a private copy-on-write object in the task's own map
+/// (`osfmk/vm/vm_map.c`, `vm_map_lookup_and_lock_object`, "substitute copy object for
+/// shared map entry"), which then reads as an ordinary private writable entry at depth 0.
 pub fn classify_all(
     records: impl IntoIterator<Item = RegionRecord>,
     policy: &Policy,
@@ -184,6 +198,46 @@ mod tests {
 
     fn trackable(r: &Region) -> bool {
         r.write && r.private && matches!(r.kind, RegionKind::Anonymous | RegionKind::File)
+    }
+
+    #[test]
+    fn unnested_shared_cache_data_is_never_tracked() {
+        // The shared region as a written process sees it: submap entries with private
+        // copy-on-write entries between them where system libraries' data was written
+        // (un-nested by xnu), one at the very start of the range.
+        let (base, len) = (0x1_8000_0000usize, 0x1_8000_0000usize);
+        let cache = (base, base + len);
+        let records = [
+            anon(0x1_0000_0000, 0x1_0010_0000, RW), // the host's heap, below
+            RegionRecord {
+                share_mode: SM_COW,
+                ..anon(base, base + 0x4000, RW)
+            },
+            submap(base + 0x4000, base + 0x10_0000),
+            RegionRecord {
+                share_mode: SM_COW,
+                ..anon(base + 0x10_0000, base + 0x10_c000, RW)
+            },
+            submap(base + 0x10_c000, base + len),
+            anon(base + len, base + len + 0x8000, RW), // the host's, above
+        ];
+        let policy = Policy {
+            excluded: [cache, (0, 0), (0, 0)],
+        };
+        let out = run(&records, &policy);
+        assert_eq!(out.len(), 6);
+        for r in &out {
+            let inside = r.start >= cache.0 && r.end <= cache.1;
+            assert_eq!(!trackable(r), inside, "{r:?}");
+            if inside {
+                assert_eq!(r.kind, RegionKind::Kernel);
+                assert!(!r.private);
+            }
+        }
+        // Without the range, only the submap entries themselves were left out: the
+        // un-nested pieces were tracked (the defect).
+        let before = run(&records, &Policy::default());
+        assert_eq!(before.iter().filter(|r| trackable(r)).count(), 4);
     }
 
     #[test]

@@ -44,6 +44,9 @@ const OWN_TAG: u8 = 245;
 /// Everything the fault path and the fork handler write, in library-mapped memory.
 pub(crate) struct Shared {
     callback: AtomicUsize,
+    /// The dyld shared cache's range, read once at installation (see
+    /// `regions::shared_cache_range`).
+    cache: (AtomicUsize, AtomicUsize),
     backend: AtomicU32,
     /// The exception server's thread id, and while it runs the callback for a faulting
     /// thread, that thread's id (what [`tid`] then answers, as on Linux, where the
@@ -85,6 +88,13 @@ impl Shared {
         let f = self.callback.load(Ordering::Acquire);
         // SAFETY: only ever stores a FaultCallback cast to usize (or 0).
         (f != 0).then(|| unsafe { core::mem::transmute::<usize, FaultCallback>(f) })
+    }
+
+    fn shared_cache(&self) -> (usize, usize) {
+        (
+            self.cache.0.load(Ordering::Relaxed),
+            self.cache.1.load(Ordering::Relaxed),
+        )
     }
 
     fn old_handlers(&self) -> &[OldHandler] {
@@ -371,6 +381,10 @@ pub fn install_fault_handler(callback: FaultCallback) -> Result<(), i32> {
     };
     s.own[0].0.store(block as usize, Ordering::Relaxed);
     s.own[0].1.store(bytes, Ordering::Relaxed);
+    // Before anything is protected: the lookup takes dyld's lock.
+    let (cache_start, cache_end) = regions::shared_cache_range();
+    s.cache.0.store(cache_start, Ordering::Relaxed);
+    s.cache.1.store(cache_end, Ordering::Relaxed);
     s.callback.store(callback as usize, Ordering::Release);
     SHARED.store(block, Ordering::Release);
 

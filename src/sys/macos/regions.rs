@@ -3,8 +3,8 @@
 //!
 //! The walk reads each depth-0 entry into a [`RegionRecord`] and hands the records to
 //! the pure classifier (`sys::mach_regions`, unit-tested on Linux), which says what is
-//! trackable and cuts out what never is: the shared region's submap entries and this
-//! module's own memory. Protection is restored per
+//! trackable and cuts out what never is: the shared region by its whole range (see
+//! [`shared_cache_range`]) and this module's own memory. Protection is restored per
 //! page from the engine's record of the region's execute bit: read-write, plus execute
 //! only where the page had it (never write+execute forced onto a page that did not have
 //! both: the hardened runtime refuses that).
@@ -90,8 +90,38 @@ fn region_at(addr: usize) -> Result<Option<RegionRecord>, i32> {
     }
 }
 
+/// The dyld shared cache's range, `[start, end)`, excluded from tracking as a whole (see
+/// `mach_regions::classify_all` for why the submap entries alone are not enough).
+/// `_dyld_get_shared_cache_range` (libdyld, macOS 10.15 and later) is looked up with
+/// `dlsym`, which takes dyld's lock: call this only while no page is protected (the fault
+/// capture's installation caches it for the walks that follow). Older x86_64 systems get
+/// the kernel's whole reservation for the shared region.
+pub(super) fn shared_cache_range() -> (usize, usize) {
+    type RangeFn = unsafe extern "C" fn(length: *mut usize) -> *const libc::c_void;
+    // SAFETY: dlsym with a NUL-terminated name; a null answer is checked.
+    let f = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"_dyld_get_shared_cache_range".as_ptr()) };
+    if f.is_null() {
+        let (base, len) = if cfg!(target_arch = "aarch64") {
+            mach_regions::SHARED_REGION_ARM64
+        } else {
+            mach_regions::SHARED_REGION_X86_64
+        };
+        return (base, base + len);
+    }
+    // SAFETY: the symbol is dyld's `const void *_dyld_get_shared_cache_range(size_t *)`.
+    let f: RangeFn = unsafe { core::mem::transmute::<*mut libc::c_void, RangeFn>(f) };
+    let mut len = 0usize;
+    // SAFETY: writes the length into a local; returns null when there is no cache.
+    let start = unsafe { f(&mut len) } as usize;
+    if start == 0 {
+        (0, 0)
+    } else {
+        (start, start.saturating_add(len))
+    }
+}
+
 /// Calls `f` for every mapping of the process in ascending address order, classified by
-/// `sys::mach_regions`, with the library's own ranges reported as
+/// `sys::mach_regions`, with the shared cache and the library's own ranges reported as
 /// [`super::super::RegionKind::Kernel`].
 pub fn walk_regions(_scratch: &mut [u8], f: impl FnMut(Region)) -> Result<(), WalkError> {
     let own = super::shared();
@@ -104,8 +134,8 @@ pub fn walk_regions(_scratch: &mut [u8], f: impl FnMut(Region)) -> Result<(), Wa
     };
     let policy = Policy {
         excluded: match own {
-            Some(s) => [(0, 0), load(&s.own[0]), load(&s.own[1])],
-            None => [(0, 0); 3],
+            Some(s) => [s.shared_cache(), load(&s.own[0]), load(&s.own[1])],
+            None => [shared_cache_range(), (0, 0), (0, 0)],
         },
     };
     let mut addr = 0usize;
