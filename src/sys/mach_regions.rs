@@ -56,18 +56,29 @@ pub struct Policy {
     /// shared region (the dyld shared cache) and memsnap's own mappings. Empty ranges
     /// are ignored; the others must not overlap.
     pub excluded: [(usize, usize); 3],
+    /// Whether a write+execute region is a `MAP_JIT` one (arm64: see [`classify`]).
+    pub wx_is_jit: bool,
 }
 
 /// The region one record describes, before exclusions.
 ///
-/// - Kind: the shared region's submap entries, JIT regions (`jit_flag`) → `Kernel`; thread stacks →
+/// - Kind: the shared region's submap entries, JIT regions → `Kernel`; thread stacks →
 ///   `MainStack` (the kind never tracked); file-backed → `File`; else `Anonymous`.
+/// - JIT: on arm64 a region whose current protection is write+execute is a `MAP_JIT`
+///   one, the only kind that may be W+X for a native process (`osfmk/vm/vm_map.c`,
+///   `vm_map_enter` and `vm_map_protect` fail W+X unless `used_for_jit` when
+///   `VM_MAP_POLICY_WX_FAIL`, which holds for every non-"alien" macOS map, and the
+///   check applies to every non-exotic (16 KiB page) arm64 map whether or not code
+///   signing is enforced). Its write permission is per thread (`pthread_jit_write_protect_np`),
+///   so memsnap must never protect it. xnu-11417 reports no JIT flag (see
+///   [`RegionRecord::jit_flag`]), so the protection is what tells.
 /// - `private` requires writable maximum protection (memsnap must be able to give
 ///   write back), a copy-on-write or private share mode and an inheritance other than
 ///   `VM_INHERIT_SHARE` (what `MAP_SHARED` sets).
-pub fn classify(r: &RegionRecord) -> Region {
+pub fn classify(r: &RegionRecord, wx_is_jit: bool) -> Region {
     let prot = r.protection;
-    let kind = if r.is_submap || r.jit_flag {
+    let wx = prot & VM_PROT_WRITE != 0 && prot & VM_PROT_EXECUTE != 0;
+    let kind = if r.is_submap || r.jit_flag || (wx_is_jit && wx) {
         RegionKind::Kernel
     } else if r.user_tag == VM_MEMORY_STACK {
         RegionKind::MainStack
@@ -141,7 +152,7 @@ pub fn classify_all(
     mut f: impl FnMut(Region),
 ) {
     for r in records {
-        split_excluded(classify(&r), &policy.excluded, &mut f);
+        split_excluded(classify(&r, policy.wx_is_jit), &policy.excluded, &mut f);
     }
 }
 
@@ -223,6 +234,7 @@ mod tests {
         ];
         let policy = Policy {
             excluded: [cache, (0, 0), (0, 0)],
+            wx_is_jit: false,
         };
         let out = run(&records, &policy);
         assert_eq!(out.len(), 6);
@@ -244,6 +256,7 @@ mod tests {
     fn regions_straddling_an_excluded_range_are_cut() {
         let policy = Policy {
             excluded: [(0x3000, 0x5000), (0x8000, 0x9000), (0, 0)],
+            wx_is_jit: false,
         };
         let out = run(&[anon(0x1000, 0xa000, RW)], &policy);
         let spans: Vec<_> = out.iter().map(|r| (r.start, r.end, r.kind)).collect();
@@ -261,10 +274,36 @@ mod tests {
         // Unordered exclusions, one covering the whole region.
         let policy = Policy {
             excluded: [(0x9000, 0x9100), (0, 0x2000), (0x1000, 0x1000)],
+            wx_is_jit: false,
         };
         let out = run(&[anon(0x1000, 0x2000, RW)], &policy);
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].start, out[0].end, out[0].kind), (0x1000, 0x2000, K));
+    }
+
+    #[test]
+    fn write_execute_is_jit_on_arm64_only() {
+        let jit = anon(0x1000, 0x2000, RWX);
+        let arm = Policy {
+            wx_is_jit: true,
+            ..Policy::default()
+        };
+        let r = run(&[jit], &arm)[0];
+        assert_eq!((r.kind, r.private), (RegionKind::Kernel, false));
+        // x86_64 allows W+X without MAP_JIT: an ordinary region there.
+        let r = run(&[jit], &Policy::default())[0];
+        assert_eq!((r.kind, r.private), (RegionKind::Anonymous, true));
+        // Read+execute code and read-write data are not JIT on arm64.
+        for p in [RX, RW] {
+            assert_ne!(run(&[anon(0, 0x1000, p)], &arm)[0].kind, RegionKind::Kernel);
+        }
+        // A JIT region currently switched to read+execute still carries the flag on
+        // kernels that report it.
+        let flagged = RegionRecord {
+            jit_flag: true,
+            ..anon(0, 0x1000, RX)
+        };
+        assert_eq!(run(&[flagged], &arm)[0].kind, RegionKind::Kernel);
     }
 
     #[test]

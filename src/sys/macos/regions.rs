@@ -137,6 +137,7 @@ pub fn walk_regions(_scratch: &mut [u8], f: impl FnMut(Region)) -> Result<(), Wa
             Some(s) => [s.shared_cache(), load(&s.own[0]), load(&s.own[1])],
             None => [shared_cache_range(), (0, 0), (0, 0)],
         },
+        wx_is_jit: cfg!(target_arch = "aarch64"),
     };
     let mut addr = 0usize;
     let mut failed = None;
