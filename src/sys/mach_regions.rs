@@ -156,11 +156,13 @@ pub fn classify_all(
     }
 }
 
-/// The errno of a failed `mach_vm_protect`.
+/// The errno of a failed `mach_vm_protect`, as xnu's own `mprotect` maps it
+/// (`bsd/kern/kern_mman.c`): an unmapped range (`KERN_INVALID_ADDRESS`) is `ENOMEM`, which
+/// the engine reads as "the memory vanished" (libmalloc unmapped a freed block).
 pub fn errno_of(kr: i32) -> i32 {
     match kr {
         KERN_PROTECTION_FAILURE => libc::EACCES,
-        KERN_INVALID_ADDRESS => libc::EFAULT,
+        KERN_INVALID_ADDRESS => libc::ENOMEM,
         KERN_NO_SPACE | KERN_RESOURCE_SHORTAGE => libc::EAGAIN,
         _ => libc::EINVAL,
     }
@@ -351,5 +353,14 @@ mod tests {
         }
         let r = run(&[anon(0, 0x1000, VM_PROT_READ)], &p)[0];
         assert!(r.read && !r.write && !r.exec && r.private);
+    }
+
+    #[test]
+    fn protection_errors_as_xnus_mprotect_reports_them() {
+        // A range that is no longer mapped: ENOMEM, which the engine reads as vanished.
+        assert_eq!(errno_of(KERN_INVALID_ADDRESS), libc::ENOMEM);
+        assert_eq!(errno_of(KERN_PROTECTION_FAILURE), libc::EACCES);
+        assert_eq!(errno_of(KERN_NO_SPACE), libc::EAGAIN);
+        assert_eq!(errno_of(4), libc::EINVAL);
     }
 }

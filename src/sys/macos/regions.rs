@@ -158,7 +158,8 @@ pub fn walk_regions(_scratch: &mut [u8], f: impl FnMut(Region)) -> Result<(), Wa
 
 /// Changes the current protection of page-aligned `[addr, addr + len)`: read-only or
 /// read-write, with execute exactly when `access` carries the page's own execute bit.
-/// Fails (`EACCES`) rather than exceeding a region's maximum protection.
+/// Fails (`EACCES`) rather than exceeding a region's maximum protection, and with
+/// `ENOMEM` where the range is no longer mapped, as `mprotect` does.
 ///
 /// # Safety
 /// The range holds no memory whose protection the Rust program relies on.
