@@ -388,10 +388,14 @@ pub fn install_fault_handler(callback: FaultCallback) -> Result<(), i32> {
     s.callback.store(callback as usize, Ordering::Release);
     SHARED.store(block, Ordering::Release);
 
+    // The signal handlers are installed in either mode: with the exception port they
+    // catch what the server refuses, above all the faults of a fork child before its
+    // atfork handler runs (it inherited the port, and the server answers other tasks'
+    // faults with KERN_FAILURE, which the kernel turns into SIGBUS in the child).
+    signals::install(s)?;
     let backend = if wants_exception_port() && exc_server::install(s).is_ok() {
         Backend::MacExceptionPort
     } else {
-        signals::install(s)?;
         Backend::MacSignal
     };
     s.backend.store(backend as u32, Ordering::Release);
@@ -402,10 +406,11 @@ pub fn install_fault_handler(callback: FaultCallback) -> Result<(), i32> {
 
 /// A forked child has no exception server (threads do not survive fork) and its task
 /// exception port still names the parent's, which refuses faults from other tasks; the
-/// child switches to the signal handler so that it keeps its tracking (its tracked pages
-/// are still write-protected). The parent's earlier handlers cannot be reached from the
-/// child (port names do not survive fork): foreign faults in the child go to its signal
-/// handlers.
+/// child switches to the signal handlers it inherited, installed in Mach mode too, so
+/// that it keeps its tracking (its tracked pages are still write-protected), and a write
+/// before this handler runs is caught by them as well. The parent's earlier handlers
+/// cannot be reached from the child (port names do not survive fork): foreign faults in
+/// the child go to its signal handlers.
 extern "C" fn after_fork_in_child() {
     let Some(s) = shared() else { return };
     if s.backend.load(Ordering::Acquire) != Backend::MacExceptionPort as u32 {
