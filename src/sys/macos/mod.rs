@@ -35,6 +35,10 @@ use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsiz
 /// tracked memory and has been resolved, so the instruction can be retried.
 pub type FaultCallback = fn(usize) -> bool;
 
+/// The exception server's: the same for a write by the given thread, or `None` when it
+/// must be asked again later (memory changes are disallowed by another thread).
+pub type ServedFaultCallback = fn(usize, u64) -> Option<bool>;
+
 /// The VM tag of memory this library maps for itself (one of the application-specific
 /// tags, 240-255). Mappings with different tags are never coalesced, so the library's
 /// memory never shares a region with the host's; the walk reports only the ranges
@@ -44,6 +48,8 @@ const OWN_TAG: u8 = 245;
 /// Everything the fault path and the fork handler write, in library-mapped memory.
 pub(crate) struct Shared {
     callback: AtomicUsize,
+    /// A [`ServedFaultCallback`] (0 until set).
+    served: AtomicUsize,
     /// The dyld shared cache's range, read once at installation (see
     /// `regions::shared_cache_range`).
     cache: (AtomicUsize, AtomicUsize),
@@ -56,7 +62,6 @@ pub(crate) struct Shared {
     /// `mach_task_self()` when the port was installed.
     task: AtomicU32,
     port: AtomicU32,
-    reply_port: AtomicU32,
     /// The handlers installed before ours, for forwarding; `old` is written before
     /// `old_count` is published and never after.
     old_count: AtomicUsize,
@@ -88,6 +93,12 @@ impl Shared {
         let f = self.callback.load(Ordering::Acquire);
         // SAFETY: only ever stores a FaultCallback cast to usize (or 0).
         (f != 0).then(|| unsafe { core::mem::transmute::<usize, FaultCallback>(f) })
+    }
+
+    fn served(&self) -> Option<ServedFaultCallback> {
+        let f = self.served.load(Ordering::Acquire);
+        // SAFETY: only ever stores a ServedFaultCallback cast to usize (or 0).
+        (f != 0).then(|| unsafe { core::mem::transmute::<usize, ServedFaultCallback>(f) })
     }
 
     fn shared_cache(&self) -> (usize, usize) {
@@ -423,6 +434,15 @@ extern "C" fn after_fork_in_child() {
     }
     s.backend
         .store(Backend::MacSignal as u32, Ordering::Release);
+}
+
+/// Sets the exception server's callback (see [`ServedFaultCallback`]); call after
+/// [`install_fault_handler`]. Until it is set, the server treats no fault as memsnap's,
+/// which is right while nothing is protected.
+pub fn set_served_fault_callback(callback: ServedFaultCallback) {
+    if let Some(s) = shared() {
+        s.served.store(callback as usize, Ordering::Release);
+    }
 }
 
 /// Whether our capture still receives the faults (someone may have replaced it since).
