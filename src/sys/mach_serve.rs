@@ -2,6 +2,14 @@
 //! gets, and which requests wait and for what. The server thread must never block on one
 //! request while others queue behind it, so nothing here waits:
 //!
+//! - A request from another task (a `fork` or `posix_spawn` child: a new task inherits
+//!   its parent's exception ports, `osfmk/kern/ipc_tt.c` `ipc_task_init`, and only a
+//!   set-uid exec resets them, `ipc_task_reset`) is answered `KERN_FAILURE` at once and
+//!   never forwarded: the kernel then raises the BSD signal in that task, whose handlers
+//!   (memsnap's, inherited in a fork child) see it. Forwarding would copy its thread and
+//!   task ports, which are immovable when Developer Mode is off, and copying an immovable
+//!   send right raises a fatal guard exception in the sender (`osfmk/ipc/ipc_policy.c`,
+//!   `mach_port_guard_exception_immovable`; `osfmk/ipc/ipc_right.c`).
 //! - A write to tracked memory is resolved by the engine; when memory changes are
 //!   disallowed by another thread the engine answers "later" instead of waiting, and the
 //!   request waits here while the server goes on receiving, so a write by the thread that
@@ -112,8 +120,11 @@ impl Server {
 
     /// Handles a request the kernel sent.
     pub fn on_request(&mut self, req: Request, old: &[OldHandler], env: &mut impl Env) {
-        let own = if env.own_task(&req) { req.task } else { 0 };
-        if let Some(addr) = candidate_address(&req, own) {
+        if !env.own_task(&req) {
+            env.reply(&req, KERN_FAILURE);
+            return;
+        }
+        if let Some(addr) = candidate_address(&req, req.task) {
             if env.is_write(&req) {
                 match env.resolve(&req, addr) {
                     Some(true) => return env.reply(&req, KERN_SUCCESS),
@@ -249,6 +260,7 @@ mod tests {
     use super::*;
 
     const TASK: u32 = 0x203;
+    const CHILD_TASK: u32 = 0x307;
     /// The tracked addresses the fake engine knows; `LOCKED` answers "later" while
     /// `allowed` is false.
     const TRACKED: usize = 0x1_0000_4000;
@@ -355,6 +367,24 @@ mod tests {
     }
 
     use Event::{Forward as Fwd, Reply, Resolve};
+
+    #[test]
+    fn other_tasks_requests_are_refused_and_never_forwarded() {
+        let old = earlier_handler();
+        let mut s = Server::new();
+        let mut env = Fake::new();
+        // A fork child's write to a page that is protected in it too, and its real crash:
+        // neither reaches the engine nor the earlier handler.
+        let child = request(5, CHILD_TASK, KERN_PROTECTION_FAILURE as i64, TRACKED);
+        s.on_request(child, &old, &mut env);
+        s.on_request(request(6, CHILD_TASK, 1, 0), &old, &mut env);
+        assert_eq!(
+            env.take(),
+            vec![Reply(5, KERN_FAILURE), Reply(6, KERN_FAILURE)]
+        );
+        assert_eq!(s.waiting(), 0);
+        assert!((0..SLOTS).all(|i| s.forwarded(i).is_none()));
+    }
 
     #[test]
     fn a_waiting_write_does_not_hide_the_next_request() {

@@ -9,6 +9,8 @@
 //! gets is decided by `sys::mach_serve` (pure, unit-tested on Linux), through the
 //! byte-level seam in `sys::mach_exc`; this module implements its [`Env`] with the Mach
 //! calls:
+//! - another task's request (a fork or spawn child inherits the port): `KERN_FAILURE` at
+//!   once, never forwarded;
 //! - a write to tracked memory (`KERN_PROTECTION_FAILURE` in this task, a write per the
 //!   thread's exception state, and the engine agrees): `KERN_SUCCESS`, the thread retries
 //!   the instruction; while memory changes are disallowed by another thread, the request
