@@ -33,6 +33,21 @@ pub const WAIT_MAX: usize = 256;
 /// Forwarded requests that can be pending at once (one reply port each).
 pub const SLOTS: usize = 8;
 
+/// The bits of a fault address that are the address on arm64. xnu runs user space with
+/// top-byte-ignore for data (`osfmk/arm64/proc_reg.h`, `TCR_TBI0_TOPBYTE_IGNORED`), and
+/// `handle_user_abort` (`osfmk/arm64/sleh.c`) resolves the fault at the stripped address
+/// (`VM_USER_STRIP_TBI`) but reports the raw one in `code[1]` (and `si_addr`).
+const TBI_MASK: u64 = (1 << 56) - 1;
+
+/// The fault address without a top-byte tag (arm64), as memsnap's page table knows it.
+pub fn untag(addr: usize, arm64: bool) -> usize {
+    if arm64 {
+        (addr as u64 & TBI_MASK) as usize
+    } else {
+        addr
+    }
+}
+
 /// How sending a forwarded request went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Forwarding {
@@ -65,7 +80,7 @@ pub trait Env {
 #[derive(Clone, Copy, Debug)]
 struct Waiting {
     req: Request,
-    /// The fault address while waiting for changes to be allowed.
+    /// The (untagged) fault address while waiting for changes to be allowed.
     addr: usize,
     /// Set once the request is to be forwarded: it waits for a slot.
     fwd: Option<Forward>,
@@ -93,10 +108,12 @@ pub struct Server {
     waiting: [Waiting; WAIT_MAX],
     n_waiting: usize,
     slots: [Option<(Request, Forward)>; SLOTS],
+    /// Strip top-byte tags from fault addresses (arm64).
+    arm64: bool,
 }
 
 impl Server {
-    pub const fn new() -> Server {
+    pub const fn new(arm64: bool) -> Server {
         Server {
             waiting: [Waiting {
                 req: NO_REQUEST,
@@ -105,6 +122,7 @@ impl Server {
             }; WAIT_MAX],
             n_waiting: 0,
             slots: [None; SLOTS],
+            arm64,
         }
     }
 
@@ -125,6 +143,7 @@ impl Server {
             return;
         }
         if let Some(addr) = candidate_address(&req, req.task) {
+            let addr = untag(addr, self.arm64);
             if env.is_write(&req) {
                 match env.resolve(&req, addr) {
                     Some(true) => return env.reply(&req, KERN_SUCCESS),
@@ -371,7 +390,7 @@ mod tests {
     #[test]
     fn other_tasks_requests_are_refused_and_never_forwarded() {
         let old = earlier_handler();
-        let mut s = Server::new();
+        let mut s = Server::new(false);
         let mut env = Fake::new();
         // A fork child's write to a page that is protected in it too, and its real crash:
         // neither reaches the engine nor the earlier handler.
@@ -389,7 +408,7 @@ mod tests {
     #[test]
     fn a_waiting_write_does_not_hide_the_next_request() {
         let old = earlier_handler();
-        let mut s = Server::new();
+        let mut s = Server::new(false);
         let mut env = Fake {
             allowed: false,
             disallower: 9,
@@ -424,7 +443,7 @@ mod tests {
     #[test]
     fn a_pending_forward_does_not_block_tracked_writes() {
         let old = earlier_handler();
-        let mut s = Server::new();
+        let mut s = Server::new(false);
         let mut env = Fake::new();
         s.on_request(fault(3, UNTRACKED), &old, &mut env);
         assert_eq!(env.take(), vec![Resolve(3, UNTRACKED), Fwd(3, 0)]);
@@ -448,7 +467,7 @@ mod tests {
     #[test]
     fn forwards_wait_for_a_slot_in_order() {
         let old = earlier_handler();
-        let mut s = Server::new();
+        let mut s = Server::new(false);
         let mut env = Fake::new();
         for t in 0..SLOTS as u32 + 2 {
             s.on_request(fault(100 + t, UNTRACKED), &old, &mut env);
@@ -488,7 +507,7 @@ mod tests {
     #[test]
     fn a_full_wait_list_waits_in_place() {
         let old = earlier_handler();
-        let mut s = Server::new();
+        let mut s = Server::new(false);
         let mut env = Fake {
             allowed: false,
             disallower: 1,
@@ -509,5 +528,19 @@ mod tests {
                 Reply(7, KERN_SUCCESS)
             ]
         );
+    }
+
+    #[test]
+    fn arm64_tags_are_stripped() {
+        let old = earlier_handler();
+        let tagged = TRACKED | 0x5a << 56;
+        for (arm64, seen) in [(true, TRACKED), (false, tagged)] {
+            let mut s = Server::new(arm64);
+            let mut env = Fake::new();
+            s.on_request(fault(3, tagged), &old, &mut env);
+            assert_eq!(env.take()[0], Resolve(3, seen));
+        }
+        assert_eq!(untag(usize::MAX, true), (1 << 56) - 1);
+        assert_eq!(untag(0x1234, true), 0x1234);
     }
 }

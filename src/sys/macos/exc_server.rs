@@ -107,7 +107,7 @@ pub(super) fn install(s: &'static Shared) -> Result<(), i32> {
         let block = super::reserve(mem_bytes + STACK_BYTES).ok_or(libc::ENOMEM)?;
         let mem = block as *mut ServerMem;
         // The mapping is zero-filled; the bookkeeping gets its real initial value.
-        core::ptr::addr_of_mut!((*mem).server).write(Server::new());
+        core::ptr::addr_of_mut!((*mem).server).write(Server::new(cfg!(target_arch = "aarch64")));
         let mut set: mach_port_t = MACH_PORT_NULL;
         let release = |set: mach_port_t, ports: &[mach_port_t]| {
             for &p in ports {

@@ -8,6 +8,7 @@
 //! faults again, so the process dies of its own signal.
 
 use super::super::mach_exc::{is_write_arm64, is_write_x86_64};
+use super::super::mach_serve::untag;
 use super::{shared, Shared};
 use core::sync::atomic::Ordering;
 
@@ -78,7 +79,8 @@ extern "C" fn on_fault(signal: i32, info: *mut libc::siginfo_t, context: *mut li
         if let Some(s) = shared() {
             if is_write_fault(context) {
                 if let Some(callback) = s.callback() {
-                    if callback((*info).si_addr as usize) {
+                    let addr = untag((*info).si_addr as usize, cfg!(target_arch = "aarch64"));
+                    if callback(addr) {
                         return;
                     }
                 }
