@@ -9,6 +9,7 @@
 //! snapshot (the pointer to the block and the `pthread_atfork` registration).
 
 mod exc_server;
+mod imports;
 mod regions;
 mod signals;
 mod threads;
@@ -71,6 +72,8 @@ pub(crate) struct Shared {
     previous: UnsafeCell<[MaybeUninit<libc::sigaction>; 2]>,
     /// The library-mapped ranges of this module (this block, the server's block).
     own: [(AtomicUsize, AtomicUsize); 2],
+    /// `abort`, looked up at installation (see `imports`); 0 if not found.
+    abort: AtomicUsize,
 }
 
 const MAX_OLD: usize = 32;
@@ -147,8 +150,10 @@ pub fn for_each_writable_mapping(_start: usize, _end: usize, _f: impl FnMut(usiz
 /// Nothing to probe ahead of time on macOS; see the Linux backend.
 pub fn prepare() {}
 
-/// Binds nothing: dyld's lazy pointers (`__la_symbol_ptr`) are not bound ahead of time,
-/// so hosts link with `-bind_at_load` (see README, Hazards). Returns the slots written.
+/// Binds nothing in the host: dyld's lazy pointers (`__la_symbol_ptr`) are not bound
+/// ahead of time, so hosts link with `-bind_at_load` (see README, Hazards); libmemsnap's
+/// own are bound when the fault capture is installed (see `imports`). Returns the slots
+/// written.
 pub fn bind_exports() -> Result<usize, &'static str> {
     Ok(0)
 }
@@ -240,6 +245,13 @@ pub fn write_stderr(bytes: &[u8]) {
 }
 
 pub fn abort() -> ! {
+    let f = shared().map_or(0, |s| s.abort.load(Ordering::Relaxed));
+    if f != 0 {
+        // SAFETY: the address dlsym gave for libSystem's `abort` (see `imports`), called
+        // through it so that its lazy stub is not bound inside a fault.
+        let f = unsafe { core::mem::transmute::<usize, extern "C" fn() -> !>(f) };
+        f();
+    }
     // SAFETY: abort never returns. Unlike glibc's, libSystem's abort keeps its state in
     // the shared cache, which is never tracked.
     unsafe { libc::abort() }
@@ -392,7 +404,9 @@ pub fn install_fault_handler(callback: FaultCallback) -> Result<(), i32> {
     };
     s.own[0].0.store(block as usize, Ordering::Relaxed);
     s.own[0].1.store(bytes, Ordering::Relaxed);
-    // Before anything is protected: the lookup takes dyld's lock.
+    // Before anything is protected: these run dyld's binder and take its lock.
+    s.abort
+        .store(imports::bind_fault_path_imports(), Ordering::Relaxed);
     let (cache_start, cache_end) = regions::shared_cache_range();
     s.cache.0.store(cache_start, Ordering::Relaxed);
     s.cache.1.store(cache_end, Ordering::Relaxed);
