@@ -92,6 +92,9 @@ impl Engine {
         if let Err(e) = sys::install_fault_handler(super::fault::on_write_fault) {
             crate::fatal!(F, "cannot install the write-fault handler (error {})", e);
         }
+        // The macOS exception server answers for every thread and must not wait for one.
+        #[cfg(target_os = "macos")]
+        sys::set_served_fault_callback(super::fault::on_served_write_fault);
         self.bind_exports(F);
         self.set_allowed(F, false);
         {
