@@ -365,6 +365,7 @@ soak:
 MIRI_TESTS := engine::ranges engine::free engine::dirty engine::granule engine::tests \
   sys::linux::maps sys::linux::threads::tests::syscall_file_formats \
   sys::linux::threads::tests::decimal_names sys::mach_exc sys::mach_regions sys::mach_serve \
+  sys::mach_image \
   mem::pool::tests::page_state_bits \
   engine::uffd::tests engine::verify::tests
 .PHONY: miri

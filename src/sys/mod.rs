@@ -15,6 +15,9 @@ mod mach_exc;
 mod mach_regions;
 #[cfg(any(target_os = "macos", test))]
 mod mach_serve;
+// libmemsnap's own writable segments in a Mach-O image: pure, unit-tested everywhere.
+#[cfg(any(target_os = "macos", test))]
+mod mach_image;
 
 #[cfg(target_os = "linux")]
 mod linux;

@@ -21,11 +21,42 @@ pub fn thread_stack_bytes(usable: usize) -> usize {
     usable
 }
 
-/// libmemsnap's own writable segments, left out of tracking on Linux
-/// (`sys/linux/own_object.rs`). Not yet on macOS: the dylib's `__DATA` stays tracked, and
-/// its statics (the engine pointer, the shared state pointer, the requested settings) are
-/// written only before the first snapshot; the macOS state lives in memory memsnap maps.
-pub fn for_each_own_writable_segment(_page: usize, _f: impl FnMut(usize, usize)) {}
+/// Calls `f(start, end)` for each writable segment of the dylib that holds memsnap's code,
+/// widened to kernel pages (`page`), so that its statics and dyld's lazy pointers for its
+/// imports are never tracked (see `sys/mach_image.rs`); nothing when memsnap is part of the
+/// program itself (the rlib in a test executable), whose data is the program's.
+pub fn for_each_own_writable_segment(page: usize, mut f: impl FnMut(usize, usize)) {
+    fn marker() {}
+    let marker = marker as fn() as *const libc::c_void;
+    // SAFETY: dladdr fills `info` for an address inside a loaded image; zeroed is a valid
+    // Dl_info to start from.
+    let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
+    // SAFETY: `marker` is this function's address; `info` is writable.
+    if unsafe { libc::dladdr(marker, &mut info) } == 0 || info.dli_fbase.is_null() {
+        return;
+    }
+    // SAFETY: image 0 is the main executable, whose header dyld keeps mapped.
+    let program = unsafe { mach2::dyld::_dyld_get_image_header(0) };
+    if core::ptr::eq(program as *const libc::c_void, info.dli_fbase) {
+        return;
+    }
+    let base = info.dli_fbase as *const u8;
+    // SAFETY: dli_fbase is the image's mapped Mach-O header; its first 32 bytes are the
+    // header, and the load commands follow it within the mapped __TEXT segment.
+    let head = unsafe { core::slice::from_raw_parts(base, 32) };
+    let Some(len) = super::mach_image::commands_end(head) else {
+        return;
+    };
+    // SAFETY: as above: header and load commands, `len` bytes, all mapped.
+    let image = unsafe { core::slice::from_raw_parts(base, len) };
+    let _ = super::mach_image::for_each_writable_segment(image, base as usize, |start, end| {
+        let lo = start & !(page - 1);
+        let hi = end.next_multiple_of(page);
+        if lo < hi {
+            f(lo, hi);
+        }
+    });
+}
 pub use threads::{
     current_errno_location, current_rseq_area, current_signal_stack, current_sp,
     exited_threads_cpu_ns, for_each_thread_sp, rseq_layout, settle_threads, signal_stack_of,
