@@ -50,12 +50,24 @@ all: lib
 # The library and the generated header are files with real prerequisites, so that the
 # C++ binaries below relink only when the library changed (cargo decides what to rebuild;
 # the touch makes the library newer than its sources even when cargo had nothing to do).
-LIB       := $(LIBDIR)/$(LIBFILE)
-RUST_SRCS := $(shell find src -name '*.rs') Cargo.toml Cargo.lock build.rs cbindgen.toml
-$(LIB): $(RUST_SRCS)
+# On Linux hosts record the library's SONAME (libmemsnap.so.MAJOR, set by build.rs), so
+# LIB, what they depend on, is a link of that name to cargo's output (docs/packaging.md).
+VERSION   := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+ABI_MAJOR := $(firstword $(subst ., ,$(VERSION)))
+SONAME    := libmemsnap.so.$(ABI_MAJOR)
+CARGO_LIB := $(LIBDIR)/$(LIBFILE)
+RUST_SRCS := $(shell find src -name '*.rs') Cargo.toml Cargo.lock build.rs cbindgen.toml memsnap.map
+$(CARGO_LIB): $(RUST_SRCS)
 	$(CARGO) build --release
 	@touch $@
-include/MemorySnapshot.h: $(LIB)
+ifeq ($(UNAME),Darwin)
+  LIB := $(CARGO_LIB)
+else
+  LIB := $(LIBDIR)/$(SONAME)
+$(LIB): $(CARGO_LIB)
+	@ln -sfn $(LIBFILE) $@
+endif
+include/MemorySnapshot.h: $(CARGO_LIB)
 	@touch $@
 
 lib: $(LIB)
@@ -180,7 +192,7 @@ endif
 # test-16k runs the suites again with 16 KiB snapshot pages on a 4 KiB kernel, under
 # every backend: the page size of Apple Silicon, and snapshot pages only partly covered by
 # a mapping (whose shared edges stay on mprotect under userfaultfd).
-test: lib gtest rust-test cpp-test test-auto demo test-16k test-verify test-hosts
+test: lib gtest rust-test cpp-test test-auto demo test-16k test-verify test-hosts test-package
 
 test-16k: export MEMSNAP_PAGE_SIZE = 16384
 test-16k: lib gtest $(BUILD)/memsnap-tests $(BUILD)/memsnap-probe $(LAZY_TESTS)
@@ -353,3 +365,31 @@ MIRI_TESTS := engine::ranges engine::free engine::dirty engine::granule engine::
 miri:
 	@rustup component add --toolchain nightly miri rust-src || { echo "make miri: SKIPPED: no nightly toolchain with Miri can be installed here"; exit $(SKIP_STATUS); }; \
 	 $(CARGO) +nightly miri test --lib -- $(MIRI_TESTS)
+
+# ---- Library conventions and packaging (docs/packaging.md) ----------------------------
+# Linux: the library's SONAME is libmemsnap.so.MAJOR (build.rs); hosts linked against it
+# record that name, so the build tree has it too ($(LIB) above), and an install has the
+# file libmemsnap.so.VERSION with the SONAME and development links to it.
+REALNAME  := libmemsnap.so.$(VERSION)
+
+# The part of `make test` about the library as a package: its exports, the original ABI,
+# and (Linux) the package installed and used from outside.
+.PHONY: test-package check-exports
+ifeq ($(UNAME),Darwin)
+test-package:
+	@echo "make test-package: Linux only (see make apple for the dylib's names)"
+else
+test-package: check-exports
+endif
+
+# The exported symbols must be exactly memsnap.map's list, the reviewed public ABI: the
+# linker merges that list with rustc's own (every #[no_mangle] item), so an export
+# missing from the map would otherwise slip out unnoticed.
+check-exports: lib
+	@mkdir -p $(BUILD); nm -D --defined-only $(LIBDIR)/$(LIBFILE) | awk '{print $$3}' | sort > $(BUILD)/exports.txt; \
+	 sed -n 's/^ *\([A-Za-z_][A-Za-z0-9_]*\);.*/\1/p' memsnap.map | sort > $(BUILD)/exports.map.txt; \
+	 if ! diff $(BUILD)/exports.map.txt $(BUILD)/exports.txt; then \
+	   echo "make check-exports: $(LIBFILE) exports differ from memsnap.map (<: only in the map, >: only in the library)"; exit 1; \
+	 fi; \
+	 echo "check-exports: $$(wc -l < $(BUILD)/exports.txt) exports, as memsnap.map lists"; \
+	 readelf -d $(LIBDIR)/$(LIBFILE) | grep -q "SONAME.*\[$(SONAME)\]" || { echo "make check-exports: SONAME is not $(SONAME)"; exit 1; }
