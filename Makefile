@@ -374,13 +374,33 @@ REALNAME  := libmemsnap.so.$(VERSION)
 
 # The part of `make test` about the library as a package: its exports, the original ABI,
 # and (Linux) the package installed and used from outside.
-.PHONY: test-package check-exports
+.PHONY: test-package check-exports test-abi
 ifeq ($(UNAME),Darwin)
-test-package:
-	@echo "make test-package: Linux only (see make apple for the dylib's names)"
+test-package: test-abi
 else
-test-package: check-exports
+test-package: check-exports test-abi
 endif
+
+# The original API as Firefox's headers declare it, C++ linkage (cpp-tests/abi), compiled
+# against nothing of memsnap's (no -Iinclude) and linked with -lmemsnap: every call goes
+# through the Itanium-mangled aliases, and the link fails if one is missing. Linux also
+# checks that the test references every mangled name the library exports, so each is
+# exercised. Once per backend.
+ABI_TEST := $(BUILD)/memsnap-abi-test
+$(ABI_TEST): cpp-tests/abi/original_abi_test.cpp cpp-tests/abi/original_api.h lib
+	@mkdir -p $(BUILD)
+	$(CXX) -O2 -g -std=c++17 -Wall -Wextra -Werror -pthread $< -o $@ $(HOST_LDFLAGS)
+
+test-abi: $(ABI_TEST) $(BUILD)/memsnap-probe
+ifneq ($(UNAME),Darwin)
+	@nm -u $(ABI_TEST) | awk '$$2 ~ /^_ZN7mozilla12recordreplay/ {print $$2}' | sort > $(BUILD)/abi-refs.txt; \
+	 nm -D --defined-only $(LIBDIR)/$(LIBFILE) | awk '$$3 ~ /^_ZN7mozilla12recordreplay/ {print $$3}' | sort > $(BUILD)/abi-exports.txt; \
+	 if ! diff $(BUILD)/abi-exports.txt $(BUILD)/abi-refs.txt; then \
+	   echo "make test-abi: the test and the library's mangled names differ (<: not exercised)"; exit 1; \
+	 fi; \
+	 echo "test-abi: the test references all $$(wc -l < $(BUILD)/abi-refs.txt) mangled exports"
+endif
+	$(call per_backend,./$(ABI_TEST),original-ABI test)
 
 # The exported symbols must be exactly memsnap.map's list, the reviewed public ABI: the
 # linker merges that list with rustc's own (every #[no_mangle] item), so an export
