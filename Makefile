@@ -313,7 +313,7 @@ apple: gtest
 	@rustup target add $(APPLE_TARGETS) || { echo "make apple: SKIPPED: cannot install the Apple targets here"; exit $(SKIP_STATUS); }; \
 	 { command -v cargo-zigbuild >/dev/null && python3 -m ziglang version >/dev/null 2>&1; } || pip install ziglang cargo-zigbuild || \
 	 { echo "make apple: SKIPPED: cannot install ziglang and cargo-zigbuild here"; exit $(SKIP_STATUS); }; \
-	 $(MAKE) --no-print-directory apple-build
+	 $(MAKE) --no-print-directory apple-build apple-names
 
 .PHONY: apple-build
 apple-build:
@@ -413,3 +413,34 @@ check-exports: lib
 	 fi; \
 	 echo "check-exports: $$(wc -l < $(BUILD)/exports.txt) exports, as memsnap.map lists"; \
 	 readelf -d $(LIBDIR)/$(LIBFILE) | grep -q "SONAME.*\[$(SONAME)\]" || { echo "make check-exports: SONAME is not $(SONAME)"; exit 1; }
+
+# The Apple dylibs' exports and identity, checked in `make apple` with Debian's llvm tools
+# (they read Mach-O): every C name, mangled alias and memsnap_ extension of memsnap.map
+# is exported, with Mach-O's leading underscore (memsnap.map's libc names are interposed
+# on Linux only); the install name and the versions build.rs sets; and the original-ABI
+# test (cpp-tests/abi) links against each dylib. Only that the public
+# names are present: zig's linker ignores rustc's -exported_symbols_list, so these
+# cross-built dylibs export Rust's internal symbols too, which ld64 on a Mac does not.
+APPLE_COMPAT := $(shell echo $$(($(ABI_MAJOR) + 1))).0.0
+.PHONY: apple-names
+apple-names:
+	@command -v llvm-nm >/dev/null && command -v llvm-objdump >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq llvm >/dev/null; }
+	@set -e; for t in $(APPLE_TARGETS); do \
+	  lib=target/$$t/release/libmemsnap.dylib; out=$(APPLE_BUILD)/$$t; mkdir -p $$out; \
+	  sed -n 's/^ *\([A-Z_][A-Za-z0-9_]*\|memsnap_[a-z0-9_]*\);.*/_\1/p' memsnap.map | sort > $$out/exports.expected; \
+	  llvm-nm -gU $$lib | awk '{print $$3}' | sort > $$out/exports.txt; \
+	  comm -23 $$out/exports.expected $$out/exports.txt > $$out/exports.missing; \
+	  [ ! -s $$out/exports.missing ] || { echo "$$lib does not export:"; cat $$out/exports.missing; exit 1; }; \
+	  echo "$$t: exports all $$(wc -l < $$out/exports.expected) public names of memsnap.map, $$(grep -c '^__ZN7mozilla12recordreplay' $$out/exports.expected) of them mangled"; \
+	  llvm-objdump --macho --private-headers $$lib | grep -A6 'cmd LC_ID_DYLIB' > $$out/id.txt; \
+	  grep -q 'name @rpath/libmemsnap.dylib' $$out/id.txt && \
+	  grep -q 'current version $(VERSION)$$' $$out/id.txt && \
+	  grep -q 'compatibility version $(APPLE_COMPAT)$$' $$out/id.txt || { \
+	    echo "$$lib: LC_ID_DYLIB is not @rpath/libmemsnap.dylib $(VERSION) (compatibility $(APPLE_COMPAT))"; cat $$out/id.txt; exit 1; }; \
+	  echo "$$t: $$(sed -n 's/^ *name \(.*\) (offset.*/\1/p' $$out/id.txt), current $(VERSION), compatibility $(APPLE_COMPAT)"; \
+	  python3 -m ziglang c++ -target $${t%%-apple-darwin}-macos -std=c++17 -O1 -Wall -Wextra -Werror \
+	    cpp-tests/abi/original_abi_test.cpp -Ltarget/$$t/release -lmemsnap -o $$out/memsnap-abi-test; \
+	  echo "$$t: the original-ABI test links against the dylib through its mangled names"; \
+	done
