@@ -284,13 +284,6 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-install: lib
-	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include/memsnap $(DESTDIR)$(PREFIX)/lib/pkgconfig
-	install -m 0755 $(LIBDIR)/$(LIBFILE) $(DESTDIR)$(PREFIX)/lib/
-	install -m 0644 include/MemorySnapshot.h include/MemorySnapshotHelpers.h $(DESTDIR)$(PREFIX)/include/memsnap/
-	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)|g' \
-	  -e 's|@BIND@|$(PC_BIND)|' -e 's| *$$||' memsnap.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/memsnap.pc
-
 clean:
 	$(CARGO) clean
 	rm -rf $(BUILD)
@@ -413,6 +406,55 @@ check-exports: lib
 	 fi; \
 	 echo "check-exports: $$(wc -l < $(BUILD)/exports.txt) exports, as memsnap.map lists"; \
 	 readelf -d $(LIBDIR)/$(LIBFILE) | grep -q "SONAME.*\[$(SONAME)\]" || { echo "make check-exports: SONAME is not $(SONAME)"; exit 1; }
+
+# make install DESTDIR=... PREFIX=...: the library, the headers under include/memsnap/,
+# memsnap.pc and the CMake package files (find_package(memsnap)). On Linux the library is
+# installed stripped, as libmemsnap.so.VERSION with the SONAME link and the development
+# link; its debug info is split into a .debug file (linked by .gnu_debuglink), which
+# make install-debug puts where gdb looks it up by build id. On macOS the dylib's DWARF
+# stays in the build's object files; make install-debug gathers it into a .dSYM.
+DIST        := $(BUILD)/dist
+INSTALL_LIB  = $(DESTDIR)$(PREFIX)/lib
+INSTALL_INC  = $(DESTDIR)$(PREFIX)/include/memsnap
+SUBST        = sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(VERSION)|g' -e 's|@BIND@|$(PC_BIND)|' \
+  -e 's|@SONAME@|$(SONAME)|g' -e 's|@REALNAME@|$(REALNAME)|g' -e 's|@ABI_MAJOR@|$(ABI_MAJOR)|g' -e 's| *$$||'
+.PHONY: dist install install-debug deb
+
+dist: lib
+	@mkdir -p $(DIST)
+ifeq ($(UNAME),Darwin)
+	cp $(LIBDIR)/$(LIBFILE) $(DIST)/$(LIBFILE)
+else
+	objcopy --only-keep-debug --compress-debug-sections $(LIBDIR)/$(LIBFILE) $(DIST)/$(REALNAME).debug
+	objcopy --strip-unneeded --add-gnu-debuglink=$(DIST)/$(REALNAME).debug $(LIBDIR)/$(LIBFILE) $(DIST)/$(REALNAME)
+endif
+	$(SUBST) memsnap.pc.in > $(DIST)/memsnap.pc
+	$(SUBST) packaging/memsnapConfig.cmake.in > $(DIST)/memsnapConfig.cmake
+	$(SUBST) packaging/memsnapConfigVersion.cmake.in > $(DIST)/memsnapConfigVersion.cmake
+
+install: dist
+	install -d $(INSTALL_LIB)/pkgconfig $(INSTALL_LIB)/cmake/memsnap $(INSTALL_INC)
+ifeq ($(UNAME),Darwin)
+	install -m 0755 $(DIST)/$(LIBFILE) $(INSTALL_LIB)/
+else
+	install -m 0644 $(DIST)/$(REALNAME) $(INSTALL_LIB)/
+	ln -sfn $(REALNAME) $(INSTALL_LIB)/$(SONAME)
+	ln -sfn $(SONAME) $(INSTALL_LIB)/$(LIBFILE)
+endif
+	install -m 0644 include/MemorySnapshot.h include/MemorySnapshotHelpers.h $(INSTALL_INC)/
+	install -m 0644 $(DIST)/memsnap.pc $(INSTALL_LIB)/pkgconfig/
+	install -m 0644 $(DIST)/memsnapConfig.cmake $(DIST)/memsnapConfigVersion.cmake $(INSTALL_LIB)/cmake/memsnap/
+
+install-debug: dist
+ifeq ($(UNAME),Darwin)
+	dsymutil $(LIBDIR)/$(LIBFILE) -o $(INSTALL_LIB)/$(LIBFILE).dSYM
+else
+	@id=$$(readelf -n $(DIST)/$(REALNAME) | sed -n 's/.*Build ID: *//p'); \
+	 [ -n "$$id" ] || { echo "make install-debug: $(REALNAME) has no build id"; exit 1; }; \
+	 dir=$(DESTDIR)$(PREFIX)/lib/debug/.build-id/$$(echo $$id | cut -c1-2); \
+	 file=$$dir/$$(echo $$id | cut -c3-).debug; \
+	 install -d $$dir && install -m 0644 $(DIST)/$(REALNAME).debug $$file && echo "installed $$file"
+endif
 
 # The Apple dylibs' exports and identity, checked in `make apple` with Debian's llvm tools
 # (they read Mach-O): every C name, mangled alias and memsnap_ extension of memsnap.map
