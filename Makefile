@@ -456,6 +456,19 @@ else
 	 install -d $$dir && install -m 0644 $(DIST)/$(REALNAME).debug $$file && echo "installed $$file"
 endif
 
+# make deb: Debian binary packages built with dpkg-deb from `make install PREFIX=/usr`:
+# libmemsnapMAJOR (the library) and libmemsnap-dev (headers, links, .pc, CMake files), in
+# $(BUILD)/ (packaging/deb.sh).
+DEB_ARCH  = $(shell dpkg --print-architecture)
+DEB_STAGE = $(abspath $(BUILD))/deb-stage
+DEBS      = $(BUILD)/libmemsnap$(ABI_MAJOR)_$(VERSION)_$(DEB_ARCH).deb \
+            $(BUILD)/libmemsnap-dev_$(VERSION)_$(DEB_ARCH).deb
+deb:
+	@command -v dpkg-deb >/dev/null || { echo "make deb: needs dpkg-deb (Debian, Ubuntu)"; exit 1; }
+	rm -rf $(DEB_STAGE)
+	$(MAKE) --no-print-directory install DESTDIR=$(DEB_STAGE) PREFIX=/usr
+	sh packaging/deb.sh $(DEB_STAGE) $(BUILD) $(VERSION) $(ABI_MAJOR) $(DEB_ARCH)
+
 # The Apple dylibs' exports and identity, checked in `make apple` with Debian's llvm tools
 # (they read Mach-O): every C name, mangled alias and memsnap_ extension of memsnap.map
 # is exported, with Mach-O's leading underscore (memsnap.map's libc names are interposed
