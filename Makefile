@@ -367,12 +367,19 @@ REALNAME  := libmemsnap.so.$(VERSION)
 
 # The part of `make test` about the library as a package: its exports, the original ABI,
 # and (Linux) the package installed and used from outside.
-.PHONY: test-package check-exports test-abi
+.PHONY: test-package check-exports test-abi package-deps
 ifeq ($(UNAME),Darwin)
 test-package: test-abi
 else
-test-package: check-exports test-abi
+test-package: check-exports test-abi deb package-deps
+	sh packaging/test-package.sh $(BUILD) $(CXX) $(DEBS)
 endif
+
+# What test-package needs beyond the build: cmake, for the find_package consumer.
+package-deps:
+	@command -v cmake >/dev/null || { \
+	  echo "Installing cmake"; SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq cmake >/dev/null; }
 
 # The original API as Firefox's headers declare it, C++ linkage (cpp-tests/abi), compiled
 # against nothing of memsnap's (no -Iinclude) and linked with -lmemsnap: every call goes
