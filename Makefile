@@ -385,13 +385,20 @@ package-deps:
 # against nothing of memsnap's (no -Iinclude) and linked with -lmemsnap: every call goes
 # through the Itanium-mangled aliases, and the link fails if one is missing. Linux also
 # checks that the test references every mangled name the library exports, so each is
-# exercised. Once per backend.
-ABI_TEST := $(BUILD)/memsnap-abi-test
-$(ABI_TEST): cpp-tests/abi/original_abi_test.cpp cpp-tests/abi/original_api.h lib
+# exercised, and runs it linked for lazy binding too (memsnap binds the mangled names'
+# PLT slots ahead like the others: src/sys/linux/bind.rs). Once per backend.
+ABI_TEST   := $(BUILD)/memsnap-abi-test
+ABI_CFLAGS := -O2 -g -std=c++17 -Wall -Wextra -Werror -pthread
+ABI_SRCS   := cpp-tests/abi/original_abi_test.cpp cpp-tests/abi/original_api.h
+$(ABI_TEST): $(ABI_SRCS) lib
 	@mkdir -p $(BUILD)
-	$(CXX) -O2 -g -std=c++17 -Wall -Wextra -Werror -pthread $< -o $@ $(HOST_LDFLAGS)
+	$(CXX) $(ABI_CFLAGS) $< -o $@ $(HOST_LDFLAGS)
 
-test-abi: $(ABI_TEST) $(BUILD)/memsnap-probe
+$(BUILD)/memsnap-abi-test-lazy: $(ABI_SRCS) lib
+	@mkdir -p $(BUILD)
+	$(CXX) $(ABI_CFLAGS) $< -o $@ $(LAZY_LDFLAGS)
+
+test-abi: $(ABI_TEST) $(BUILD)/memsnap-probe $(if $(LAZY_TESTS),$(BUILD)/memsnap-abi-test-lazy)
 ifneq ($(UNAME),Darwin)
 	@nm -u $(ABI_TEST) | awk '$$2 ~ /^_ZN7mozilla12recordreplay/ {print $$2}' | sort > $(BUILD)/abi-refs.txt; \
 	 nm -D --defined-only $(LIBDIR)/$(LIBFILE) | awk '$$3 ~ /^_ZN7mozilla12recordreplay/ {print $$3}' | sort > $(BUILD)/abi-exports.txt; \
@@ -401,6 +408,9 @@ ifneq ($(UNAME),Darwin)
 	 echo "test-abi: the test references all $$(wc -l < $(BUILD)/abi-refs.txt) mangled exports"
 endif
 	$(call per_backend,./$(ABI_TEST),original-ABI test)
+ifneq ($(LAZY_TESTS),)
+	$(call per_backend,./$(BUILD)/memsnap-abi-test-lazy,original-ABI test bound lazily)
+endif
 
 # The exported symbols must be exactly memsnap.map's list, the reviewed public ABI: the
 # linker merges that list with rustc's own (every #[no_mangle] item), so an export
