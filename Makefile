@@ -390,11 +390,11 @@ package-deps:
 ABI_TEST   := $(BUILD)/memsnap-abi-test
 ABI_CFLAGS := -O2 -g -std=c++17 -Wall -Wextra -Werror -pthread
 ABI_SRCS   := cpp-tests/abi/original_abi_test.cpp cpp-tests/abi/original_api.h
-$(ABI_TEST): $(ABI_SRCS) lib
+$(ABI_TEST): $(ABI_SRCS) $(LIB)
 	@mkdir -p $(BUILD)
 	$(CXX) $(ABI_CFLAGS) $< -o $@ $(HOST_LDFLAGS)
 
-$(BUILD)/memsnap-abi-test-lazy: $(ABI_SRCS) lib
+$(BUILD)/memsnap-abi-test-lazy: $(ABI_SRCS) $(LIB)
 	@mkdir -p $(BUILD)
 	$(CXX) $(ABI_CFLAGS) $< -o $@ $(LAZY_LDFLAGS)
 
