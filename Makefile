@@ -50,12 +50,24 @@ all: lib
 # The library and the generated header are files with real prerequisites, so that the
 # C++ binaries below relink only when the library changed (cargo decides what to rebuild;
 # the touch makes the library newer than its sources even when cargo had nothing to do).
-LIB       := $(LIBDIR)/$(LIBFILE)
-RUST_SRCS := $(shell find src -name '*.rs') Cargo.toml Cargo.lock build.rs cbindgen.toml
-$(LIB): $(RUST_SRCS)
+# On Linux hosts record the library's SONAME (libmemsnap.so.MAJOR, set by build.rs), so
+# LIB, what they depend on, is a link of that name to cargo's output (docs/packaging.md).
+VERSION   := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+ABI_MAJOR := $(firstword $(subst ., ,$(VERSION)))
+SONAME    := libmemsnap.so.$(ABI_MAJOR)
+CARGO_LIB := $(LIBDIR)/$(LIBFILE)
+RUST_SRCS := $(shell find src -name '*.rs') Cargo.toml Cargo.lock build.rs cbindgen.toml memsnap.map
+$(CARGO_LIB): $(RUST_SRCS)
 	$(CARGO) build --release
 	@touch $@
-include/MemorySnapshot.h: $(LIB)
+ifeq ($(UNAME),Darwin)
+  LIB := $(CARGO_LIB)
+else
+  LIB := $(LIBDIR)/$(SONAME)
+$(LIB): $(CARGO_LIB)
+	@ln -sfn $(LIBFILE) $@
+endif
+include/MemorySnapshot.h: $(CARGO_LIB)
 	@touch $@
 
 lib: $(LIB)
@@ -181,7 +193,7 @@ endif
 # test-16k runs the suites again with 16 KiB snapshot pages on a 4 KiB kernel, under
 # every backend: the page size of Apple Silicon, and snapshot pages only partly covered by
 # a mapping (whose shared edges stay on mprotect under userfaultfd).
-test: lib gtest rust-test cpp-test test-auto demo test-16k test-verify test-hosts
+test: lib gtest rust-test cpp-test test-auto demo test-16k test-verify test-hosts test-package
 
 test-16k: export MEMSNAP_PAGE_SIZE = 16384
 test-16k: lib gtest $(BUILD)/memsnap-tests $(BUILD)/memsnap-probe $(LAZY_TESTS)
@@ -273,13 +285,6 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-install: lib
-	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include/memsnap $(DESTDIR)$(PREFIX)/lib/pkgconfig
-	install -m 0755 $(LIBDIR)/$(LIBFILE) $(DESTDIR)$(PREFIX)/lib/
-	install -m 0644 include/MemorySnapshot.h include/MemorySnapshotHelpers.h $(DESTDIR)$(PREFIX)/include/memsnap/
-	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)|g' \
-	  -e 's|@BIND@|$(PC_BIND)|' -e 's| *$$||' memsnap.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/memsnap.pc
-
 clean:
 	$(CARGO) clean
 	rm -rf $(BUILD)
@@ -302,7 +307,7 @@ apple: gtest
 	@rustup target add $(APPLE_TARGETS) || { echo "make apple: SKIPPED: cannot install the Apple targets here"; exit $(SKIP_STATUS); }; \
 	 { command -v cargo-zigbuild >/dev/null && python3 -m ziglang version >/dev/null 2>&1; } || pip install ziglang cargo-zigbuild || \
 	 { echo "make apple: SKIPPED: cannot install ziglang and cargo-zigbuild here"; exit $(SKIP_STATUS); }; \
-	 $(MAKE) --no-print-directory apple-build
+	 $(MAKE) --no-print-directory apple-build apple-names
 
 .PHONY: apple-build
 apple-build:
@@ -372,3 +377,161 @@ MIRI_TESTS := engine::ranges engine::free engine::dirty engine::granule engine::
 miri:
 	@rustup component add --toolchain nightly miri rust-src || { echo "make miri: SKIPPED: no nightly toolchain with Miri can be installed here"; exit $(SKIP_STATUS); }; \
 	 $(CARGO) +nightly miri test --lib -- $(MIRI_TESTS)
+
+# ---- Library conventions and packaging (docs/packaging.md) ----------------------------
+# Linux: the library's SONAME is libmemsnap.so.MAJOR (build.rs); hosts linked against it
+# record that name, so the build tree has it too ($(LIB) above), and an install has the
+# file libmemsnap.so.VERSION with the SONAME and development links to it.
+REALNAME  := libmemsnap.so.$(VERSION)
+
+# The part of `make test` about the library as a package: its exports, the original ABI,
+# and (Linux) the package installed and used from outside.
+.PHONY: test-package check-exports test-abi package-deps
+ifeq ($(UNAME),Darwin)
+test-package: test-abi
+else
+test-package: check-exports test-abi deb package-deps
+	sh packaging/test-package.sh $(BUILD) $(CXX) $(DEBS)
+endif
+
+# What test-package needs beyond the build: cmake, for the find_package consumer.
+package-deps:
+	@command -v cmake >/dev/null || { \
+	  echo "Installing cmake"; SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq cmake >/dev/null; }
+
+# The original API as Firefox's headers declare it, C++ linkage (cpp-tests/abi), compiled
+# against nothing of memsnap's (no -Iinclude) and linked with -lmemsnap: every call goes
+# through the Itanium-mangled aliases, and the link fails if one is missing. Linux also
+# checks that the test references every mangled name the library exports, so each is
+# exercised, and runs it linked for lazy binding too (memsnap binds the mangled names'
+# PLT slots ahead like the others: src/sys/linux/bind.rs). Once per backend.
+ABI_TEST   := $(BUILD)/memsnap-abi-test
+ABI_CFLAGS := -O2 -g -std=c++17 -Wall -Wextra -Werror -pthread
+ABI_SRCS   := cpp-tests/abi/original_abi_test.cpp cpp-tests/abi/original_api.h
+$(ABI_TEST): $(ABI_SRCS) $(LIB)
+	@mkdir -p $(BUILD)
+	$(CXX) $(ABI_CFLAGS) $< -o $@ $(HOST_LDFLAGS)
+
+$(BUILD)/memsnap-abi-test-lazy: $(ABI_SRCS) $(LIB)
+	@mkdir -p $(BUILD)
+	$(CXX) $(ABI_CFLAGS) $< -o $@ $(LAZY_LDFLAGS)
+
+test-abi: $(ABI_TEST) $(BUILD)/memsnap-probe $(if $(LAZY_TESTS),$(BUILD)/memsnap-abi-test-lazy)
+ifneq ($(UNAME),Darwin)
+	@nm -u $(ABI_TEST) | awk '$$2 ~ /^_ZN7mozilla12recordreplay/ {print $$2}' | sort > $(BUILD)/abi-refs.txt; \
+	 nm -D --defined-only $(LIBDIR)/$(LIBFILE) | awk '$$3 ~ /^_ZN7mozilla12recordreplay/ {print $$3}' | sort > $(BUILD)/abi-exports.txt; \
+	 if ! diff $(BUILD)/abi-exports.txt $(BUILD)/abi-refs.txt; then \
+	   echo "make test-abi: the test and the library's mangled names differ (<: not exercised)"; exit 1; \
+	 fi; \
+	 echo "test-abi: the test references all $$(wc -l < $(BUILD)/abi-refs.txt) mangled exports"
+endif
+	$(call per_backend,./$(ABI_TEST),original-ABI test)
+ifneq ($(LAZY_TESTS),)
+	$(call per_backend,./$(BUILD)/memsnap-abi-test-lazy,original-ABI test bound lazily)
+endif
+
+# The exported symbols must be exactly memsnap.map's list, the reviewed public ABI: the
+# linker merges that list with rustc's own (every #[no_mangle] item), so an export
+# missing from the map would otherwise slip out unnoticed.
+check-exports: lib
+	@mkdir -p $(BUILD); nm -D --defined-only $(LIBDIR)/$(LIBFILE) | awk '{print $$3}' | sort > $(BUILD)/exports.txt; \
+	 sed -n 's/^ *\([A-Za-z_][A-Za-z0-9_]*\);.*/\1/p' memsnap.map | sort > $(BUILD)/exports.map.txt; \
+	 if ! diff $(BUILD)/exports.map.txt $(BUILD)/exports.txt; then \
+	   echo "make check-exports: $(LIBFILE) exports differ from memsnap.map (<: only in the map, >: only in the library)"; exit 1; \
+	 fi; \
+	 echo "check-exports: $$(wc -l < $(BUILD)/exports.txt) exports, as memsnap.map lists"; \
+	 readelf -d $(LIBDIR)/$(LIBFILE) | grep -q "SONAME.*\[$(SONAME)\]" || { echo "make check-exports: SONAME is not $(SONAME)"; exit 1; }
+
+# make install DESTDIR=... PREFIX=...: the library, the headers under include/memsnap/,
+# memsnap.pc and the CMake package files (find_package(memsnap)). On Linux the library is
+# installed stripped, as libmemsnap.so.VERSION with the SONAME link and the development
+# link; its debug info is split into a .debug file (linked by .gnu_debuglink), which
+# make install-debug puts where gdb looks it up by build id. On macOS the dylib's DWARF
+# stays in the build's object files; make install-debug gathers it into a .dSYM.
+DIST        := $(BUILD)/dist
+INSTALL_LIB  = $(DESTDIR)$(PREFIX)/lib
+INSTALL_INC  = $(DESTDIR)$(PREFIX)/include/memsnap
+SUBST        = sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(VERSION)|g' -e 's|@BIND@|$(PC_BIND)|' \
+  -e 's|@SONAME@|$(SONAME)|g' -e 's|@REALNAME@|$(REALNAME)|g' -e 's|@ABI_MAJOR@|$(ABI_MAJOR)|g' -e 's| *$$||'
+.PHONY: dist install install-debug deb
+
+dist: lib
+	@mkdir -p $(DIST)
+ifeq ($(UNAME),Darwin)
+	cp $(LIBDIR)/$(LIBFILE) $(DIST)/$(LIBFILE)
+else
+	objcopy --only-keep-debug --compress-debug-sections $(LIBDIR)/$(LIBFILE) $(DIST)/$(REALNAME).debug
+	objcopy --strip-unneeded --add-gnu-debuglink=$(DIST)/$(REALNAME).debug $(LIBDIR)/$(LIBFILE) $(DIST)/$(REALNAME)
+endif
+	$(SUBST) memsnap.pc.in > $(DIST)/memsnap.pc
+	$(SUBST) packaging/memsnapConfig.cmake.in > $(DIST)/memsnapConfig.cmake
+	$(SUBST) packaging/memsnapConfigVersion.cmake.in > $(DIST)/memsnapConfigVersion.cmake
+
+install: dist
+	install -d $(INSTALL_LIB)/pkgconfig $(INSTALL_LIB)/cmake/memsnap $(INSTALL_INC)
+ifeq ($(UNAME),Darwin)
+	install -m 0755 $(DIST)/$(LIBFILE) $(INSTALL_LIB)/
+else
+	install -m 0644 $(DIST)/$(REALNAME) $(INSTALL_LIB)/
+	ln -sfn $(REALNAME) $(INSTALL_LIB)/$(SONAME)
+	ln -sfn $(SONAME) $(INSTALL_LIB)/$(LIBFILE)
+endif
+	install -m 0644 include/MemorySnapshot.h include/MemorySnapshotHelpers.h $(INSTALL_INC)/
+	install -m 0644 $(DIST)/memsnap.pc $(INSTALL_LIB)/pkgconfig/
+	install -m 0644 $(DIST)/memsnapConfig.cmake $(DIST)/memsnapConfigVersion.cmake $(INSTALL_LIB)/cmake/memsnap/
+
+install-debug: dist
+ifeq ($(UNAME),Darwin)
+	dsymutil $(LIBDIR)/$(LIBFILE) -o $(INSTALL_LIB)/$(LIBFILE).dSYM
+else
+	@id=$$(readelf -n $(DIST)/$(REALNAME) | sed -n 's/.*Build ID: *//p'); \
+	 [ -n "$$id" ] || { echo "make install-debug: $(REALNAME) has no build id"; exit 1; }; \
+	 dir=$(DESTDIR)$(PREFIX)/lib/debug/.build-id/$$(echo $$id | cut -c1-2); \
+	 file=$$dir/$$(echo $$id | cut -c3-).debug; \
+	 install -d $$dir && install -m 0644 $(DIST)/$(REALNAME).debug $$file && echo "installed $$file"
+endif
+
+# make deb: Debian binary packages built with dpkg-deb from `make install PREFIX=/usr`:
+# libmemsnapMAJOR (the library) and libmemsnap-dev (headers, links, .pc, CMake files), in
+# $(BUILD)/ (packaging/deb.sh).
+DEB_ARCH  = $(shell dpkg --print-architecture)
+DEB_STAGE = $(abspath $(BUILD))/deb-stage
+DEBS      = $(BUILD)/libmemsnap$(ABI_MAJOR)_$(VERSION)_$(DEB_ARCH).deb \
+            $(BUILD)/libmemsnap-dev_$(VERSION)_$(DEB_ARCH).deb
+deb:
+	@command -v dpkg-deb >/dev/null || { echo "make deb: needs dpkg-deb (Debian, Ubuntu)"; exit 1; }
+	rm -rf $(DEB_STAGE)
+	$(MAKE) --no-print-directory install DESTDIR=$(DEB_STAGE) PREFIX=/usr
+	sh packaging/deb.sh $(DEB_STAGE) $(BUILD) $(VERSION) $(ABI_MAJOR) $(DEB_ARCH)
+
+# The Apple dylibs' exports and identity, checked in `make apple` with Debian's llvm tools
+# (they read Mach-O): every C name, mangled alias and memsnap_ extension of memsnap.map
+# is exported, with Mach-O's leading underscore (memsnap.map's libc names are interposed
+# on Linux only); the install name and the versions build.rs sets; and the original-ABI
+# test (cpp-tests/abi) links against each dylib. Only that the public
+# names are present: zig's linker ignores rustc's -exported_symbols_list, so these
+# cross-built dylibs export Rust's internal symbols too, which ld64 on a Mac does not.
+APPLE_COMPAT := $(shell echo $$(($(ABI_MAJOR) + 1))).0.0
+.PHONY: apple-names
+apple-names:
+	@command -v llvm-nm >/dev/null && command -v llvm-objdump >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq llvm >/dev/null; }
+	@set -e; for t in $(APPLE_TARGETS); do \
+	  lib=target/$$t/release/libmemsnap.dylib; out=$(APPLE_BUILD)/$$t; mkdir -p $$out; \
+	  sed -n 's/^ *\([A-Z_][A-Za-z0-9_]*\|memsnap_[a-z0-9_]*\);.*/_\1/p' memsnap.map | sort > $$out/exports.expected; \
+	  llvm-nm -gU $$lib | awk '{print $$3}' | sort > $$out/exports.txt; \
+	  comm -23 $$out/exports.expected $$out/exports.txt > $$out/exports.missing; \
+	  [ ! -s $$out/exports.missing ] || { echo "$$lib does not export:"; cat $$out/exports.missing; exit 1; }; \
+	  echo "$$t: exports all $$(wc -l < $$out/exports.expected) public names of memsnap.map, $$(grep -c '^__ZN7mozilla12recordreplay' $$out/exports.expected) of them mangled"; \
+	  llvm-objdump --macho --private-headers $$lib | grep -A6 'cmd LC_ID_DYLIB' > $$out/id.txt; \
+	  grep -q 'name @rpath/libmemsnap.dylib' $$out/id.txt && \
+	  grep -q 'current version $(VERSION)$$' $$out/id.txt && \
+	  grep -q 'compatibility version $(APPLE_COMPAT)$$' $$out/id.txt || { \
+	    echo "$$lib: LC_ID_DYLIB is not @rpath/libmemsnap.dylib $(VERSION) (compatibility $(APPLE_COMPAT))"; cat $$out/id.txt; exit 1; }; \
+	  echo "$$t: $$(sed -n 's/^ *name \(.*\) (offset.*/\1/p' $$out/id.txt), current $(VERSION), compatibility $(APPLE_COMPAT)"; \
+	  python3 -m ziglang c++ -target $${t%%-apple-darwin}-macos -std=c++17 -O1 -Wall -Wextra -Werror \
+	    cpp-tests/abi/original_abi_test.cpp -Ltarget/$$t/release -lmemsnap -o $$out/memsnap-abi-test; \
+	  echo "$$t: the original-ABI test links against the dylib through its mangled names"; \
+	done

@@ -6,9 +6,33 @@ fn main() {
     let dir =
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     println!("cargo:rerun-if-changed=cbindgen.toml");
-    // An installed dylib must not name the build tree: hosts find it through their rpath.
-    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("macos") {
-        println!("cargo:rustc-cdylib-link-arg=-Wl,-install_name,@rpath/libmemsnap.dylib");
+    // Library conventions (docs/packaging.md). macOS: an installed dylib must not name the
+    // build tree (hosts find it through their rpath), and it carries its version. Linux: the
+    // SONAME hosts record, and the exported symbols (memsnap.map).
+    let version = std::env::var("CARGO_PKG_VERSION").expect("cargo sets CARGO_PKG_VERSION");
+    let major: u32 = std::env::var("CARGO_PKG_VERSION_MAJOR")
+        .expect("cargo sets CARGO_PKG_VERSION_MAJOR")
+        .parse()
+        .expect("a number");
+    match std::env::var("CARGO_CFG_TARGET_OS").as_deref() {
+        Ok("macos") => {
+            // libtool's numbering: ABI `major` (the SONAME's on Linux) is compatibility
+            // version major + 1, never the 0.0.0 of an unversioned dylib.
+            let compat = major + 1;
+            println!("cargo:rustc-cdylib-link-arg=-Wl,-install_name,@rpath/libmemsnap.dylib");
+            println!("cargo:rustc-cdylib-link-arg=-Wl,-current_version,{version}");
+            println!("cargo:rustc-cdylib-link-arg=-Wl,-compatibility_version,{compat}.0.0");
+        }
+        Ok("linux") => {
+            println!("cargo:rerun-if-changed=memsnap.map");
+            println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libmemsnap.so.{major}");
+            let map = dir.join("memsnap.map");
+            println!(
+                "cargo:rustc-cdylib-link-arg=-Wl,--version-script={}",
+                map.display()
+            );
+        }
+        _ => {}
     }
     println!("cargo:rerun-if-changed=src/ffi");
     let config =

@@ -1,10 +1,13 @@
 //! The C ABI: the original MemorySnapshot.h functions under their own names ([`original`])
-//! and the `memsnap_` extensions ([`ext`]). Functions here check arguments, turn misuse
-//! into a one-line message and an abort, and call into the engine; nothing else.
+//! and the `memsnap_` extensions ([`ext`]), and the original's C++ names for the former
+//! ([`mangled`]). Functions here check arguments, turn misuse into a one-line message and
+//! an abort, and call into the engine; nothing else.
 
 pub mod ext;
 #[cfg(target_os = "linux")]
 pub mod host_calls;
+/// cbindgen:ignore
+pub mod mangled;
 pub mod original;
 
 use crate::engine::ranges::Range;
