@@ -410,9 +410,12 @@ void CountdownRearmedKeepsAlive() {
   InitializeMemorySnapshots();
   InitializeCountdownThread();
   InitializeCountdownThread();  // once per process: the second call does nothing
+  // Re-arming resets the count: 10 intervals of 150 ms outlast one count of 1000 ms. The
+  // margin per interval (850 ms) absorbs a loaded machine's scheduling delays, which a
+  // 100 ms count re-armed every 30 ms did not.
   for (int i = 0; i < 10; i++) {
-    StartCountdown(100);  // re-arming resets the count
-    SleepMs(30);
+    StartCountdown(1000);
+    SleepMs(150);
   }
   StartCountdown(0);
   SleepMs(150);
