@@ -480,6 +480,23 @@ pub fn uffd_wake(fd: i32, start: usize, len: usize) -> Result<(), i32> {
 /// # Safety
 /// As for [`uffd_protect`].
 unsafe fn write_protect(fd: i32, start: usize, len: usize, mode: u64) -> Result<(), i32> {
+    // Kernels before 6.5 refuse a range spanning several VMAs (ENOENT): split it.
+    let page = super::os_page_size();
+    super::wp_split::split_on_enoent(
+        start,
+        len,
+        page,
+        // SAFETY: per this function's contract, for each part of the range.
+        &mut |s, l| unsafe { write_protect_once(fd, s, l, mode) },
+        &|a| raw::page_mapped(a, page),
+    )
+}
+
+/// One UFFDIO_WRITEPROTECT call.
+///
+/// # Safety
+/// As for [`uffd_protect`].
+unsafe fn write_protect_once(fd: i32, start: usize, len: usize, mode: u64) -> Result<(), i32> {
     let mut w = UffdioWriteprotect {
         range: UffdioRange {
             start: start as u64,
@@ -1180,6 +1197,40 @@ mod tests {
 
     /// A registered range with an unregistered middle (as after the program remapped it)
     /// fails with EPERM; an unmapped middle is skipped.
+    /// A range over several VMAs: 6.1's UFFDIO_WRITEPROTECT refused it with ENOENT
+    /// (before wp_split), and the engine's protections of neighbouring tracked mappings
+    /// failed; holes in the range are skipped, as 6.5+ kernels do.
+    #[test]
+    fn protect_spans_several_mappings() {
+        if !available(UffdMode::Sync) {
+            return;
+        }
+        in_child(|| {
+            let k = page();
+            let base = map(6);
+            // Different flags split the mapping: VMAs [0,1) [1,2) [2,6).
+            // SAFETY: advice on our own mapping.
+            let r = unsafe { libc::madvise((base + k) as *mut _, k, libc::MADV_NOHUGEPAGE) };
+            assert_eq!(r, 0);
+            let fd = uffd_open(UffdMode::Sync).unwrap();
+            uffd_register(fd, base, 6 * k).unwrap();
+            // SAFETY: the test's own mapping, in a forked child.
+            unsafe {
+                assert_eq!(uffd_protect(fd, base, 6 * k, true), Ok(()));
+                assert_eq!(uffd_protect(fd, base, 6 * k, false), Ok(()));
+                assert_eq!(uffd_disarm_quietly(fd, base, 6 * k), Ok(()));
+                // A hole in the middle is skipped; a range with nothing mapped is not.
+                libc::munmap((base + 3 * k) as *mut _, k);
+                assert_eq!(uffd_protect(fd, base, 6 * k, true), Ok(()));
+                assert_eq!(uffd_protect(fd, base, 6 * k, false), Ok(()));
+                assert_eq!(uffd_protect(fd, base + 3 * k, k, true), Err(libc::ENOENT));
+            }
+            // Writable again: a write goes through without a fault server.
+            poke(base + 5 * k, 7);
+            assert_eq!(peek(base + 5 * k), 7);
+        });
+    }
+
     #[test]
     fn scan_refuses_unregistered_parts() {
         if !available(UffdMode::Async) {
