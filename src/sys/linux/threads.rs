@@ -358,7 +358,14 @@ mod tests {
         assert!(ns >= seen, "read {ns} ns, the thread itself saw {seen} ns");
         done_tx.send(()).unwrap();
         t.join().unwrap();
-        // Gone: its clock no longer reads.
+        // Gone: its clock no longer reads, once the kernel has finished the exit that
+        // join does not wait for (it returns when the kernel clears the thread's tid, and
+        // the thread stays readable a little longer: long enough to see under emulation).
+        let mut tries = 0;
+        while clock_ns(thread_cpu_clock(tid)).is_some() && tries < 100_000 {
+            raw::sched_yield();
+            tries += 1;
+        }
         assert_eq!(clock_ns(thread_cpu_clock(tid)), None);
     }
 
