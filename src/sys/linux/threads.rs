@@ -123,7 +123,7 @@ pub fn in_exit_syscall(text: &[u8]) -> bool {
 /// How often `for_each_thread_sp` reads a thread that stays `running` again.
 const RUNNING_RETRIES: u32 = 50;
 /// How many 1 ms waits `for_each_thread_sp` gives a thread inside exit(2) to vanish.
-const EXIT_WAITS: u32 = 1000;
+const EXIT_WAITS: u32 = 10_000;
 
 /// Calls `f(tid, text)` for every thread of this process but the caller and those `skip`
 /// names (whose files are not even opened), where `text` is
@@ -249,7 +249,8 @@ pub fn for_each_thread_sp(
         // but listed, and using CPU, until the kernel has finished its exit, which a slow
         // or emulated machine makes long enough for a checkpoint to count it and the next
         // rewind to find a thread fewer, or its final run time added to the exited
-        // total. Wait for it to vanish (1 ms sleeps, at most EXIT_WAITS), then count it
+        // total. Wait for it to vanish (1 ms sleeps, at most EXIT_WAITS: 10 s, for machines
+        // so loaded or emulated that an exit takes that long), then count it
         // as before: only a tracer holds a thread there that long.
         if in_exit_syscall(text) && attempts < EXIT_WAITS {
             raw::sleep_ns(1_000_000);
