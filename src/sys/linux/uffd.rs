@@ -174,7 +174,7 @@ const MSG_BATCH: usize = 32;
 // ---- API ----
 
 /// Reasons, indexed by the codes the probe caches (0 = supported).
-const REASONS: [&str; 12] = [
+const REASONS: [&str; 13] = [
     "",
     "userfaultfd: EPERM (vm.unprivileged_userfaultfd=0 and no CAP_SYS_PTRACE; /dev/userfaultfd not accessible)",
     "userfaultfd: ENOSYS (kernel built without CONFIG_USERFAULTFD, or a seccomp filter)",
@@ -187,6 +187,7 @@ const REASONS: [&str; 12] = [
     "/proc/self/pagemap cannot be opened",
     "PAGEMAP_SCAN unsupported",
     "PAGEMAP_SCAN did not report a written page",
+    "kernel lacks UFFD_FEATURE_WP_UNPOPULATED (needs 6.4): writes to never-touched pages would not fault",
 ];
 const R_EPERM: u8 = 1;
 const R_ENOSYS: u8 = 2;
@@ -199,6 +200,7 @@ const R_PROTECT: u8 = 8;
 const R_PAGEMAP: u8 = 9;
 const R_SCAN: u8 = 10;
 const R_SCAN_WRONG: u8 = 11;
+const R_NO_UNPOPULATED: u8 = 12;
 
 // The probe's cache. Written once, by the first `uffd_support` call, which the engine makes
 // before the first snapshot (these statics are in tracked memory afterwards).
@@ -255,7 +257,14 @@ fn probe() -> (u64, bool, u8, u8) {
     if features & UFFD_FEATURE_PAGEFAULT_FLAG_WP == 0 {
         return (features, user_only, R_NO_WP, R_NO_WP);
     }
-    let sync = probe_mode(UffdMode::Sync);
+    // Without WP_UNPOPULATED only present pages carry write protection: a first write to
+    // a never-touched anonymous page maps a fresh page without a fault, and a rewind would
+    // leave what it wrote (5.10 and 6.1 lost writes so under make test-kernels).
+    let sync = if features & UFFD_FEATURE_WP_UNPOPULATED == 0 {
+        R_NO_UNPOPULATED
+    } else {
+        probe_mode(UffdMode::Sync)
+    };
     let async_wp = if features & UFFD_FEATURE_WP_ASYNC == 0 {
         R_NO_ASYNC
     } else {
@@ -955,6 +964,38 @@ mod tests {
             assert_eq!(s.sync, Ok(()), "root on a kernel with userfaultfd");
             assert!(!s.user_mode_only, "root needs no UFFD_USER_MODE_ONLY");
         }
+    }
+
+    /// Sync mode only where a never-touched page, armed, is write-protected too: its
+    /// pagemap entry carries the uffd-wp bit (a PTE marker). On 5.10 and 6.1 (no
+    /// WP_UNPOPULATED) it did not, and the engine lost first writes to such pages.
+    #[test]
+    fn sync_mode_protects_untouched_pages() {
+        if !available(UffdMode::Sync) {
+            return;
+        }
+        in_child(|| {
+            const PM_UFFD_WP: u64 = 1 << 57;
+            let k = page();
+            let base = map(2);
+            let fd = uffd_open(UffdMode::Sync).unwrap();
+            uffd_register(fd, base, 2 * k).unwrap();
+            // SAFETY: the test's own mapping, in a forked child; never touched.
+            unsafe { uffd_protect(fd, base, 2 * k, true) }.unwrap();
+            let entry = {
+                use std::io::{Read, Seek, SeekFrom};
+                let mut f = std::fs::File::open("/proc/self/pagemap").unwrap();
+                f.seek(SeekFrom::Start((base / k * 8) as u64)).unwrap();
+                let mut b = [0u8; 8];
+                f.read_exact(&mut b).unwrap();
+                u64::from_ne_bytes(b)
+            };
+            assert_ne!(
+                entry & PM_UFFD_WP,
+                0,
+                "an armed, never-touched page is not write-protected (pagemap {entry:#x})"
+            );
+        });
     }
 
     #[test]
