@@ -35,6 +35,7 @@ constexpr unsigned long kUffdioApi = 0xc018aa3fUL;        // _IOWR(0xAA, 0x3F, u
 constexpr unsigned long kUserfaultfdIocNew = 0xaa00UL;    // _IO(0xAA, 0x00)
 constexpr uint64_t kUffdApi = 0xAA;
 constexpr uint64_t kFeatureWp = 1ull << 0;                // UFFD_FEATURE_PAGEFAULT_FLAG_WP
+constexpr uint64_t kFeatureWpUnpopulated = 1ull << 13;    // UFFD_FEATURE_WP_UNPOPULATED (6.4)
 constexpr uint64_t kFeatureWpAsync = 1ull << 15;          // UFFD_FEATURE_WP_ASYNC (6.7)
 constexpr int kUserModeOnly = 1;                          // UFFD_USER_MODE_ONLY
 
@@ -84,6 +85,10 @@ inline bool KernelOffersUffd(bool async, char* why = nullptr, size_t cap = 0) {
   if (r != 0) return say("UFFDIO_API failed (errno %ld)", err);
   if (!(api.features & kFeatureWp))
     return say("no UFFD_FEATURE_PAGEFAULT_FLAG_WP (features %#lx)", (long)api.features);
+  // Without WP_UNPOPULATED a first write to a never-touched page does not fault: sync
+  // write protection cannot track anonymous memory (memsnap refuses it the same way).
+  if (!(api.features & kFeatureWpUnpopulated))
+    return say("no UFFD_FEATURE_WP_UNPOPULATED (features %#lx)", (long)api.features);
   if (!async) return true;
   if (KernelRelease() < 6007) return say("kernel release %ld before 6.7", KernelRelease());
   if (!(api.features & kFeatureWpAsync))

@@ -333,10 +333,12 @@ void* RobustOwner(void*) {
 void RobustMutexOwnerDies(bool prepare) {
   alarm(30);
   InitializeMemorySnapshots();
-  gRobustGo = (std::atomic<int>*)mmap(nullptr, 4096, PROT_READ | PROT_WRITE,
+  // One kernel page (16 KiB on arm64-16k: a 4096-byte registration is misaligned there).
+  const size_t k = (size_t)sysconf(_SC_PAGESIZE);
+  gRobustGo = (std::atomic<int>*)mmap(nullptr, k, PROT_READ | PROT_WRITE,
                                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   MS_CHECK(gRobustGo != MAP_FAILED);
-  RegisterAllocatedMemory(gRobustGo, 4096, MemoryKind::Generic);
+  RegisterAllocatedMemory(gRobustGo, k, MemoryKind::Generic);
   gRobust = (pthread_mutex_t*)AllocateMemory(Granule(), MemoryKind::Tracked);
   pthread_mutexattr_t a;
   pthread_mutexattr_init(&a);

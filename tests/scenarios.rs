@@ -644,11 +644,24 @@ fn read_into_tracked_buffer() {
     );
 }
 
-/// A scenario still running after this long has hung: its own alarm ends it.
+/// A scenario still running after this long has hung: its own alarm ends it. The
+/// environment's SCENARIO_WATCHDOG (seconds) replaces it where everything runs slower,
+/// as in the emulated VMs of `make test-kernels` and `make test-aarch64-vm`.
 const WATCHDOG_SECONDS: u32 = 60;
+
+fn watchdog_seconds() -> u32 {
+    std::env::var("SCENARIO_WATCHDOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&s| s > 0)
+        .unwrap_or(WATCHDOG_SECONDS)
+}
+
 /// The parent's backstop for a child whose alarm cannot fire (a hang with SIGALRM
 /// blocked, as inside a signal handler): it is killed this long after it started.
-const BACKSTOP_SECONDS: u64 = WATCHDOG_SECONDS as u64 + 10;
+fn backstop_seconds(watchdog: u32) -> u64 {
+    u64::from(watchdog) + 10
+}
 
 enum Ended {
     Exited(i32),
@@ -660,7 +673,7 @@ enum Ended {
 }
 
 /// Waits for the scenario child `pid`, killing it once the backstop expires.
-fn wait_or_kill(pid: libc::pid_t) -> Ended {
+fn wait_or_kill(pid: libc::pid_t, backstop: u64) -> Ended {
     let start = std::time::Instant::now();
     let mut killed = false;
     loop {
@@ -679,7 +692,7 @@ fn wait_or_kill(pid: libc::pid_t) -> Ended {
         if got < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             return Ended::Lost;
         }
-        if !killed && start.elapsed().as_secs() >= BACKSTOP_SECONDS {
+        if !killed && start.elapsed().as_secs() >= backstop {
             // SAFETY: our own child, not yet reaped.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             killed = true;
@@ -711,6 +724,8 @@ fn main() {
         ("read_into_tracked_buffer", read_into_tracked_buffer),
     ];
     let (mut passed, mut failed) = (0, 0);
+    let watchdog = watchdog_seconds();
+    let backstop = backstop_seconds(watchdog);
     for (name, f) in scenarios {
         // SAFETY: this process is single-threaded here; the child runs one scenario and
         // exits without returning.
@@ -720,21 +735,21 @@ fn main() {
             // names the scenario. (Nothing is installed: a handler would run on top of
             // whatever the hang holds.)
             // SAFETY: plain alarm(2).
-            unsafe { libc::alarm(WATCHDOG_SECONDS) };
+            unsafe { libc::alarm(watchdog) };
             f();
             // SAFETY: ends the child.
             unsafe { libc::_exit(0) };
         }
-        let verdict = match wait_or_kill(pid) {
+        let verdict = match wait_or_kill(pid, backstop) {
             Ended::Exited(0) => None,
             Ended::Exited(code) => Some(format!("exited with status {code}")),
             Ended::Signaled(libc::SIGALRM) => Some(format!(
-                "watchdog: still running after {WATCHDOG_SECONDS} s, a hang"
+                "watchdog: still running after {watchdog} s, a hang"
             )),
             Ended::Signaled(sig) => Some(format!("killed by signal {sig}")),
             Ended::Lost => Some("waitpid failed".to_string()),
             Ended::Killed => Some(format!(
-                "watchdog: still running {BACKSTOP_SECONDS} s in with its alarm ignored \
+                "watchdog: still running {backstop} s in with its alarm ignored \
                  (SIGALRM blocked?): killed, a hang"
             )),
         };

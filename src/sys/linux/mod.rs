@@ -12,6 +12,7 @@ pub mod raw;
 pub mod signals;
 pub mod threads;
 pub mod uffd;
+mod wp_split;
 
 pub use altstack::signal_stack_of;
 pub use bind::bind_exports;

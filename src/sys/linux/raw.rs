@@ -192,6 +192,20 @@ pub fn getdents64(fd: i32, buf: &mut [u8]) -> Ret {
     }
 }
 
+/// Whether a VMA covers the page at `addr` (page-aligned, `page` its size): mincore(2)
+/// answers ENOMEM for an unmapped page. Async-signal-safe.
+pub fn page_mapped(addr: usize, page: usize) -> bool {
+    let mut v = 0u8;
+    // SAFETY: mincore only writes one byte (one page) into `v` on this frame.
+    let r = unsafe {
+        syscall6(
+            sys!(SYS_mincore),
+            [addr, page, &mut v as *mut u8 as usize, 0, 0, 0],
+        )
+    };
+    check(r) != Err(libc::ENOMEM)
+}
+
 /// `brk(addr)`: the kernel's program break after the call (0 asks for the current one).
 ///
 /// # Safety

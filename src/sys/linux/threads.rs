@@ -109,10 +109,26 @@ pub fn parse_syscall_sp(text: &[u8]) -> Option<usize> {
     Some(v)
 }
 
+/// Whether `/proc/self/task/TID/syscall` text shows the thread inside exit(2) (glibc ends
+/// every thread with it): it runs no user code any more, and the kernel has cleared its
+/// tid or is about to, so `pthread_join` may already have returned for it although the
+/// kernel still lists it.
+pub fn in_exit_syscall(text: &[u8]) -> bool {
+    let nr = text
+        .split(|&c| c == b' ' || c == b'\n')
+        .find(|f| !f.is_empty());
+    nr.and_then(parse_decimal) == Some(libc::SYS_exit as u64)
+}
+
+/// How often `for_each_thread_sp` reads a thread that stays `running` again.
+const RUNNING_RETRIES: u32 = 50;
+/// How many 1 ms waits `for_each_thread_sp` gives a thread inside exit(2) to vanish.
+const EXIT_WAITS: u32 = 10_000;
+
 /// Calls `f(tid, text)` for every thread of this process but the caller and those `skip`
 /// names (whose files are not even opened), where `text` is
 /// what `read` got from `/proc/self/task/<tid>/<leaf>` (`leaf` NUL-terminated). `f`
-/// returns whether to read the file again (after a yield); at most 50 times.
+/// returns whether to read the file again (after a yield); at most EXIT_WAITS + 1 times.
 ///
 /// `scratch` is library-owned memory for directory entries and file text (at least
 /// 4 KiB); nothing is allocated.
@@ -147,7 +163,7 @@ fn for_each_task_file(
             path[p..p + part.len()].copy_from_slice(part);
             p += part.len();
         }
-        for _attempt in 0..50 {
+        for _attempt in 0..=EXIT_WAITS {
             let got = match raw::check(raw::open(&path[..p], 0)) {
                 Ok(fd) => {
                     let got = raw::check(raw::read(fd as i32, text));
@@ -229,8 +245,19 @@ pub fn for_each_thread_sp(
             attempts = 0;
             return false;
         };
+        // Inside exit(2): gone for the program (pthread_join may have returned for it),
+        // but listed, and using CPU, until the kernel has finished its exit, which a slow
+        // or emulated machine makes long enough for a checkpoint to count it and the next
+        // rewind to find a thread fewer, or its final run time added to the exited
+        // total. Wait for it to vanish (1 ms sleeps, at most EXIT_WAITS: 10 s, for machines
+        // so loaded or emulated that an exit takes that long), then count it
+        // as before: only a tracer holds a thread there that long.
+        if in_exit_syscall(text) && attempts < EXIT_WAITS {
+            raw::sleep_ns(1_000_000);
+            return true;
+        }
         let sp = parse_syscall_sp(text);
-        if sp.is_none() && attempts < 50 {
+        if sp.is_none() && attempts < RUNNING_RETRIES {
             return true;
         }
         f(tid, sp.unwrap_or(0));
@@ -332,8 +359,32 @@ mod tests {
         assert!(ns >= seen, "read {ns} ns, the thread itself saw {seen} ns");
         done_tx.send(()).unwrap();
         t.join().unwrap();
-        // Gone: its clock no longer reads.
+        // Gone: its clock no longer reads, once the kernel has finished the exit that
+        // join does not wait for (it returns when the kernel clears the thread's tid, and
+        // the thread stays readable a little longer: long enough to see under emulation).
+        let mut tries = 0;
+        while clock_ns(thread_cpu_clock(tid)).is_some() && tries < 100_000 {
+            raw::sched_yield();
+            tries += 1;
+        }
         assert_eq!(clock_ns(thread_cpu_clock(tid)), None);
+    }
+
+    #[test]
+    fn exit_syscall() {
+        let exit = format!(
+            "{} 0x0 0x0 0x0 0x0 0x0 0x0 0x7ffc1000 0x7f00aa\n",
+            libc::SYS_exit
+        );
+        assert!(in_exit_syscall(exit.as_bytes()));
+        let group = format!(
+            "{} 0x0 0x0 0x0 0x0 0x0 0x0 0x7ffc1000 0x7f00aa\n",
+            libc::SYS_exit_group
+        );
+        assert!(!in_exit_syscall(group.as_bytes()));
+        assert!(!in_exit_syscall(b"-1 0x7ffd2000 0x401000\n"));
+        assert!(!in_exit_syscall(b"running\n"));
+        assert!(!in_exit_syscall(b""));
     }
 
     #[test]

@@ -174,7 +174,7 @@ const MSG_BATCH: usize = 32;
 // ---- API ----
 
 /// Reasons, indexed by the codes the probe caches (0 = supported).
-const REASONS: [&str; 12] = [
+const REASONS: [&str; 13] = [
     "",
     "userfaultfd: EPERM (vm.unprivileged_userfaultfd=0 and no CAP_SYS_PTRACE; /dev/userfaultfd not accessible)",
     "userfaultfd: ENOSYS (kernel built without CONFIG_USERFAULTFD, or a seccomp filter)",
@@ -187,6 +187,7 @@ const REASONS: [&str; 12] = [
     "/proc/self/pagemap cannot be opened",
     "PAGEMAP_SCAN unsupported",
     "PAGEMAP_SCAN did not report a written page",
+    "kernel lacks UFFD_FEATURE_WP_UNPOPULATED (needs 6.4): writes to never-touched pages would not fault",
 ];
 const R_EPERM: u8 = 1;
 const R_ENOSYS: u8 = 2;
@@ -199,6 +200,7 @@ const R_PROTECT: u8 = 8;
 const R_PAGEMAP: u8 = 9;
 const R_SCAN: u8 = 10;
 const R_SCAN_WRONG: u8 = 11;
+const R_NO_UNPOPULATED: u8 = 12;
 
 // The probe's cache. Written once, by the first `uffd_support` call, which the engine makes
 // before the first snapshot (these statics are in tracked memory afterwards).
@@ -255,7 +257,14 @@ fn probe() -> (u64, bool, u8, u8) {
     if features & UFFD_FEATURE_PAGEFAULT_FLAG_WP == 0 {
         return (features, user_only, R_NO_WP, R_NO_WP);
     }
-    let sync = probe_mode(UffdMode::Sync);
+    // Without WP_UNPOPULATED only present pages carry write protection: a first write to
+    // a never-touched anonymous page maps a fresh page without a fault, and a rewind would
+    // leave what it wrote (5.10 and 6.1 lost writes so under make test-kernels).
+    let sync = if features & UFFD_FEATURE_WP_UNPOPULATED == 0 {
+        R_NO_UNPOPULATED
+    } else {
+        probe_mode(UffdMode::Sync)
+    };
     let async_wp = if features & UFFD_FEATURE_WP_ASYNC == 0 {
         R_NO_ASYNC
     } else {
@@ -480,6 +489,23 @@ pub fn uffd_wake(fd: i32, start: usize, len: usize) -> Result<(), i32> {
 /// # Safety
 /// As for [`uffd_protect`].
 unsafe fn write_protect(fd: i32, start: usize, len: usize, mode: u64) -> Result<(), i32> {
+    // Kernels before 6.5 refuse a range spanning several VMAs (ENOENT): split it.
+    let page = super::os_page_size();
+    super::wp_split::split_on_enoent(
+        start,
+        len,
+        page,
+        // SAFETY: per this function's contract, for each part of the range.
+        &mut |s, l| unsafe { write_protect_once(fd, s, l, mode) },
+        &|a| raw::page_mapped(a, page),
+    )
+}
+
+/// One UFFDIO_WRITEPROTECT call.
+///
+/// # Safety
+/// As for [`uffd_protect`].
+unsafe fn write_protect_once(fd: i32, start: usize, len: usize, mode: u64) -> Result<(), i32> {
     let mut w = UffdioWriteprotect {
         range: UffdioRange {
             start: start as u64,
@@ -940,6 +966,38 @@ mod tests {
         }
     }
 
+    /// Sync mode only where a never-touched page, armed, is write-protected too: its
+    /// pagemap entry carries the uffd-wp bit (a PTE marker). On 5.10 and 6.1 (no
+    /// WP_UNPOPULATED) it did not, and the engine lost first writes to such pages.
+    #[test]
+    fn sync_mode_protects_untouched_pages() {
+        if !available(UffdMode::Sync) {
+            return;
+        }
+        in_child(|| {
+            const PM_UFFD_WP: u64 = 1 << 57;
+            let k = page();
+            let base = map(2);
+            let fd = uffd_open(UffdMode::Sync).unwrap();
+            uffd_register(fd, base, 2 * k).unwrap();
+            // SAFETY: the test's own mapping, in a forked child; never touched.
+            unsafe { uffd_protect(fd, base, 2 * k, true) }.unwrap();
+            let entry = {
+                use std::io::{Read, Seek, SeekFrom};
+                let mut f = std::fs::File::open("/proc/self/pagemap").unwrap();
+                f.seek(SeekFrom::Start((base / k * 8) as u64)).unwrap();
+                let mut b = [0u8; 8];
+                f.read_exact(&mut b).unwrap();
+                u64::from_ne_bytes(b)
+            };
+            assert_ne!(
+                entry & PM_UFFD_WP,
+                0,
+                "an armed, never-touched page is not write-protected (pagemap {entry:#x})"
+            );
+        });
+    }
+
     #[test]
     fn private_file_mappings_register_only_async() {
         if !available(UffdMode::Sync) || !available(UffdMode::Async) {
@@ -972,7 +1030,17 @@ mod tests {
         };
         assert_ne!(p, libc::MAP_FAILED);
         let sync = uffd_open(UffdMode::Sync).unwrap();
-        assert_eq!(uffd_register(sync, p as usize, 4 * k), Err(libc::EINVAL));
+        // Sync mode refuses private mappings of disk files, but not of tmpfs files (shmem
+        // takes write protection since 5.19): /tmp is tmpfs in the test VMs and on many
+        // systems.
+        // SAFETY: fstatfs writes the struct on this frame.
+        let tmpfs = unsafe {
+            let mut st: libc::statfs = core::mem::zeroed();
+            libc::fstatfs(fd, &mut st) == 0 && st.f_type == libc::TMPFS_MAGIC
+        };
+        if !tmpfs {
+            assert_eq!(uffd_register(sync, p as usize, 4 * k), Err(libc::EINVAL));
+        }
         let asy = uffd_open(UffdMode::Async).unwrap();
         assert_eq!(uffd_register(asy, p as usize, 4 * k), Ok(()));
         assert_eq!(uffd_unregister(asy, p as usize, 4 * k), Ok(()));
@@ -1180,6 +1248,40 @@ mod tests {
 
     /// A registered range with an unregistered middle (as after the program remapped it)
     /// fails with EPERM; an unmapped middle is skipped.
+    /// A range over several VMAs: 6.1's UFFDIO_WRITEPROTECT refused it with ENOENT
+    /// (before wp_split), and the engine's protections of neighbouring tracked mappings
+    /// failed; holes in the range are skipped, as 6.5+ kernels do.
+    #[test]
+    fn protect_spans_several_mappings() {
+        if !available(UffdMode::Sync) {
+            return;
+        }
+        in_child(|| {
+            let k = page();
+            let base = map(6);
+            // Different flags split the mapping: VMAs [0,1) [1,2) [2,6).
+            // SAFETY: advice on our own mapping.
+            let r = unsafe { libc::madvise((base + k) as *mut _, k, libc::MADV_NOHUGEPAGE) };
+            assert_eq!(r, 0);
+            let fd = uffd_open(UffdMode::Sync).unwrap();
+            uffd_register(fd, base, 6 * k).unwrap();
+            // SAFETY: the test's own mapping, in a forked child.
+            unsafe {
+                assert_eq!(uffd_protect(fd, base, 6 * k, true), Ok(()));
+                assert_eq!(uffd_protect(fd, base, 6 * k, false), Ok(()));
+                assert_eq!(uffd_disarm_quietly(fd, base, 6 * k), Ok(()));
+                // A hole in the middle is skipped; a range with nothing mapped is not.
+                libc::munmap((base + 3 * k) as *mut _, k);
+                assert_eq!(uffd_protect(fd, base, 6 * k, true), Ok(()));
+                assert_eq!(uffd_protect(fd, base, 6 * k, false), Ok(()));
+                assert_eq!(uffd_protect(fd, base + 3 * k, k, true), Err(libc::ENOENT));
+            }
+            // Writable again: a write goes through without a fault server.
+            poke(base + 5 * k, 7);
+            assert_eq!(peek(base + 5 * k), 7);
+        });
+    }
+
     #[test]
     fn scan_refuses_unregistered_parts() {
         if !available(UffdMode::Async) {
