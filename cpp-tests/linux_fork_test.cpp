@@ -316,6 +316,9 @@ void CaptureRaceScenario() {
   MS_CHECK(pthread_create(&t, nullptr, RaceWriter, s) == 0);
   for (int round = 0; round < 40; round++) {
     gStep = round;
+    // 60 s per round, not for all 40: with a writer running, 40 forks took over a minute
+    // on a loaded 2-core machine; a hang still fails within a minute.
+    mstest::ArmWatchdog("ForkTest capture race", &gStep, 60);
     TakeDiffMemorySnapshot();  // re-arms every unit the writer dirtied
     // A delay that grows with the round, so the fork lands at different points of the
     // writer's faulting pass.
