@@ -13,6 +13,7 @@
 //! in-flight count to drain and new faults wait at the door), which is what lets the
 //! controller thread rewrite the page table and consume the dirty log without races.
 
+pub mod delta;
 pub mod dirty;
 pub mod free;
 pub mod granule;
