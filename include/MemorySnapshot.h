@@ -235,6 +235,16 @@ struct MemsnapStats {
    * their checkpoint's hashes after rewinds so far (0 when the mode is off).
    */
   uint64_t verify_pages_checked;
+  /**
+   * Saved pages whose pre-image is kept as a delta against the newer bytes (XOR, with
+   * unchanged words left out) rather than a whole copy; part of saved_diff_pages.
+   */
+  size_t saved_delta_pages;
+  /**
+   * Bytes the saved diffs keep for their pre-images: a page per whole copy plus the
+   * deltas (saved_diff_bytes counts every saved page whole).
+   */
+  size_t saved_kept_bytes;
 };
 
 /**

@@ -27,6 +27,7 @@ mod fork;
 pub mod host;
 mod lifecycle;
 mod pages;
+mod preimage;
 mod scan;
 mod stats;
 mod uffd;
@@ -95,6 +96,8 @@ pub struct Checkpoint {
     /// Where this checkpoint's diff sits in the diff stack (empty for the newest).
     pub diff_start: usize,
     pub diff_len: usize,
+    /// Where this checkpoint's deltas start in the delta stack (see `preimage`).
+    pub delta_start: usize,
     /// The tracked free set as it was at this checkpoint.
     pub free_start: usize,
     pub free_len: usize,
@@ -150,6 +153,8 @@ pub struct Meta {
     pub free: RawVec<Range>,
     pub checkpoints: RawVec<Checkpoint>,
     pub diffs: RawVec<DiffEntry>,
+    /// The saved diffs' deltas, a stack like theirs (see `preimage`).
+    pub deltas: RawVec<u8>,
     pub free_snapshots: RawVec<Range>,
     /// Thread stacks found by the last walk: `(tid, range)`.
     pub stacks: RawVec<(u64, Range)>,
@@ -454,6 +459,7 @@ impl Engine {
             free: vec(1 << 22, "free region"),
             checkpoints: vec(1 << 22, "checkpoint"),
             diffs: vec(slots + 1, "diff"),
+            deltas: vec(POOL_BYTES, "page delta"),
             free_snapshots: vec(1 << 26, "free-set snapshot"),
             stacks: vec(1 << 16, "thread stack"),
             scratch: vec(1 << 26, "scratch"),
@@ -553,6 +559,7 @@ impl Engine {
                 m.free.reservation(),
                 m.checkpoints.reservation(),
                 m.diffs.reservation(),
+                m.deltas.reservation(),
                 m.free_snapshots.reservation(),
                 m.stacks.reservation(),
                 m.scratch.reservation(),

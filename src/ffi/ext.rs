@@ -163,6 +163,12 @@ pub struct MemsnapStats {
     /// Verifying mode (memsnap_set_verify, MEMSNAP_VERIFY=1): kernel pages compared with
     /// their checkpoint's hashes after rewinds so far (0 when the mode is off).
     pub verify_pages_checked: u64,
+    /// Saved pages whose pre-image is kept as a delta against the newer bytes (XOR, with
+    /// unchanged words left out) rather than a whole copy; part of saved_diff_pages.
+    pub saved_delta_pages: usize,
+    /// Bytes the saved diffs keep for their pre-images: a page per whole copy plus the
+    /// deltas (saved_diff_bytes counts every saved page whole).
+    pub saved_kept_bytes: usize,
 }
 
 /// The smallest struct_size memsnap_get_stats accepts: the first release's record.
@@ -345,6 +351,8 @@ pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapSta
             eager_pages: s.eager_pages,
             thread_descriptors: e.threads.is_some(),
             verify_pages_checked: s.verify_pages_checked,
+            saved_delta_pages: s.saved_delta_pages,
+            saved_kept_bytes: s.saved_kept_bytes,
         };
         let n = size.min(core::mem::size_of::<MemsnapStats>());
         // SAFETY: the caller provides `size` writable bytes at `out`; `n` is no more than
