@@ -338,7 +338,7 @@ soak:
 MIRI_TESTS := engine::ranges engine::free engine::dirty engine::delta engine::granule engine::tests \
   sys::linux::maps sys::linux::threads::tests::syscall_file_formats \
   sys::linux::threads::tests::decimal_names sys::mach_exc mem::pool::tests::page_state_bits \
-  engine::uffd::tests engine::verify::tests
+  engine::uffd::tests engine::verify::tests engine::budget sys::linux::tests::statm_fields_parse
 .PHONY: miri
 miri:
 	@rustup component add --toolchain nightly miri rust-src || { echo "make miri: SKIPPED: no nightly toolchain with Miri can be installed here"; exit $(SKIP_STATUS); }; \

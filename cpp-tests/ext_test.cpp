@@ -454,6 +454,33 @@ void StatsKeptBytesOfDeltas() {
   free(want);
 }
 
+// Under a memory budget the base copy of uffd-async would not fit, auto picks another
+// backend; with room to spare it picks uffd-async (where the kernel offers it).
+void MemoryBudget(size_t budget, bool fits) {
+  const size_t K = 64;
+  Init();
+  MS_CHECK(memsnap_set_backend(0) == MemsnapStatus::Ok);  // auto
+  MS_CHECK(memsnap_set_memory_budget(budget) == MemsnapStatus::Ok);
+  char* buf = (char*)AllocateMemory(K * Page(), MemoryKind::Tracked);
+  Touch(buf, K, 1);
+  TakeFirstMemorySnapshot();
+  MemsnapStats s = Stats();
+  MS_CHECK_EQ(s.memory_budget, budget);
+  MS_CHECK(memsnap_set_memory_budget(0) == MemsnapStatus::AlreadyStarted);
+  if (!fits) {
+    MS_CHECK(s.backend != MemsnapBackend::LinuxUffdAsync);
+    MS_CHECK_EQ(s.base_copy_bytes, 0);
+  } else if (mstest::KernelOffersUffd(true)) {
+    MS_CHECK(s.backend == MemsnapBackend::LinuxUffdAsync);
+  }
+  Touch(buf, K, 2);
+  {
+    AutoDisallowMemoryChanges disallow;
+    RestoreMemoryToLastSavedCheckpoint();
+  }
+  MS_CHECK_EQ(*(volatile uint32_t*)(buf + (K - 1) * Page()), 1);
+}
+
 // ---- Tracking modes and regions ------------------------------------------------------
 
 void RegisteredOnlyMode() {
@@ -730,6 +757,8 @@ TEST(ExtTest, StatsFaultsAndDirtyPages) { MS_IN_CHILD(StatsFaultsAndDirtyPages()
 TEST(ExtTest, StatsCheckpointsAndDiffs) { MS_IN_CHILD(StatsCheckpointsAndDiffs()); }
 TEST(ExtTest, StatsRewindsAndCopyBytes) { MS_IN_CHILD(StatsRewindsAndCopyBytes()); }
 TEST(ExtTest, StatsKeptBytesOfDeltas) { MS_IN_CHILD(StatsKeptBytesOfDeltas()); }
+TEST(ExtTest, MemoryBudgetTooSmallForBaseCopy) { MS_IN_CHILD(MemoryBudget(4096, false)); }
+TEST(ExtTest, MemoryBudgetWithRoom) { MS_IN_CHILD(MemoryBudget(size_t(1) << 40, true)); }
 TEST(ExtTest, RegisteredOnlyTracksOnlyRegisteredMemory) { MS_IN_CHILD(RegisteredOnlyMode()); }
 TEST(ExtTest, UntrackRegionIsNotRewound) { MS_IN_CHILD(UntrackRegion()); }
 TEST(ExtTest, RestoreOnCallingThread) { MS_IN_CHILD(RestoreThreads(0)); }

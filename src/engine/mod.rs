@@ -20,6 +20,7 @@ pub mod granule;
 pub mod ranges;
 
 mod alloc;
+mod budget;
 mod countdown;
 mod exclusions;
 mod fault;
@@ -42,6 +43,7 @@ use crate::mem::{DirtyLog, PageTable, RawVec, Reservation, SlotPool};
 use dirty::DiffEntry;
 use ranges::{Range, RangeSet};
 
+pub use budget::{parse_bytes, request as request_memory_budget};
 pub use exclusions::{Exclusion, Reason as ExclusionReason};
 pub use stats::Stats;
 pub use uffd::{unavailable as backend_unavailable, BackendChoice};
@@ -221,6 +223,8 @@ pub struct Engine {
     mode: AtomicU32,
     restore_threads: AtomicUsize,
     pin_allocator: AtomicBool,
+    /// The memory budget in bytes (`usize::MAX`: none; see `budget`).
+    budget: AtomicUsize,
 
     /// Mappings the process may have before `mprotect` fails (0: no limit).
     map_limit: usize,
@@ -502,6 +506,7 @@ impl Engine {
             mode: AtomicU32::new(0),
             restore_threads: AtomicUsize::new(crate::sys::cpu_count().clamp(1, 8)),
             pin_allocator: AtomicBool::new(true),
+            budget: AtomicUsize::new(budget::initial(F)),
             map_limit: crate::sys::max_map_count().unwrap_or(0),
             map_budget: AtomicIsize::new(isize::MAX),
             faults: AtomicU64::new(0),

@@ -200,7 +200,9 @@ impl Engine {
                 ),
             },
             BackendChoice::Auto => {
-                if support.async_wp.is_ok() && self.uffd.base.is_some() {
+                // Under a memory budget, only if its base copy fits (see `budget`).
+                if support.async_wp.is_ok() && self.uffd.base.is_some() && self.async_fits_budget()
+                {
                     Some(UffdMode::Async)
                 } else if support.sync.is_ok() {
                     Some(UffdMode::Sync)
