@@ -22,9 +22,12 @@
 //!   microsecond). The checkpoint asks the kernel which pages were written (and re-arms
 //!   them in the same call), so pre-images cannot be taken at write time: the engine keeps
 //!   a *base copy*, the contents of every populated tracked unit as of the newest
-//!   checkpoint, and a written unit's base copy becomes its pre-image while the current
-//!   bytes become the new base. The memory cost is one copy of the resident tracked
-//!   memory, reported by the stats call. Every mapping type registers in this mode.
+//!   checkpoint. At a checkpoint a written unit's pre-image is the delta from its current
+//!   bytes back to its base, and the base is overwritten with the current bytes (see
+//!   `preimage`; a unit that changed too much for a delta keeps its old base as a whole
+//!   pre-image and gets a fresh base). The memory cost is one copy of the resident tracked
+//!   memory, reported by the stats call (see `budget` for bounding it). Every mapping type
+//!   registers in this mode.
 //!
 //! The fault server, the workers and the restore path keep to the engine's rules: no
 //! allocation, no locks a writer could hold, no tracked memory.
