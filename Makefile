@@ -15,7 +15,7 @@ UNAME    := $(shell uname -s)
 
 ifeq ($(UNAME),Darwin)
   LIBFILE  := libmemsnap.dylib
-  # -bind_at_load is macOS's -z now: hosts must bind eagerly (see README, Hazards).
+  # -bind_at_load is macOS's -z now: hosts must bind eagerly (see docs/hazards.md).
   RPATH    := -Wl,-rpath,$(abspath $(LIBDIR)) -Wl,-bind_at_load
   PC_BIND  := -Wl,-bind_at_load
   GTEST_PREFIX := $(shell brew --prefix googletest 2>/dev/null)
@@ -23,8 +23,8 @@ ifeq ($(UNAME),Darwin)
   GTEST_LIBS   := $(if $(GTEST_PREFIX),-L$(GTEST_PREFIX)/lib) -lgtest -lgtest_main
 else
   LIBFILE  := libmemsnap.so
-  # Hosts may bind lazily: memsnap binds its own functions' PLT slots ahead (see README,
-  # Hazards). The suites bind eagerly all the same, as their exact dirty-page counts would
+  # Hosts may bind lazily: memsnap binds its own functions' PLT slots ahead (see
+  # docs/hazards.md). The suites bind eagerly all the same, as their exact dirty-page counts would
   # also see the GOT pages that other libraries' lazily bound calls write; the lazily bound
   # host is build/memsnap-lazy-tests.
   RPATH    := -Wl,-rpath,$(abspath $(LIBDIR)) -Wl,-z,now
@@ -47,8 +47,18 @@ DEMO_SRCS := $(wildcard demo/*.cpp)
 
 all: lib
 
-lib:
+# The library and the generated header are files with real prerequisites, so that the
+# C++ binaries below relink only when the library changed (cargo decides what to rebuild;
+# the touch makes the library newer than its sources even when cargo had nothing to do).
+LIB       := $(LIBDIR)/$(LIBFILE)
+RUST_SRCS := $(shell find src -name '*.rs') Cargo.toml Cargo.lock build.rs cbindgen.toml
+$(LIB): $(RUST_SRCS)
 	$(CARGO) build --release
+	@touch $@
+include/MemorySnapshot.h: $(LIB)
+	@touch $@
+
+lib: $(LIB)
 
 # GoogleTest: Debian's libgtest-dev, or Homebrew's googletest on macOS.
 gtest:
@@ -101,19 +111,20 @@ define per_backend
 	if [ -n "$$failed" ]; then echo "make test: $(2) failed under:$$failed"; exit 1; fi
 endef
 
-# The unit tests once (they fork their own userfaultfd cases), then the forked scenarios
+# The unit tests once (they fork their own userfaultfd cases; bench_report: the bench's
+# pure pieces, which its harness-less target cannot test), then the forked scenarios
 # (which check that the requested backend is the one running) and the model test once per
 # backend.
 RUST_SUITES := $(CARGO) test --release --test scenarios --test model
 rust-test: $(BUILD)/memsnap-probe
-	$(CARGO) test --release --lib
+	$(CARGO) test --release --lib --test bench_report
 	$(call per_backend,$(RUST_SUITES),Rust scenarios and model)
 
-$(BUILD)/memsnap-tests: $(CPP_TESTS) include/MemorySnapshot.h include/MemorySnapshotHelpers.h lib gtest
+$(BUILD)/memsnap-tests: $(CPP_TESTS) $(wildcard cpp-tests/*.h) include/MemorySnapshot.h include/MemorySnapshotHelpers.h $(LIB) | gtest
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $(GTEST_CFLAGS) $(CPP_TESTS) -o $@ $(HOST_LDFLAGS) $(GTEST_LIBS)
 
-$(BUILD)/memsnap-probe: cpp-tests/probe/backend_probe.cpp cpp-tests/kernel_offers.h include/MemorySnapshot.h lib
+$(BUILD)/memsnap-probe: cpp-tests/probe/backend_probe.cpp cpp-tests/kernel_offers.h include/MemorySnapshot.h $(LIB)
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $< -o $@ $(HOST_LDFLAGS)
 
@@ -124,11 +135,11 @@ ifneq ($(UNAME),Darwin)
   LAZY_TESTS := $(BUILD)/memsnap-lazy-tests
 endif
 
-$(BUILD)/libmemsnap-lazy-plugin.so: cpp-tests/lazy/plugin.cpp include/MemorySnapshot.h include/MemorySnapshotHelpers.h lib
+$(BUILD)/libmemsnap-lazy-plugin.so: cpp-tests/lazy/plugin.cpp include/MemorySnapshot.h include/MemorySnapshotHelpers.h $(LIB)
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) -fPIC -shared $< -o $@ $(LAZY_LDFLAGS)
 
-$(BUILD)/memsnap-lazy-tests: cpp-tests/lazy/lazy_binding_test.cpp cpp-tests/test_support.h $(BUILD)/libmemsnap-lazy-plugin.so lib gtest
+$(BUILD)/memsnap-lazy-tests: cpp-tests/lazy/lazy_binding_test.cpp cpp-tests/test_support.h $(BUILD)/libmemsnap-lazy-plugin.so $(LIB) | gtest
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $(GTEST_CFLAGS) $< -o $@ $(LAZY_LDFLAGS) $(GTEST_LIBS) -ldl \
 	  -Wl,--export-dynamic-symbol=memsnap_timer_record
@@ -180,7 +191,7 @@ ifneq ($(LAZY_TESTS),)
 	$(call per_backend,./$(LAZY_TESTS),lazy-binding host at 16 KiB)
 endif
 
-# The verifying mode (README, Verifying mode): the Rust scenarios, the model test, the C++
+# The verifying mode (docs/verify.md): the Rust scenarios, the model test, the C++
 # suite and the demo once more with MEMSNAP_VERIFY=1, under the default backend
 # (MEMSNAP_BACKEND unset). Every part runs; the target fails at the end naming those that
 # failed.
@@ -192,7 +203,7 @@ test-verify: lib gtest $(BUILD)/memsnap-tests $(BUILD)/memsnap-demo
 	 env -u MEMSNAP_BACKEND ./$(BUILD)/memsnap-demo || failed="$$failed demo"; \
 	 if [ -n "$$failed" ]; then echo "make test-verify: failed:$$failed"; exit 1; fi
 
-$(BUILD)/memsnap-demo: $(DEMO_SRCS) include/MemorySnapshot.h include/MemorySnapshotHelpers.h lib
+$(BUILD)/memsnap-demo: $(DEMO_SRCS) include/MemorySnapshot.h include/MemorySnapshotHelpers.h $(LIB)
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $(DEMO_SRCS) -o $@ $(HOST_LDFLAGS)
 
@@ -226,16 +237,16 @@ host-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(BUILD)/sqlite-host: hosts/sqlite_host.cpp $(HOST_HDRS) lib host-deps
+$(BUILD)/sqlite-host: hosts/sqlite_host.cpp $(HOST_HDRS) $(LIB) | host-deps
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $< -o $@ $(HOST_LDFLAGS) -lsqlite3
 
-$(BUILD)/threaded-host: hosts/threaded_host.cpp $(HOST_HDRS) lib
+$(BUILD)/threaded-host: hosts/threaded_host.cpp $(HOST_HDRS) $(LIB)
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $< -o $@ $(HOST_LDFLAGS)
 
 # Debian's interpreter (python3-config --embed), not one a version manager puts first.
-$(BUILD)/python-host: hosts/python_host.cpp $(HOST_HDRS) lib host-deps
+$(BUILD)/python-host: hosts/python_host.cpp $(HOST_HDRS) $(LIB) | host-deps
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $$($(PYTHON_CONFIG) --includes) $< -o $@ $(HOST_LDFLAGS) \
 	  $$($(PYTHON_CONFIG) --embed --ldflags)
@@ -247,8 +258,8 @@ test-hosts: host-deps $(BUILD)/memsnap-tests $(BUILD)/memsnap-probe $(HOST_BINS)
 
 # The Rust unit tests and scenarios for Linux aarch64, cross-built and run under qemu-user
 # (Debian's gcc-aarch64-linux-gnu and qemu-user). Not part of `make test`; the model test
-# is left out (too slow emulated, and it trips qemu-user itself: see README, Platform
-# matrix).
+# is left out (too slow emulated, and it trips qemu-user itself: see docs/testing.md,
+# Where it runs).
 AARCH64_ENV := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
   CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
 test-aarch64:
@@ -312,11 +323,25 @@ apple-build:
 	  file $$out/memsnap-demo; \
 	done
 
-# Speed and memory against fork copy-on-write and full copies, in one run (release
-# profile). Prints a table; writes bench/results.json and bench/chart.svg.
-.PHONY: bench
-bench:
+# Speed and memory against fork copy-on-write and full copies, and the end-to-end SQLite
+# workloads (bench/e2e.rs), in one run (release profile). Prints a table; writes
+# bench/results.json, bench/chart.svg and bench/RESULTS.md (generated from results.json;
+# `make bench-report` regenerates it alone). Fails if an end-to-end rewind did not verify.
+# The SQLite workloads link the system libsqlite3 (Debian's libsqlite3-dev).
+.PHONY: bench bench-report bench-deps
+bench: bench-deps
 	$(CARGO) bench --bench memsnap
+
+bench-report: bench-deps
+	$(CARGO) bench --bench memsnap -- --report
+
+bench-deps:
+ifneq ($(UNAME),Darwin)
+	@dpkg-query -W -f='$${Status}' libsqlite3-dev 2>/dev/null | grep -q 'ok installed' || { \
+	  echo "Installing libsqlite3-dev"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libsqlite3-dev >/dev/null; }
+endif
 
 # Long model-test run (tests/model.rs), not part of `make test`: sequences of SOAK_LEN
 # operations for SOAK_SECONDS from base seed SOAK_SEED (printed first; every failure prints
@@ -332,12 +357,16 @@ soak:
 
 # The unit tests of the modules without system calls under Miri (nightly): range
 # arithmetic, the free set, dirty-page bookkeeping, page deltas, partial snapshot pages, the page-size
-# setting, the maps and /proc parsers, the Mach exception messages, page-state bits. The other unit tests reach mmap through raw syscalls, which Miri cannot run, so
+# setting, the maps and /proc parsers, the Mach exception messages, the macOS region
+# classifier and exception-server decisions, page-state bits. The other unit tests reach
+# mmap through raw syscalls, which Miri cannot run, so
 # they are filtered out by name; a new syscall test in these modules needs
 # #[cfg_attr(miri, ignore)].
 MIRI_TESTS := engine::ranges engine::free engine::dirty engine::delta engine::granule engine::tests \
   sys::linux::maps sys::linux::threads::tests::syscall_file_formats \
-  sys::linux::threads::tests::decimal_names sys::mach_exc mem::pool::tests::page_state_bits \
+  sys::linux::threads::tests::decimal_names sys::mach_exc sys::mach_regions sys::mach_serve \
+  sys::mach_image \
+  mem::pool::tests::page_state_bits \
   engine::uffd::tests engine::verify::tests engine::budget sys::linux::tests::statm_fields_parse
 .PHONY: miri
 miri:

@@ -9,11 +9,22 @@
 //!
 //! Options (after `--`): `--quick` (small heaps, one repetition: a smoke test),
 //! `--only <text>` (workloads whose name contains text), `--heaps-mib 64,1024`,
-//! `--mechanism <name>[,<name>...]` (those mechanisms only, e.g. to profile one), `--no-write` (print only).
+//! `--mechanism <name>[,<name>...]` (those mechanisms only, e.g. to profile one), `--no-write` (print only),
+//! `--report` (only regenerate bench/RESULTS.md from bench/results.json). The end-to-end
+//! workloads' options are in bench/e2e.rs (`--sqlite-mib`, `--cadence-seconds`,
+//! `--reset-iters`).
 
 mod child;
+mod e2e;
+mod e2e_report;
+mod e2e_run;
+mod goals;
+mod heap_hash;
+mod json;
 mod mechanisms;
 mod report;
+mod results_md;
+mod sqlite;
 mod svg;
 mod workloads;
 
@@ -112,6 +123,11 @@ fn harvest_curve(shared: &[u8], s: &mut child::Sample) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/bench");
+    if args.iter().any(|a| a == "--report") {
+        results_md::write(dir).unwrap_or_else(|e| panic!("bench --report: {e}"));
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let no_write = args.iter().any(|a| a == "--no-write");
     let arg = |name: &str| {
@@ -140,6 +156,14 @@ fn main() {
     let plan: Vec<Workload> = workloads::plan(&heaps, child::os_page())
         .into_iter()
         .filter(|w| only.as_ref().is_none_or(|o| w.name().contains(o.as_str())))
+        .collect();
+    // Here `--only` may also list names: `--only reset_loop,cadence`.
+    let e2e_plan: Vec<e2e::E2e> = e2e::plan(arg, quick)
+        .into_iter()
+        .filter(|w| {
+            only.as_ref()
+                .is_none_or(|o| o.split(',').any(|p| w.name().contains(p)))
+        })
         .collect();
     let shared = child::map_shared(1 << 20);
     let t_start = Instant::now();
@@ -203,6 +227,9 @@ fn main() {
             t0.elapsed().as_secs_f64()
         );
     }
+    let t_e2e = Instant::now();
+    let e2e_records = e2e::run(&e2e_plan, mech.as_deref(), shared, quick);
+    let e2e_seconds = t_e2e.elapsed().as_secs_f64();
     machine.insert("loadavg_end".into(), read("/proc/loadavg"));
     machine.insert(
         "run_seconds".into(),
@@ -210,6 +237,15 @@ fn main() {
     );
     let ratios = report::all_ratios(&records);
     println!("{}", report::table(&records, &ratios));
+    let e2e_problems = e2e::problems(&e2e_records);
+    let e2e_ratios = e2e::ratios(&e2e_records, &e2e_problems);
+    if !e2e_plan.is_empty() {
+        println!(
+            "{}",
+            e2e_report::table(&e2e_records, &e2e_ratios, &e2e_problems)
+        );
+        println!("end-to-end workloads: {e2e_seconds:.1}s");
+    }
     println!(
         "run: {:.1}s, load average at start {} / end {}",
         t_start.elapsed().as_secs_f64(),
@@ -217,14 +253,18 @@ fn main() {
         machine["loadavg_end"]
     );
     if !no_write {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/bench");
-        std::fs::write(
-            format!("{dir}/results.json"),
-            report::json(&records, &ratios, &machine),
-        )
-        .expect("write bench/results.json");
+        let doc = e2e_report::splice(
+            &report::json(&records, &ratios, &machine),
+            &e2e_report::json(&e2e_records, &e2e_ratios, &e2e_problems, e2e_seconds),
+        );
+        std::fs::write(format!("{dir}/results.json"), doc).expect("write bench/results.json");
         std::fs::write(format!("{dir}/chart.svg"), svg::chart(&records))
             .expect("write bench/chart.svg");
-        println!("wrote {dir}/results.json and {dir}/chart.svg");
+        results_md::write(dir).unwrap_or_else(|e| panic!("bench/RESULTS.md: {e}"));
+        println!("wrote {dir}/results.json, {dir}/chart.svg and {dir}/RESULTS.md");
+    }
+    if !e2e_problems.is_empty() {
+        eprintln!("bench: end-to-end verification failed (see UNVERIFIED above)");
+        std::process::exit(1);
     }
 }

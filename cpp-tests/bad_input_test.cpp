@@ -6,7 +6,7 @@
 // every call that returns, the scenario takes or restores a checkpoint and checks that
 // tracking still works (a rewind restores a tracked global exactly).
 //
-// The README's bad-input table lists these cases together with the ones of misuse_test.cpp
+// docs/hazards.md's bad-input table lists these cases together with the ones of misuse_test.cpp
 // and ext_test.cpp.
 
 #include <sys/mman.h>

@@ -272,7 +272,12 @@ void StatsFaultsAndDirtyPages() {
   // faults than pages, every page dirty.
   MS_CHECK(s1.faults_handled > s0.faults_handled);
   MS_CHECK(s1.faults_handled < s0.faults_handled + N);
-  MS_CHECK_EQ(s1.active_dirty_pages - s0.active_dirty_pages, N);
+  // Every page of buf is dirty. The last run may also take pages past buf's end when
+  // the kernel placed other tracked memory right after it (ASLR decides: about one run
+  // in fifteen here), so up to one run's worth more (runs here: 1, 2, 4, 8 pages).
+  const uint64_t dirty = s1.active_dirty_pages - s0.active_dirty_pages;
+  MS_CHECK(dirty >= N);
+  MS_CHECK(dirty < 2 * N);
   MS_CHECK(s1.copy_bytes >= s0.copy_bytes + N * Page());
   // Writing the same pages again does not fault again.
   Touch(buf, N, 2);

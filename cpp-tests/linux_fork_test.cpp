@@ -1,5 +1,5 @@
-// Issue 3, part 6 (suite ForkTest): fork() while tracking. The defined behaviour (README,
-// Hazards): the child keeps the parent's tracking, checkpoints included, with its memory
+// Issue 3, part 6 (suite ForkTest): fork() while tracking. The defined behaviour (docs/hazards.md,
+// fork): the child keeps the parent's tracking, checkpoints included, with its memory
 // copied; its calling thread becomes the controller and restores run on it (no restore
 // workers survive fork). The parent's snapshots are unaffected by anything the child
 // does. HazardTest.ForkChildKeepsItsOwnTracking covers the sequential case; here the

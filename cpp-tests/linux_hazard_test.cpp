@@ -1,4 +1,4 @@
-// The README's "Hazards" table, one claim per test (suite HazardTest): real crashes and
+// docs/hazards.md's "Hazards" table, one claim per test (suite HazardTest): real crashes and
 // stack overflows reach the previous handler on the alternate stack; kernel-written areas
 // (the rseq area, errno, thread stacks, cached thread stacks) are never protected; malloc
 // is pinned to the brk heap and heap growth after a checkpoint reads as zero after a

@@ -130,7 +130,7 @@ inline mozilla::recordreplay::MemsnapStats Stats() {
 
 // Whether a fork child may rewind to the checkpoints it inherited: not under the
 // userfaultfd backends, whose registration does not survive fork(), so the child's writes
-// before memsnap's fork handler re-armed its memory went unseen (README, Hazards: fork).
+// before memsnap's fork handler re-armed its memory went unseen (docs/backends.md, fork).
 // There the rewind is refused with a message containing kForkChildRefusal.
 inline bool ForkChildRewindsInherited() {
   mozilla::recordreplay::MemsnapBackend b = Stats().backend;

@@ -99,12 +99,24 @@ impl Engine {
 
     /// Enters the section that `set_allowed(false)` waits to drain.
     pub(super) fn enter(&self, function: &str, addr: usize, writer: u64) {
+        while !self.try_enter(function, addr, writer, true) {}
+    }
+
+    /// [`Engine::enter`], or, when `may_wait` is false and memory changes are disallowed
+    /// by a thread other than `writer`, `false` at once without entering (a server that
+    /// answers faults for several threads must not wait on one: see `sys::mach_serve`).
+    /// A write by the thread that disallowed changes aborts either way.
+    fn try_enter(&self, function: &str, addr: usize, writer: u64, may_wait: bool) -> bool {
         loop {
             self.in_flight.fetch_add(1, Ordering::SeqCst);
             if self.allowed.load(Ordering::SeqCst) {
-                return;
+                return true;
             }
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            if !may_wait && self.disallower.load(Ordering::SeqCst) != writer {
+                return false;
+            }
+            // Aborts when `writer` disallowed changes (and they still are).
             self.wait_allowed_for(function, addr, writer);
         }
     }
@@ -131,8 +143,22 @@ impl Engine {
     /// (`via_uffd` false: only mprotect-guarded pages are ours) or by the sync userfaultfd
     /// (only userfaultfd-guarded pages are).
     pub(super) fn resolve(&self, function: &str, addr: usize, writer: u64, via_uffd: bool) -> bool {
+        self.resolve_gated(function, addr, writer, via_uffd, true)
+            .unwrap_or(false)
+    }
+
+    /// [`Engine::resolve`]; with `may_wait` false, `None` instead of waiting while memory
+    /// changes are disallowed by another thread (see [`Engine::try_enter`]).
+    fn resolve_gated(
+        &self,
+        function: &str,
+        addr: usize,
+        writer: u64,
+        via_uffd: bool,
+        may_wait: bool,
+    ) -> Option<bool> {
         let Some(word) = self.table.word(addr) else {
-            return false;
+            return Some(false);
         };
         let st = PageState(word.load(Ordering::Acquire));
         if !st.tracked()
@@ -142,7 +168,7 @@ impl Engine {
             || self.async_unit(st)
             || st.host()
         {
-            return false;
+            return Some(false);
         }
         if via_uffd
             && st.slot().is_some()
@@ -154,9 +180,11 @@ impl Engine {
             // controller has run on since and disallowed changes; it is not blocked here,
             // the unit is captured and writable. (A real write inside the scope meets an
             // armed unit, which has no slot yet, and is refused below.)
-            return true;
+            return Some(true);
         }
-        self.enter(function, addr, writer);
+        if !self.try_enter(function, addr, writer, may_wait) {
+            return None;
+        }
         let page = self.page_base(addr);
         let mut waits = 0u32;
         let handled = loop {
@@ -216,7 +244,7 @@ impl Engine {
             break true;
         };
         self.leave();
-        handled
+        Some(handled)
     }
 
     /// Copies the unit at `page` (whose BUSY bit this thread holds) into a new slot and
@@ -429,5 +457,18 @@ pub fn on_write_fault(addr: usize) -> bool {
         // A signal is never a userfaultfd-guarded page's write fault.
         Some(e) => e.resolve("HandleDirtyMemoryFault", addr, sys::tid(), false),
         None => false,
+    }
+}
+
+/// The callback of a fault server that answers for other threads (the macOS exception
+/// server): [`on_write_fault`] for a write by thread `writer`, except that while memory
+/// changes are disallowed by another thread it answers `None` ("ask again once they are
+/// allowed") instead of waiting, so that the server keeps examining the faults queued
+/// behind this one (the disallowing thread's own write among them, which aborts).
+#[cfg_attr(not(target_os = "macos"), allow(dead_code))]
+pub fn on_served_write_fault(addr: usize, writer: u64) -> Option<bool> {
+    match super::get() {
+        Some(e) => e.resolve_gated("HandleDirtyMemoryFault", addr, writer, false, false),
+        None => Some(false),
     }
 }

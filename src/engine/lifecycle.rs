@@ -93,6 +93,9 @@ impl Engine {
         if let Err(e) = sys::install_fault_handler(super::fault::on_write_fault) {
             crate::fatal!(F, "cannot install the write-fault handler (error {})", e);
         }
+        // The macOS exception server answers for every thread and must not wait for one.
+        #[cfg(target_os = "macos")]
+        sys::set_served_fault_callback(super::fault::on_served_write_fault);
         self.bind_exports(F);
         self.set_allowed(F, false);
         {
@@ -278,6 +281,7 @@ impl Engine {
                 r.born = target + 1;
             }
         }
+        m.read_only_rewound(target);
         let c = m.checkpoints[target];
         if c.brk != 0 && sys::program_break() > c.brk {
             // glibc's cached break (in rewound libc data) says c.brk again; were the
@@ -534,6 +538,7 @@ impl Engine {
                 r.born -= 1;
             }
         }
+        m.read_only_erased(dropped);
         if m.floor.position > dropped {
             m.floor.position -= 1;
         }

@@ -29,6 +29,7 @@ pub mod host;
 mod lifecycle;
 mod pages;
 mod preimage;
+mod readonly;
 mod scan;
 mod stats;
 mod uffd;
@@ -186,6 +187,10 @@ pub struct Meta {
     /// of it since the oldest checkpoint (see `host`); `opened`: views a checkpoint or
     /// rewind made accessible for its duration.
     pub views: RawVec<host::View>,
+    /// Read-only anonymous memory nobody tracks, with the checkpoint since which it has
+    /// been there (see `readonly`); `read_only_next` is the scan's scratch for it.
+    pub read_only: RawVec<readonly::ReadOnly>,
+    pub read_only_next: RawVec<readonly::ReadOnly>,
     pub journal: RawVec<host::Change>,
     pub opened: RawVec<Range>,
     pub floor: Floor,
@@ -249,6 +254,8 @@ pub struct Engine {
     pub timer_ns: [AtomicU64; TIMER_KINDS],
     pub start_us: f64,
     pub countdown: AtomicUsize,
+    /// The span of `Meta::read_only`, `[lo, hi)`, for host calls to check without the lock.
+    pub read_only_span: [AtomicUsize; 2],
     pub countdown_started: AtomicBool,
     /// glibc's rseq layout, looked up at initialization.
     pub rseq: Option<(isize, usize)>,
@@ -480,6 +487,8 @@ impl Engine {
             eager_bytes: vec((1 << 20) * sub, "eager copy"),
             blocks: vec(1 << 16, "thread descriptor"),
             views: vec(1 << 20, "host protection range"),
+            read_only: vec(1 << 16, "read-only range"),
+            read_only_next: vec(1 << 16, "read-only range"),
             journal: vec(1 << 22, "host protection change"),
             opened: vec(1 << 20, "host protection range"),
             floor: Floor::default(),
@@ -524,6 +533,7 @@ impl Engine {
             timer_ns: Default::default(),
             start_us: crate::sys::now_us(),
             countdown: AtomicUsize::new(0),
+            read_only_span: [AtomicUsize::new(0), AtomicUsize::new(0)],
             countdown_started: AtomicBool::new(false),
             rseq: crate::sys::rseq_layout(),
             threads: crate::sys::ThreadLayout::probe(crate::sys::rseq_layout()),
@@ -581,6 +591,8 @@ impl Engine {
                 m.eager_bytes.reservation(),
                 m.blocks.reservation(),
                 m.views.reservation(),
+                m.read_only.reservation(),
+                m.read_only_next.reservation(),
                 m.journal.reservation(),
                 m.opened.reservation(),
             ];
@@ -592,6 +604,14 @@ impl Engine {
             {
                 m.add_own(*r);
             }
+            // The library's own statics, where it is a shared object of its own: memory
+            // memsnap owns by construction, never protected and never rewound.
+            crate::sys::for_each_own_writable_segment(crate::sys::os_page_size(), |lo, hi| {
+                m.add_own(Reservation {
+                    base: lo,
+                    len: hi - lo,
+                })
+            });
         }
         e.balance[1].fetch_add(bytes as isize, Ordering::Relaxed);
         // As early as possible: memory malloc obtains from now on stays mapped.

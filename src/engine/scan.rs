@@ -329,6 +329,8 @@ impl Engine {
                 let r = m.found[i];
                 self.track(function, m, r);
             }
+            m.record_read_only(0, self.page);
+            self.publish_read_only(m);
         }
     }
 
@@ -390,6 +392,8 @@ impl Engine {
                 };
                 self.track(function, m, r);
             }
+            m.record_read_only(position, self.page);
+            self.publish_read_only(m);
         }
     }
 

@@ -10,6 +10,14 @@ pub use unix::{chain, fault_action, now_us, on_fork, spawn};
 // The Mach exception-message seam: used by the macOS backend, unit-tested everywhere.
 #[cfg(any(target_os = "macos", test))]
 mod mach_exc;
+// The macOS region classifier and exception-server decisions: pure, unit-tested everywhere.
+#[cfg(any(target_os = "macos", test))]
+mod mach_regions;
+#[cfg(any(target_os = "macos", test))]
+mod mach_serve;
+// libmemsnap's own writable segments in a Mach-O image: pure, unit-tested everywhere.
+#[cfg(any(target_os = "macos", test))]
+mod mach_image;
 
 #[cfg(target_os = "linux")]
 mod linux;

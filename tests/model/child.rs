@@ -1185,7 +1185,7 @@ impl Model {
                 self.report(|r| r.host_calls += 1);
                 if raw && tracked {
                     // memsnap did not see it: a rewind before the next checkpoint would be
-                    // refused (README, Hazards), so take it now.
+                    // refused (docs/hazards.md), so take it now.
                     self.checkpoint(
                         "at the checkpoint after a raw unmap of tracked memory",
                         true,
@@ -1412,7 +1412,7 @@ impl Model {
         }
         // Host mappings. Whole-process mode: one the target tracked is back as it was then,
         // its protection included, even if the host unmapped it since (memsnap retained
-        // it); one mapped after the target reads as zero and is untracked (README, Hazards),
+        // it); one mapped after the target reads as zero and is untracked (docs/hazards.md),
         // so the rewound program, which never made it, finds no stale bytes: the host
         // forgets it. Registered-only mode tracks none of them.
         let mut forgotten = [false; HOST_SLOTS];

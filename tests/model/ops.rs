@@ -132,7 +132,7 @@ pub enum Op {
     /// tracked memory is retained: a rewind to before the unmap brings it back with its
     /// bytes. With `raw`, a system call memsnap does not see: where the slot was tracked,
     /// older checkpoints become unreachable and a rewind before the next checkpoint is
-    /// refused (README, Hazards), so the executor takes that checkpoint at once.
+    /// refused (docs/hazards.md), so the executor takes that checkpoint at once.
     HostUnmap {
         slot: u8,
         raw: bool,

@@ -6,6 +6,7 @@ mod altstack;
 mod bind;
 mod glibc;
 pub mod maps;
+mod own_object;
 mod procmap;
 pub mod raw;
 pub mod signals;
@@ -15,6 +16,7 @@ pub mod uffd;
 pub use altstack::signal_stack_of;
 pub use bind::bind_exports;
 pub use glibc::ThreadLayout;
+pub use own_object::for_each_writable_segment as for_each_own_writable_segment;
 pub use signals::FaultCallback;
 pub use threads::{
     current_errno_location, current_rseq_area, current_signal_stack, current_sp,

@@ -9,6 +9,7 @@
 //! snapshot (the pointer to the block and the `pthread_atfork` registration).
 
 mod exc_server;
+mod imports;
 mod regions;
 mod signals;
 mod threads;
@@ -18,6 +19,43 @@ pub use regions::{discard, protect, walk_regions, WalkError};
 /// macOS keeps a thread's TLS apart from the stack it is given.
 pub fn thread_stack_bytes(usable: usize) -> usize {
     usable
+}
+
+/// Calls `f(start, end)` for each writable segment of the dylib that holds memsnap's code,
+/// widened to kernel pages (`page`), so that its statics and dyld's lazy pointers for its
+/// imports are never tracked (see `sys/mach_image.rs`); nothing when memsnap is part of the
+/// program itself (the rlib in a test executable), whose data is the program's.
+pub fn for_each_own_writable_segment(page: usize, mut f: impl FnMut(usize, usize)) {
+    fn marker() {}
+    let marker = marker as fn() as *const libc::c_void;
+    // SAFETY: dladdr fills `info` for an address inside a loaded image; zeroed is a valid
+    // Dl_info to start from.
+    let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
+    // SAFETY: `marker` is this function's address; `info` is writable.
+    if unsafe { libc::dladdr(marker, &mut info) } == 0 || info.dli_fbase.is_null() {
+        return;
+    }
+    // SAFETY: image 0 is the main executable, whose header dyld keeps mapped.
+    let program = unsafe { mach2::dyld::_dyld_get_image_header(0) };
+    if core::ptr::eq(program as *const libc::c_void, info.dli_fbase) {
+        return;
+    }
+    let base = info.dli_fbase as *const u8;
+    // SAFETY: dli_fbase is the image's mapped Mach-O header; its first 32 bytes are the
+    // header, and the load commands follow it within the mapped __TEXT segment.
+    let head = unsafe { core::slice::from_raw_parts(base, 32) };
+    let Some(len) = super::mach_image::commands_end(head) else {
+        return;
+    };
+    // SAFETY: as above: header and load commands, `len` bytes, all mapped.
+    let image = unsafe { core::slice::from_raw_parts(base, len) };
+    let _ = super::mach_image::for_each_writable_segment(image, base as usize, |start, end| {
+        let lo = start & !(page - 1);
+        let hi = end.next_multiple_of(page);
+        if lo < hi {
+            f(lo, hi);
+        }
+    });
 }
 pub use threads::{
     current_errno_location, current_rseq_area, current_signal_stack, current_sp,
@@ -35,6 +73,10 @@ use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsiz
 /// tracked memory and has been resolved, so the instruction can be retried.
 pub type FaultCallback = fn(usize) -> bool;
 
+/// The exception server's: the same for a write by the given thread, or `None` when it
+/// must be asked again later (memory changes are disallowed by another thread).
+pub type ServedFaultCallback = fn(usize, u64) -> Option<bool>;
+
 /// The VM tag of memory this library maps for itself (one of the application-specific
 /// tags, 240-255). Mappings with different tags are never coalesced, so the library's
 /// memory never shares a region with the host's; the walk reports only the ranges
@@ -44,6 +86,11 @@ const OWN_TAG: u8 = 245;
 /// Everything the fault path and the fork handler write, in library-mapped memory.
 pub(crate) struct Shared {
     callback: AtomicUsize,
+    /// A [`ServedFaultCallback`] (0 until set).
+    served: AtomicUsize,
+    /// The dyld shared cache's range, read once at installation (see
+    /// `regions::shared_cache_range`).
+    cache: (AtomicUsize, AtomicUsize),
     backend: AtomicU32,
     /// The exception server's thread id, and while it runs the callback for a faulting
     /// thread, that thread's id (what [`tid`] then answers, as on Linux, where the
@@ -53,7 +100,6 @@ pub(crate) struct Shared {
     /// `mach_task_self()` when the port was installed.
     task: AtomicU32,
     port: AtomicU32,
-    reply_port: AtomicU32,
     /// The handlers installed before ours, for forwarding; `old` is written before
     /// `old_count` is published and never after.
     old_count: AtomicUsize,
@@ -63,6 +109,8 @@ pub(crate) struct Shared {
     previous: UnsafeCell<[MaybeUninit<libc::sigaction>; 2]>,
     /// The library-mapped ranges of this module (this block, the server's block).
     own: [(AtomicUsize, AtomicUsize); 2],
+    /// `abort`, looked up at installation (see `imports`); 0 if not found.
+    abort: AtomicUsize,
 }
 
 const MAX_OLD: usize = 32;
@@ -85,6 +133,19 @@ impl Shared {
         let f = self.callback.load(Ordering::Acquire);
         // SAFETY: only ever stores a FaultCallback cast to usize (or 0).
         (f != 0).then(|| unsafe { core::mem::transmute::<usize, FaultCallback>(f) })
+    }
+
+    fn served(&self) -> Option<ServedFaultCallback> {
+        let f = self.served.load(Ordering::Acquire);
+        // SAFETY: only ever stores a ServedFaultCallback cast to usize (or 0).
+        (f != 0).then(|| unsafe { core::mem::transmute::<usize, ServedFaultCallback>(f) })
+    }
+
+    fn shared_cache(&self) -> (usize, usize) {
+        (
+            self.cache.0.load(Ordering::Relaxed),
+            self.cache.1.load(Ordering::Relaxed),
+        )
     }
 
     fn old_handlers(&self) -> &[OldHandler] {
@@ -126,8 +187,10 @@ pub fn for_each_writable_mapping(_start: usize, _end: usize, _f: impl FnMut(usiz
 /// Nothing to probe ahead of time on macOS; see the Linux backend.
 pub fn prepare() {}
 
-/// Binds nothing: dyld's lazy pointers (`__la_symbol_ptr`) are not bound ahead of time,
-/// so hosts link with `-bind_at_load` (see README, Hazards). Returns the slots written.
+/// Binds nothing in the host: dyld's lazy pointers (`__la_symbol_ptr`) are not bound
+/// ahead of time, so hosts link with `-bind_at_load` (see docs/hazards.md); libmemsnap's
+/// own are bound when the fault capture is installed (see `imports`). Returns the slots
+/// written.
 pub fn bind_exports() -> Result<usize, &'static str> {
     Ok(0)
 }
@@ -225,6 +288,13 @@ pub fn write_stderr(bytes: &[u8]) {
 }
 
 pub fn abort() -> ! {
+    let f = shared().map_or(0, |s| s.abort.load(Ordering::Relaxed));
+    if f != 0 {
+        // SAFETY: the address dlsym gave for libSystem's `abort` (see `imports`), called
+        // through it so that its lazy stub is not bound inside a fault.
+        let f = unsafe { core::mem::transmute::<usize, extern "C" fn() -> !>(f) };
+        f();
+    }
     // SAFETY: abort never returns. Unlike glibc's, libSystem's abort keeps its state in
     // the shared cache, which is never tracked.
     unsafe { libc::abort() }
@@ -377,13 +447,23 @@ pub fn install_fault_handler(callback: FaultCallback) -> Result<(), i32> {
     };
     s.own[0].0.store(block as usize, Ordering::Relaxed);
     s.own[0].1.store(bytes, Ordering::Relaxed);
+    // Before anything is protected: these run dyld's binder and take its lock.
+    s.abort
+        .store(imports::bind_fault_path_imports(), Ordering::Relaxed);
+    let (cache_start, cache_end) = regions::shared_cache_range();
+    s.cache.0.store(cache_start, Ordering::Relaxed);
+    s.cache.1.store(cache_end, Ordering::Relaxed);
     s.callback.store(callback as usize, Ordering::Release);
     SHARED.store(block, Ordering::Release);
 
+    // The signal handlers are installed in either mode: with the exception port they
+    // catch what the server refuses, above all the faults of a fork child before its
+    // atfork handler runs (it inherited the port, and the server answers other tasks'
+    // faults with KERN_FAILURE, which the kernel turns into SIGBUS in the child).
+    signals::install(s)?;
     let backend = if wants_exception_port() && exc_server::install(s).is_ok() {
         Backend::MacExceptionPort
     } else {
-        signals::install(s)?;
         Backend::MacSignal
     };
     s.backend.store(backend as u32, Ordering::Release);
@@ -394,10 +474,11 @@ pub fn install_fault_handler(callback: FaultCallback) -> Result<(), i32> {
 
 /// A forked child has no exception server (threads do not survive fork) and its task
 /// exception port still names the parent's, which refuses faults from other tasks; the
-/// child switches to the signal handler so that it keeps its tracking (its tracked pages
-/// are still write-protected). The parent's earlier handlers cannot be reached from the
-/// child (port names do not survive fork): foreign faults in the child go to its signal
-/// handlers.
+/// child switches to the signal handlers it inherited, installed in Mach mode too, so
+/// that it keeps its tracking (its tracked pages are still write-protected), and a write
+/// before this handler runs is caught by them as well. The parent's earlier handlers
+/// cannot be reached from the child (port names do not survive fork): foreign faults in
+/// the child go to its signal handlers.
 extern "C" fn after_fork_in_child() {
     let Some(s) = shared() else { return };
     if s.backend.load(Ordering::Acquire) != Backend::MacExceptionPort as u32 {
@@ -410,6 +491,15 @@ extern "C" fn after_fork_in_child() {
     }
     s.backend
         .store(Backend::MacSignal as u32, Ordering::Release);
+}
+
+/// Sets the exception server's callback (see [`ServedFaultCallback`]); call after
+/// [`install_fault_handler`]. Until it is set, the server treats no fault as memsnap's,
+/// which is right while nothing is protected.
+pub fn set_served_fault_callback(callback: ServedFaultCallback) {
+    if let Some(s) = shared() {
+        s.served.store(callback as usize, Ordering::Release);
+    }
 }
 
 /// Whether our capture still receives the faults (someone may have replaced it since).

@@ -1,28 +1,33 @@
 //! The address space as the snapshot policy sees it on macOS: the region walk
 //! (`mach_vm_region_recurse`), protection (`mach_vm_protect`) and discarding.
 //!
-//! How a Mach region maps onto [`Region`]:
-//! - `read`/`write`/`exec` are the *current* protection; a region is only ever tracked
-//!   when its current protection allows writing, and the walk reports `private` only when
-//!   its *maximum* protection allows writing too, so memsnap never tracks memory it could
-//!   not make writable again. Protection is restored per page from the engine's record of
-//!   the region's execute bit: read-write, plus execute only where the page had it (never
-//!   write+execute forced onto a page that did not have both: the hardened runtime
-//!   refuses that).
-//! - `private` also requires a copy-on-write or private share mode and an inheritance
-//!   other than `VM_INHERIT_SHARE` (what `MAP_SHARED` sets).
-//! - Kinds: thread stacks (`VM_MEMORY_STACK`, which libpthread also gives each thread's
-//!   `pthread_t` and TSD) are reported as [`RegionKind::MainStack`], the kind the engine
-//!   never tracks; the dyld shared region (a submap: the system libraries' data, their
-//!   locks and the main thread's TSD), `MAP_JIT` regions (whose write permission is per
-//!   thread) and this module's own memory as [`RegionKind::Kernel`]; file-backed regions
-//!   as [`RegionKind::File`]; the rest as [`RegionKind::Anonymous`].
+//! The walk reads each depth-0 entry into a [`RegionRecord`] and hands the records to
+//! the pure classifier (`sys::mach_regions`, unit-tested on Linux), which says what is
+//! trackable and cuts out what never is: the shared region by its whole range (see
+//! [`shared_cache_range`]) and this module's own memory. Protection is restored per
+//! page from the engine's record of the region's execute bit: read-write, plus execute
+//! only where the page had it (never write+execute forced onto a page that did not have
+//! both: the hardened runtime refuses that).
 
-use super::super::{Access, Region, RegionKind};
+use super::super::mach_regions::{self, classify_all, errno_of, Policy, RegionRecord};
+use super::super::{Access, Region};
 const _: () = assert!(
     libc::PROT_READ == VM_PROT_READ
         && libc::PROT_WRITE == VM_PROT_WRITE
         && libc::PROT_EXEC == VM_PROT_EXECUTE
+);
+// The pure classifier's copies of xnu's constants are mach2's.
+const _: () = assert!(
+    mach_regions::VM_PROT_READ == VM_PROT_READ
+        && mach_regions::VM_PROT_WRITE == VM_PROT_WRITE
+        && mach_regions::VM_PROT_EXECUTE == VM_PROT_EXECUTE
+        && mach_regions::VM_INHERIT_SHARE == VM_INHERIT_SHARE
+        && mach_regions::SM_TRUESHARED == SM_TRUESHARED
+        && mach_regions::SM_SHARED_ALIASED == SM_SHARED_ALIASED
+        && mach_regions::KERN_INVALID_ADDRESS == KERN_INVALID_ADDRESS
+        && mach_regions::KERN_PROTECTION_FAILURE == KERN_PROTECTION_FAILURE
+        && mach_regions::KERN_NO_SPACE == KERN_NO_SPACE
+        && mach_regions::KERN_RESOURCE_SHORTAGE == KERN_RESOURCE_SHORTAGE
 );
 use mach2::kern_return::{
     KERN_INVALID_ADDRESS, KERN_NO_SPACE, KERN_PROTECTION_FAILURE, KERN_RESOURCE_SHORTAGE,
@@ -36,9 +41,6 @@ use mach2::vm_region::{
     vm_region_submap_info_64, SM_SHARED_ALIASED, SM_TRUESHARED, VM_REGION_FLAG_JIT_ENABLED,
 };
 
-/// `VM_MEMORY_STACK` from `<mach/vm_statistics.h>`.
-const VM_MEMORY_STACK: u32 = 30;
-
 /// Why the region walk could not produce a listing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WalkError {
@@ -48,18 +50,11 @@ pub enum WalkError {
     Io(i32),
 }
 
-/// One top-level VM map entry.
-struct MachRegion {
-    start: usize,
-    end: usize,
-    info: vm_region_submap_info_64,
-}
-
 /// The first region at or above `addr`, or `None` past the last one.
-fn region_at(addr: usize) -> Result<Option<MachRegion>, i32> {
+fn region_at(addr: usize) -> Result<Option<RegionRecord>, i32> {
     let mut address = addr as u64;
     let mut size = 0u64;
-    // Depth 0: the shared region is reported as one submap entry, not descended into.
+    // Depth 0: the shared region is reported as submap entries, not descended into.
     let mut depth = 0u32;
     let mut info = vm_region_submap_info_64::default();
     let mut count = vm_region_submap_info_64::count();
@@ -76,108 +71,95 @@ fn region_at(addr: usize) -> Result<Option<MachRegion>, i32> {
         )
     };
     match kr {
-        KERN_SUCCESS => Ok(Some(MachRegion {
+        KERN_SUCCESS => Ok(Some(RegionRecord {
             start: address as usize,
             end: (address + size) as usize,
-            info,
+            protection: info.protection,
+            max_protection: info.max_protection,
+            inheritance: info.inheritance,
+            share_mode: info.share_mode,
+            is_submap: info.is_submap != 0,
+            user_tag: info.user_tag,
+            external_pager: info.external_pager != 0,
+            // mach2's `flags` is padding in xnu-11417's layout (`osfmk/mach/vm_region.h`),
+            // which the kernel leaves zero: the classifier does not rely on it.
+            jit_flag: info.flags & VM_REGION_FLAG_JIT_ENABLED != 0,
         })),
         KERN_INVALID_ADDRESS => Ok(None),
         e => Err(e),
     }
 }
 
-fn to_region(r: &MachRegion) -> Region {
-    let info = r.info;
-    let prot = info.protection;
-    let max = info.max_protection;
-    let share = info.share_mode;
-    let kind = if info.is_submap != 0 || info.flags & VM_REGION_FLAG_JIT_ENABLED != 0 {
-        RegionKind::Kernel
-    } else if info.user_tag == VM_MEMORY_STACK {
-        RegionKind::MainStack
-    } else if info.external_pager != 0 {
-        RegionKind::File
-    } else {
-        RegionKind::Anonymous
-    };
-    Region {
-        start: r.start,
-        end: r.end,
-        read: prot & VM_PROT_READ != 0,
-        write: prot & VM_PROT_WRITE != 0,
-        exec: prot & VM_PROT_EXECUTE != 0,
-        private: info.is_submap == 0
-            && max & VM_PROT_WRITE != 0
-            && info.inheritance != VM_INHERIT_SHARE
-            && share != SM_TRUESHARED
-            && share != SM_SHARED_ALIASED,
-        kind,
-    }
-}
-
-/// Calls `f` for every mapping of the process in ascending address order, with the
-/// library's own ranges split out and reported as [`RegionKind::Kernel`].
-pub fn walk_regions(_scratch: &mut [u8], mut f: impl FnMut(Region)) -> Result<(), WalkError> {
-    let own = super::shared();
-    let mut addr = 0usize;
-    while let Some(r) = region_at(addr).map_err(WalkError::Io)? {
-        let region = to_region(&r);
-        addr = r.end;
-        let Some(s) = own else {
-            f(region);
-            continue;
+/// The dyld shared cache's range, `[start, end)`, excluded from tracking as a whole (see
+/// `mach_regions::classify_all` for why the submap entries alone are not enough).
+/// `_dyld_get_shared_cache_range` (libdyld, macOS 10.15 and later) is looked up with
+/// `dlsym`, which takes dyld's lock: call this only while no page is protected (the fault
+/// capture's installation caches it for the walks that follow). Older x86_64 systems get
+/// the kernel's whole reservation for the shared region.
+pub(super) fn shared_cache_range() -> (usize, usize) {
+    type RangeFn = unsafe extern "C" fn(length: *mut usize) -> *const libc::c_void;
+    // SAFETY: dlsym with a NUL-terminated name; a null answer is checked.
+    let f = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"_dyld_get_shared_cache_range".as_ptr()) };
+    if f.is_null() {
+        let (base, len) = if cfg!(target_arch = "aarch64") {
+            mach_regions::SHARED_REGION_ARM64
+        } else {
+            mach_regions::SHARED_REGION_X86_64
         };
-        // Split out the library's own ranges (at most two, disjoint).
-        let mut cursor = region.start;
-        let mut pieces: [(usize, usize); 2] = [(0, 0); 2];
-        for (i, (b, l)) in s.own.iter().enumerate() {
-            let b = b.load(core::sync::atomic::Ordering::Relaxed);
-            let l = l.load(core::sync::atomic::Ordering::Relaxed);
-            pieces[i] = (b.max(region.start), (b + l).min(region.end));
-        }
-        pieces.sort_unstable();
-        for (b, e) in pieces {
-            if b >= e {
-                continue;
-            }
-            if b > cursor {
-                f(Region {
-                    start: cursor,
-                    end: b,
-                    ..region
-                });
-            }
-            f(Region {
-                start: b,
-                end: e,
-                private: false,
-                kind: RegionKind::Kernel,
-                ..region
-            });
-            cursor = e;
-        }
-        if cursor < region.end {
-            f(Region {
-                start: cursor,
-                ..region
-            });
-        }
+        return (base, base + len);
     }
-    Ok(())
+    // SAFETY: the symbol is dyld's `const void *_dyld_get_shared_cache_range(size_t *)`.
+    let f: RangeFn = unsafe { core::mem::transmute::<*mut libc::c_void, RangeFn>(f) };
+    let mut len = 0usize;
+    // SAFETY: writes the length into a local; returns null when there is no cache.
+    let start = unsafe { f(&mut len) } as usize;
+    if start == 0 {
+        (0, 0)
+    } else {
+        (start, start.saturating_add(len))
+    }
 }
 
-fn errno_of(kr: i32) -> i32 {
-    match kr {
-        KERN_PROTECTION_FAILURE => libc::EACCES,
-        KERN_INVALID_ADDRESS => libc::EFAULT,
-        KERN_NO_SPACE | KERN_RESOURCE_SHORTAGE => libc::EAGAIN,
-        _ => libc::EINVAL,
-    }
+/// Calls `f` for every mapping of the process in ascending address order, classified by
+/// `sys::mach_regions`, with the shared cache and the library's own ranges reported as
+/// [`super::super::RegionKind::Kernel`].
+pub fn walk_regions(_scratch: &mut [u8], f: impl FnMut(Region)) -> Result<(), WalkError> {
+    let own = super::shared();
+    let load = |(b, l): &(
+        core::sync::atomic::AtomicUsize,
+        core::sync::atomic::AtomicUsize,
+    )| {
+        let b = b.load(core::sync::atomic::Ordering::Relaxed);
+        (b, b + l.load(core::sync::atomic::Ordering::Relaxed))
+    };
+    let policy = Policy {
+        excluded: match own {
+            Some(s) => [s.shared_cache(), load(&s.own[0]), load(&s.own[1])],
+            None => [shared_cache_range(), (0, 0), (0, 0)],
+        },
+        wx_is_jit: cfg!(target_arch = "aarch64"),
+    };
+    let mut addr = 0usize;
+    let mut failed = None;
+    let records = core::iter::from_fn(|| match region_at(addr) {
+        Ok(Some(r)) => {
+            addr = r.end;
+            Some(r)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            failed = Some(e);
+            None
+        }
+    });
+    classify_all(records, &policy, f);
+    failed.map_or(Ok(()), |e| Err(WalkError::Io(e)))
 }
 
 /// Changes the current protection of page-aligned `[addr, addr + len)`: read-only or
 /// read-write, with execute exactly when `access` carries the page's own execute bit.
-/// Fails (`EACCES`) rather than exceeding a region's maximum protection.
+/// Fails (`EACCES`) rather than exceeding a region's maximum protection, and with
+/// `ENOMEM` where the range is no longer mapped, as `mprotect` does.
 ///
 /// # Safety
 /// The range holds no memory whose protection the Rust program relies on.
@@ -211,10 +193,10 @@ pub unsafe fn discard(addr: usize, len: usize) -> Result<(), i32> {
         if b >= end {
             break;
         }
-        if r.info.external_pager != 0 || r.info.is_submap != 0 {
+        if r.external_pager || r.is_submap {
             result = Err(libc::ENOTSUP);
         } else if b < e {
-            let prot = r.info.protection & (VM_PROT_READ | VM_PROT_WRITE | VM_PROT_EXECUTE);
+            let prot = r.protection & (VM_PROT_READ | VM_PROT_WRITE | VM_PROT_EXECUTE);
             // SAFETY: forwarded contract; MAP_FIXED replaces exactly `[b, e)`, which the
             // caller gives up; for MAP_ANON the descriptor carries the VM tag.
             let p = unsafe {
@@ -223,7 +205,7 @@ pub unsafe fn discard(addr: usize, len: usize) -> Result<(), i32> {
                     e - b,
                     prot,
                     libc::MAP_PRIVATE | libc::MAP_ANON | libc::MAP_FIXED,
-                    libc::VM_MAKE_TAG(r.info.user_tag as u8) as i32,
+                    libc::VM_MAKE_TAG(r.user_tag as u8) as i32,
                     0,
                 )
             };

@@ -1,25 +1,29 @@
 //! The fallback fault capture on macOS: SIGBUS (what a write to a write-protected page
 //! raises) and SIGSEGV handlers, used when exception ports are not usable (hardened
-//! runtime, `MEMSNAP_FAULT_CAPTURE=signal`, a forked child). Chaining follows the Linux
+//! runtime, `MEMSNAP_FAULT_CAPTURE=signal`, a forked child), and installed behind the
+//! exception port too, where they catch the faults the server answers `KERN_FAILURE`
+//! (a fork child's, before its atfork handler switched it to signals). Chaining follows the Linux
 //! handler (and wasmtime): a fault that is not ours goes to the previous `SA_SIGINFO` or
 //! plain handler, or the previous default disposition is restored and the instruction
 //! faults again, so the process dies of its own signal.
 
 use super::super::mach_exc::{is_write_arm64, is_write_x86_64};
+use super::super::mach_serve::untag;
 use super::{shared, Shared};
 use core::sync::atomic::Ordering;
 
 const SIGNALS: [i32; 2] = [libc::SIGBUS, libc::SIGSEGV];
 
-/// Installs both handlers, keeping the previous dispositions in `s`.
+/// Installs both handlers, keeping the previous dispositions in `s`; again (in a fork
+/// child) when someone replaced them since.
 pub(super) fn install(s: &Shared) -> Result<(), i32> {
-    if s.signals_installed.load(Ordering::Acquire) {
+    if s.signals_installed.load(Ordering::Acquire) && still_installed() {
         return Ok(());
     }
     let action = super::super::fault_action(on_fault);
     // SAFETY: sigaction structs are plain data; zeroed is a valid starting value.
-    // `previous` is written here only, before `signals_installed` is published, by the
-    // thread that installs the handler (or the only thread of a fork child).
+    // `previous` is written here only: before `signals_installed` is published, by the
+    // thread that installs the handler, or again by the only thread of a fork child.
     unsafe {
         let previous = &mut *s.previous.get();
         for (i, sig) in SIGNALS.into_iter().enumerate() {
@@ -75,7 +79,8 @@ extern "C" fn on_fault(signal: i32, info: *mut libc::siginfo_t, context: *mut li
         if let Some(s) = shared() {
             if is_write_fault(context) {
                 if let Some(callback) = s.callback() {
-                    if callback((*info).si_addr as usize) {
+                    let addr = untag((*info).si_addr as usize, cfg!(target_arch = "aarch64"));
+                    if callback(addr) {
                         return;
                     }
                 }

@@ -24,12 +24,18 @@
 //! contents (not checked here), and read-only memory memsnap does not track, which it
 //! leaves alone.
 
+mod report;
+#[cfg(test)]
+mod tests;
+
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::ranges::{Range, RangeSet};
 use super::{Engine, ExclusionReason, Meta, Mode, Phase};
 use crate::mem::{RawVec, Reservation};
 use crate::sys::{self, Region, RegionKind};
+
+use report::Mismatch;
 
 /// One checkpoint's record of a kernel page, or of a run of zero pages.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -225,37 +231,6 @@ fn hash_words(words: &[u64]) -> (u64, bool) {
     (h, any == 0)
 }
 
-fn perms(v: &Region) -> [u8; 4] {
-    [
-        if v.read { b'r' } else { b'-' },
-        if v.write { b'w' } else { b'-' },
-        if v.exec { b'x' } else { b'-' },
-        if v.private { b'p' } else { b's' },
-    ]
-}
-
-fn kind_name(k: RegionKind) -> &'static str {
-    match k {
-        RegionKind::Anonymous => "anonymous",
-        RegionKind::Heap => "brk heap",
-        RegionKind::MainStack => "main stack",
-        RegionKind::Kernel => "kernel",
-        RegionKind::File => "file",
-    }
-}
-
-/// A run of adjacent mismatching pages of one mapping.
-#[derive(Clone, Copy)]
-struct Mismatch {
-    range: Range,
-    vma: usize,
-    /// Whether the pages were observable at the checkpoint (and read differently), or
-    /// not (and are not zero now).
-    seen: bool,
-    /// Partly excluded pages (compared without their excluded bytes).
-    masked: bool,
-}
-
 impl Engine {
     /// `memsnap_set_verify`; only before the first snapshot.
     pub fn set_verify(&self, on: bool) -> bool {
@@ -271,7 +246,7 @@ impl Engine {
     /// scan's (`build_exclusions`: every checkpoint and rewind in whole-process mode, the
     /// first snapshot only in registered-only mode), with memsnap's own memory and the
     /// host's untracked ranges as they are now (both only grow between scans).
-    fn verify_exclusions(&self, m: &Meta, mut f: impl FnMut(Range, &'static str)) {
+    pub(super) fn verify_exclusions(&self, m: &Meta, mut f: impl FnMut(Range, &'static str)) {
         for e in m.exclusions.iter() {
             f(e.range, e.reason.describe());
         }
@@ -620,121 +595,5 @@ impl Engine {
         for i in dropped + 1..l.starts.len() {
             l.starts[i] -= to - from;
         }
-    }
-
-    #[cold]
-    fn verify_failed(
-        &self,
-        function: &str,
-        m: &Meta,
-        v: &Region,
-        f: Mismatch,
-        bad_pages: usize,
-        target: usize,
-    ) -> ! {
-        let r = f.range;
-        let mut why = Why::Neither;
-        if let Some(i) = m.region_index(r.start).filter(|_| !f.masked) {
-            let t = m.regions[i];
-            why = Why::Tracked(t.range, if t.uffd { "userfaultfd" } else { "mprotect" });
-        } else {
-            // A page read despite an exclusion is one the exclusions cover only partly
-            // (memsnap copies such pages eagerly): name the first exclusion on it.
-            self.verify_exclusions(m, |x, reason| {
-                if matches!(why, Why::Neither) && x.intersects(&r) {
-                    why = Why::PartlyExcluded(x, reason);
-                }
-            });
-        }
-        let perms = perms(v);
-        crate::fatal!(
-            function,
-            "verify: {:#x}-{:#x} ({} of {} mismatching pages) {} checkpoint {}; mapping {:#x}-{:#x} {} {}; {}",
-            r.start,
-            r.end,
-            r.len() / self.sub,
-            bad_pages,
-            if f.seen {
-                "differs from"
-            } else {
-                "is not zero but was not observable at"
-            },
-            target + 1,
-            v.start,
-            v.end,
-            core::str::from_utf8(&perms).unwrap_or("????"),
-            kind_name(v.kind),
-            why
-        )
-    }
-}
-
-/// Why a mismatching range was or was not tracked, for the message.
-enum Why {
-    Tracked(Range, &'static str),
-    PartlyExcluded(Range, &'static str),
-    Neither,
-}
-
-impl core::fmt::Display for Why {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Why::Tracked(r, how) => {
-                write!(f, "tracked (region {:#x}-{:#x}, {})", r.start, r.end, how)
-            }
-            Why::PartlyExcluded(r, reason) => write!(
-                f,
-                "partly excluded, copied eagerly ({:#x}-{:#x} is {})",
-                r.start, r.end, reason
-            ),
-            Why::Neither => f.write_str("neither tracked nor excluded"),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{hash_words, Entry, ZERO_RUN};
-
-    #[test]
-    fn page_hash() {
-        let zero = [0u64; 512];
-        let (hz, z) = hash_words(&zero);
-        assert!(z);
-        let mut page = [0u64; 512];
-        page[511] = 1;
-        let (h1, z1) = hash_words(&page);
-        assert!(!z1);
-        assert_ne!(h1, hz);
-        // The same high bit flipped in two words of one lane must not cancel out (a plain
-        // FNV-1a over words would).
-        page[511] = 0;
-        page[0] = 1 << 63;
-        page[4] = 1 << 63;
-        let (h2, _) = hash_words(&page);
-        assert_ne!(h2, hz);
-        // Swapped words differ.
-        let mut a = [0u64; 512];
-        a[0] = 7;
-        a[1] = 9;
-        let mut b = a;
-        b.swap(0, 1);
-        assert_ne!(hash_words(&a).0, hash_words(&b).0);
-        assert_eq!(hash_words(&a), hash_words(&a));
-    }
-
-    #[test]
-    fn entry_extent() {
-        let e = Entry {
-            at: 0x10000 | ZERO_RUN,
-            value: 3,
-        };
-        assert_eq!(e.start(), 0x10000);
-        assert_eq!(e.end(4096), 0x13000);
-        let h = Entry {
-            at: 0x20000,
-            value: 0xdead,
-        };
-        assert_eq!(h.end(4096), 0x21000);
     }
 }
