@@ -395,18 +395,18 @@ soak:
 	  $(CARGO) test --release --test model
 
 # The unit tests of the modules without system calls under Miri (nightly): range
-# arithmetic, the free set, dirty-page bookkeeping, partial snapshot pages, the page-size
+# arithmetic, the free set, dirty-page bookkeeping, page deltas, partial snapshot pages, the page-size
 # setting, the maps and /proc parsers, the Mach exception messages, the macOS region
 # classifier and exception-server decisions, page-state bits. The other unit tests reach
 # mmap through raw syscalls, which Miri cannot run, so
 # they are filtered out by name; a new syscall test in these modules needs
 # #[cfg_attr(miri, ignore)].
-MIRI_TESTS := engine::ranges engine::free engine::dirty engine::granule engine::tests \
+MIRI_TESTS := engine::ranges engine::free engine::dirty engine::delta engine::granule engine::tests \
   sys::linux::maps sys::linux::threads::tests::syscall_file_formats \
   sys::linux::threads::tests::decimal_names sys::mach_exc sys::mach_regions sys::mach_serve \
   sys::mach_image \
   mem::pool::tests::page_state_bits \
-  engine::uffd::tests engine::verify::tests
+  engine::uffd::tests engine::verify::tests engine::budget sys::linux::tests::statm_fields_parse
 .PHONY: miri
 miri:
 	@rustup component add --toolchain nightly miri rust-src || { echo "make miri: SKIPPED: no nightly toolchain with Miri can be installed here"; exit $(SKIP_STATUS); }; \

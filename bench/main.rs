@@ -9,7 +9,7 @@
 //!
 //! Options (after `--`): `--quick` (small heaps, one repetition: a smoke test),
 //! `--only <text>` (workloads whose name contains text), `--heaps-mib 64,1024`,
-//! `--mechanism <name>` (one mechanism only, e.g. to profile it), `--no-write` (print only),
+//! `--mechanism <name>[,<name>...]` (those mechanisms only, e.g. to profile one), `--no-write` (print only),
 //! `--report` (only regenerate bench/RESULTS.md from bench/results.json). The end-to-end
 //! workloads' options are in bench/e2e.rs (`--sqlite-mib`, `--cadence-seconds`,
 //! `--reset-iters`).
@@ -146,7 +146,10 @@ fn main() {
     let mech = arg("--mechanism");
     let mechanisms: Vec<_> = mechanisms::all()
         .into_iter()
-        .filter(|m| mech.as_ref().is_none_or(|x| m.name() == *x))
+        .filter(|m| {
+            mech.as_ref()
+                .is_none_or(|x| x.split(',').any(|x| m.name() == x))
+        })
         .collect();
     let mut machine = machine();
     let only = arg("--only");

@@ -524,6 +524,15 @@ impl Mechanism for Memsnap {
                         (s.uffd_spin_hits - before.uffd_spin_hits) as f64 / faults,
                     );
             }
+            Workload::Sparse {
+                heap,
+                fraction,
+                words,
+            } => {
+                let h = self.host(heap);
+                let first = self.first_snapshot();
+                sparse_write(&h, heap, fraction, words, &first, r);
+            }
             Workload::PageCopy => unreachable!(),
         }
     }
@@ -845,4 +854,77 @@ impl Mechanism for RawCopy {
             .num("ns_per_page_hot", hot)
             .num("page_size", page as f64);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// The sparse-write workload under memsnap: from a diff checkpoint C1, `words` random
+/// words written in each page of a random subset, checkpoint C2 (timed; the bytes its
+/// pre-images keep come from memsnap_get_stats), then the rewind to C1 (timed), checked
+/// against a hash of the heap taken at C1.
+fn sparse_write(
+    h: &Host,
+    heap: usize,
+    fraction: f64,
+    words: usize,
+    first: &MemsnapStats,
+    r: &mut Report,
+) {
+    let offsets = subset_offsets(heap, h.page, fraction, SEED + 7);
+    // Word offsets inside each page, chosen up front: the harness must not allocate
+    // between a checkpoint and the rewind to it.
+    let mut x = SEED | 1;
+    let picks: Vec<usize> = (0..offsets.len() * words)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x as usize % (h.page / 8)) * 8
+        })
+        .collect();
+    TakeDiffMemorySnapshot();
+    let hash = |base: *const u8| {
+        // SAFETY: the heap is `heap` readable bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(base, heap) };
+        bytes
+            .chunks_exact(8)
+            .fold(0xcbf2_9ce4_8422_2325u64, |a, w| {
+                (a ^ u64::from_ne_bytes(w.try_into().unwrap())).wrapping_mul(0x0100_0000_01b3)
+            })
+    };
+    let before = hash(h.base);
+    let s0 = stats();
+    let t0 = Instant::now();
+    for (i, &o) in offsets.iter().enumerate() {
+        for &w in &picks[i * words..(i + 1) * words] {
+            // SAFETY: an aligned word inside a page of the tracked heap.
+            unsafe {
+                let p = h.base.add(o + w) as *mut u64;
+                std::ptr::write_volatile(p, std::ptr::read_volatile(p) ^ x.wrapping_add(w as u64));
+            }
+        }
+    }
+    let write = ns_since(t0);
+    let t1 = Instant::now();
+    TakeDiffMemorySnapshot();
+    let ckpt = ns_since(t1);
+    let s1 = stats();
+    let (_, rewind) = rewind_all(1);
+    let ok = hash(h.base) == before;
+    let k = offsets.len() as f64;
+    describe(first, r);
+    r.num("dirty_pages", k)
+        .num("write_ns_per_page", write / k)
+        .num("checkpoint_ns", ckpt)
+        .num("checkpoint_ns_per_page", ckpt / k)
+        .num(
+            "kept_bytes_per_dirty_page",
+            (s1.saved_kept_bytes - s0.saved_kept_bytes) as f64 / k,
+        )
+        .num(
+            "delta_pages",
+            (s1.saved_delta_pages - s0.saved_delta_pages) as f64,
+        )
+        .num("restore_ns_per_page", rewind / k)
+        .num("verified", if ok { 1.0 } else { 0.0 });
 }

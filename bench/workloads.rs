@@ -69,6 +69,14 @@ pub enum Workload {
         pages: usize,
         pinned: bool,
     },
+    /// Pre-images smaller than a page: `words` random 8-byte words written in each of a
+    /// random `fraction` of the heap's pages, a checkpoint (its cost and the bytes its
+    /// pre-images keep per dirty page), then the rewind to the checkpoint before, verified.
+    Sparse {
+        heap: usize,
+        fraction: f64,
+        words: usize,
+    },
 }
 
 impl Workload {
@@ -82,6 +90,7 @@ impl Workload {
             Workload::PageCopy => "page_copy",
             Workload::Cycle { .. } => "cycle",
             Workload::Wakeup { .. } => "uffd_wakeup",
+            Workload::Sparse { .. } => "sparse_write",
         }
     }
 
@@ -93,7 +102,8 @@ impl Workload {
             | Workload::Overhead { heap }
             | Workload::Maps { heap }
             | Workload::Cycle { heap, .. }
-            | Workload::Wakeup { heap, .. } => heap,
+            | Workload::Wakeup { heap, .. }
+            | Workload::Sparse { heap, .. } => heap,
             Workload::PageCopy => 64 * MIB,
         }
     }
@@ -122,6 +132,12 @@ impl Workload {
             Workload::Wakeup { pages, pinned, .. } => vec![
                 ("pages", pages.to_string()),
                 ("pinned", if pinned { "yes" } else { "no" }.to_string()),
+            ],
+            Workload::Sparse {
+                fraction, words, ..
+            } => vec![
+                ("dirty", pct(fraction)),
+                ("words_per_page", words.to_string()),
             ],
             Workload::Restore {
                 fraction, levels, ..
@@ -153,6 +169,12 @@ impl Workload {
                 "checkpoint_ns_per_page",
                 "restore_ns_per_page",
                 "read_into_tracked",
+                "verified",
+            ],
+            Workload::Sparse { .. } => &[
+                "checkpoint_ns_per_page",
+                "kept_bytes_per_dirty_page",
+                "restore_ns_per_page",
                 "verified",
             ],
             Workload::Wakeup { .. } => &[
@@ -234,6 +256,11 @@ pub fn plan(heaps: &[usize], page: usize) -> Vec<Workload> {
         }
         v.push(Workload::Overhead { heap });
         v.push(Workload::Maps { heap });
+        v.push(Workload::Sparse {
+            heap,
+            fraction: 0.1,
+            words: 8,
+        });
     }
     // The wake-up cost does not depend on the heap: the smallest heap is enough.
     if let Some(&heap) = heaps.iter().min() {

@@ -377,7 +377,9 @@ void StatsRewindsAndCopyBytes() {
   // uffd-async copies nothing at write time: the K active pages hold no pre-image.
   const size_t active = async ? 0 : K * Page();
   MS_CHECK_EQ(s0.rewinds, 0);
-  MS_CHECK(s0.copy_bytes >= K * Page() + active);  // K saved in the diff, K active
+  // K saved in the diff (deltas: one word changed in each), K active.
+  MS_CHECK(s0.saved_kept_bytes > 0);
+  MS_CHECK(s0.copy_bytes >= active);
   {
     AutoDisallowMemoryChanges disallow;
     RestoreMemoryToLastSavedCheckpoint();
@@ -400,8 +402,88 @@ void StatsRewindsAndCopyBytes() {
   MS_CHECK_EQ(s2.saved_checkpoints, 1);
   MS_CHECK_EQ(s2.saved_diffs, 0);
   MS_CHECK_EQ(s2.saved_diff_pages, 0);
-  MS_CHECK(s2.copy_bytes + K * Page() <= s1.copy_bytes);
+  // The diff's pre-images, whole copies or deltas, are released.
+  MS_CHECK(s1.saved_kept_bytes > 0);
+  MS_CHECK(s1.saved_kept_bytes <= K * Page());
+  MS_CHECK_EQ(s2.saved_kept_bytes, 0);
+  MS_CHECK(s2.copy_bytes <= s1.copy_bytes);
   MS_CHECK(s2.total_restore_ns >= s1.last_restore_ns);
+}
+
+// Writes every word of `pages` pages at `base` with values depending on the word and `gen`.
+void Scramble(void* base, size_t pages, uint32_t gen) {
+  uint32_t* w = (uint32_t*)base;
+  for (size_t j = 0; j < pages * Page() / 4; j++) w[j] = (uint32_t)(j * 2654435761u) ^ gen;
+}
+
+// Pages changed in a word keep a delta of a few bytes; pages rewritten whole keep a whole
+// copy. Rewinding through both, after folding them into one diff, restores every byte.
+void StatsKeptBytesOfDeltas() {
+  const size_t K = 8;
+  Init();
+  char* small = (char*)AllocateMemory(K * Page(), MemoryKind::Tracked);
+  char* whole = (char*)AllocateMemory(K * Page(), MemoryKind::Tracked);
+  Fill(small, K, 1);
+  Fill(whole, K, 1);
+  TakeFirstMemorySnapshot();
+  TakeDiffMemorySnapshot();
+  Touch(small, K, 7);
+  Scramble(whole, K, 2);
+  TakeDiffMemorySnapshot();
+  MemsnapStats s1 = Stats();
+  MS_CHECK_EQ(s1.saved_diff_pages, 2 * K);
+  MS_CHECK_EQ(s1.saved_delta_pages, K);
+  MS_CHECK(s1.saved_kept_bytes >= K * Page());
+  MS_CHECK(s1.saved_kept_bytes < K * Page() + K * Page() / 16);
+  // One more checkpoint, then the two diffs folded: the deltas compose.
+  Touch(small, K, 9);
+  Scramble(whole, K, 3);
+  TakeDiffMemorySnapshot();
+  EraseLastSavedDiffMemorySnapshot();
+  MemsnapStats s2 = Stats();
+  MS_CHECK_EQ(s2.saved_checkpoints, 3);
+  MS_CHECK_EQ(s2.saved_diff_pages, 2 * K);
+  MS_CHECK_EQ(s2.saved_delta_pages, K);
+  {
+    AutoDisallowMemoryChanges disallow;
+    RestoreMemoryToLastSavedCheckpoint();
+    RestoreMemoryToLastSavedDiffCheckpoint();
+  }
+  MemsnapStats s3 = Stats();
+  MS_CHECK_EQ(s3.saved_diff_pages, 0);
+  MS_CHECK_EQ(s3.saved_kept_bytes, 0);
+  char* want = (char*)calloc(K, Page());
+  Fill(want, K, 1);
+  MS_CHECK(memcmp(small, want, K * Page()) == 0);
+  MS_CHECK(memcmp(whole, want, K * Page()) == 0);
+  free(want);
+}
+
+// Under a memory budget the base copy of uffd-async would not fit, auto picks another
+// backend; with room to spare it picks uffd-async (where the kernel offers it).
+void MemoryBudget(size_t budget, bool fits) {
+  const size_t K = 64;
+  Init();
+  MS_CHECK(memsnap_set_backend(0) == MemsnapStatus::Ok);  // auto
+  MS_CHECK(memsnap_set_memory_budget(budget) == MemsnapStatus::Ok);
+  char* buf = (char*)AllocateMemory(K * Page(), MemoryKind::Tracked);
+  Touch(buf, K, 1);
+  TakeFirstMemorySnapshot();
+  MemsnapStats s = Stats();
+  MS_CHECK_EQ(s.memory_budget, budget);
+  MS_CHECK(memsnap_set_memory_budget(0) == MemsnapStatus::AlreadyStarted);
+  if (!fits) {
+    MS_CHECK(s.backend != MemsnapBackend::LinuxUffdAsync);
+    MS_CHECK_EQ(s.base_copy_bytes, 0);
+  } else if (mstest::KernelOffersUffd(true)) {
+    MS_CHECK(s.backend == MemsnapBackend::LinuxUffdAsync);
+  }
+  Touch(buf, K, 2);
+  {
+    AutoDisallowMemoryChanges disallow;
+    RestoreMemoryToLastSavedCheckpoint();
+  }
+  MS_CHECK_EQ(*(volatile uint32_t*)(buf + (K - 1) * Page()), 1);
 }
 
 // ---- Tracking modes and regions ------------------------------------------------------
@@ -679,6 +761,9 @@ TEST(ExtTest, StatsBackendAndPageSize) { MS_IN_CHILD(StatsBackendAndPageSize());
 TEST(ExtTest, StatsFaultsAndDirtyPages) { MS_IN_CHILD(StatsFaultsAndDirtyPages()); }
 TEST(ExtTest, StatsCheckpointsAndDiffs) { MS_IN_CHILD(StatsCheckpointsAndDiffs()); }
 TEST(ExtTest, StatsRewindsAndCopyBytes) { MS_IN_CHILD(StatsRewindsAndCopyBytes()); }
+TEST(ExtTest, StatsKeptBytesOfDeltas) { MS_IN_CHILD(StatsKeptBytesOfDeltas()); }
+TEST(ExtTest, MemoryBudgetTooSmallForBaseCopy) { MS_IN_CHILD(MemoryBudget(4096, false)); }
+TEST(ExtTest, MemoryBudgetWithRoom) { MS_IN_CHILD(MemoryBudget(size_t(1) << 40, true)); }
 TEST(ExtTest, RegisteredOnlyTracksOnlyRegisteredMemory) { MS_IN_CHILD(RegisteredOnlyMode()); }
 TEST(ExtTest, UntrackRegionIsNotRewound) { MS_IN_CHILD(UntrackRegion()); }
 TEST(ExtTest, RestoreOnCallingThread) { MS_IN_CHILD(RestoreThreads(0)); }

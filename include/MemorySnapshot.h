@@ -235,6 +235,20 @@ struct MemsnapStats {
    * their checkpoint's hashes after rewinds so far (0 when the mode is off).
    */
   uint64_t verify_pages_checked;
+  /**
+   * Saved pages whose pre-image is kept as a delta against the newer bytes (XOR, with
+   * unchanged words left out) rather than a whole copy; part of saved_diff_pages.
+   */
+  size_t saved_delta_pages;
+  /**
+   * Bytes the saved diffs keep for their pre-images: a page per whole copy plus the
+   * deltas (saved_diff_bytes counts every saved page whole).
+   */
+  size_t saved_kept_bytes;
+  /**
+   * The memory budget (memsnap_set_memory_budget, MEMSNAP_MEMORY_BUDGET), 0 for none.
+   */
+  size_t memory_budget;
 };
 
 /**
@@ -312,6 +326,18 @@ const char *memsnap_status_string(MemsnapStatus status);
  * InitializeMemorySnapshots and the first snapshot.
  */
 MemsnapStatus memsnap_set_verify(bool enabled);
+
+/**
+ * Bounds memsnap's own memory beyond the saved pre-images, in bytes (0: no bound, the
+ * default; the environment variable MEMSNAP_MEMORY_BUDGET sets it too, e.g. `256m`). The
+ * automatic backend choice honours it: the uffd-async backend keeps a base copy of every
+ * resident tracked page, so under a budget it is chosen only if the process's resident
+ * private memory (the registered ranges' total in registered-only mode) fits; otherwise
+ * auto falls back to sync uffd, whose own memory is a few percent of the tracked bytes.
+ * A backend chosen by name is used as asked. Before InitializeMemorySnapshots or between
+ * it and the first snapshot (AlreadyStarted after).
+ */
+MemsnapStatus memsnap_set_memory_budget(size_t bytes);
 
 /**
  * Chooses the write-tracking mechanism (Linux): Auto (the default), Mprotect, Uffd or

@@ -2,12 +2,50 @@
 //! adjacent pages (so protection changes take one call per run, not per page), folding one
 //! diff into its predecessor, and splitting restore work between threads.
 
-/// One page of a saved diff: the page's address and the slot holding its contents at the
-/// checkpoint the diff belongs to (its pre-image).
+/// One page of a saved diff: the page's address and its contents at the checkpoint the
+/// diff belongs to (its pre-image), either a whole copy in a slot or a delta against the
+/// page's contents at the next checkpoint (see `delta`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct DiffEntry {
     pub page: usize,
+    /// The copy slot (when `len` is 0).
     pub slot: u32,
+    /// The delta's length in bytes; 0 for a whole copy (an empty delta is never saved).
+    pub len: u32,
+    /// Where the delta starts in the delta stack (`Meta::deltas`).
+    pub at: usize,
+}
+
+impl DiffEntry {
+    /// A pre-image saved whole, in `slot`.
+    pub fn full(page: usize, slot: u32) -> DiffEntry {
+        DiffEntry {
+            page,
+            slot,
+            len: 0,
+            at: 0,
+        }
+    }
+
+    /// A pre-image saved as the `len`-byte delta at `at` (`len` > 0).
+    pub fn delta(page: usize, at: usize, len: usize) -> DiffEntry {
+        debug_assert!(len > 0 && len <= u32::MAX as usize);
+        DiffEntry {
+            page,
+            slot: u32::MAX,
+            len: len as u32,
+            at,
+        }
+    }
+
+    pub fn is_delta(&self) -> bool {
+        self.len > 0
+    }
+
+    /// The delta's bytes within the delta stack.
+    pub fn delta_range(&self) -> core::ops::Range<usize> {
+        self.at..self.at + self.len as usize
+    }
 }
 
 /// Calls `f(first, count)` for each maximal run of consecutive pages in `pages` (sorted,
@@ -32,30 +70,30 @@ pub fn for_each_run<K: PartialEq>(
     }
 }
 
-/// Merges the newest diff into its predecessor: for a page in both, the older pre-image
-/// is the one to keep and the newer slot is released with `release`. Both inputs are
-/// sorted by page; `out` receives the sorted union. Returns `false` if `out` is full.
+/// Merges the newest diff into its predecessor, in page order: `out(older, newer)` gets
+/// each page of the union with its entry from either diff or both, and makes the one
+/// entry to keep (for a whole copy in the older diff, that copy: it is the pre-image of
+/// the older checkpoint; a delta composes with the newer pre-image). Both inputs are
+/// sorted by page. Returns `false` as soon as `out` does (it is full).
 pub fn fold_into_predecessor(
     older: &[DiffEntry],
     newer: &[DiffEntry],
-    mut out: impl FnMut(DiffEntry) -> bool,
-    mut release: impl FnMut(u32),
+    mut out: impl FnMut(Option<DiffEntry>, Option<DiffEntry>) -> bool,
 ) -> bool {
     let (mut i, mut j) = (0, 0);
     while i < older.len() || j < newer.len() {
-        let next = if j == newer.len() || (i < older.len() && older[i].page < newer[j].page) {
+        let ok = if j == newer.len() || (i < older.len() && older[i].page < newer[j].page) {
             i += 1;
-            older[i - 1]
+            out(Some(older[i - 1]), None)
         } else if i == older.len() || newer[j].page < older[i].page {
             j += 1;
-            newer[j - 1]
+            out(None, Some(newer[j - 1]))
         } else {
-            release(newer[j].slot);
             i += 1;
             j += 1;
-            older[i - 1]
+            out(Some(older[i - 1]), Some(newer[j - 1]))
         };
-        if !out(next) {
+        if !ok {
             return false;
         }
     }
@@ -74,7 +112,27 @@ mod tests {
     use super::*;
 
     fn e(page: usize, slot: u32) -> DiffEntry {
-        DiffEntry { page, slot }
+        DiffEntry::full(page, slot)
+    }
+
+    /// The fold of whole copies: the older copy is kept, the newer one released.
+    fn fold_slots(
+        older: &[DiffEntry],
+        newer: &[DiffEntry],
+        out: &mut Vec<DiffEntry>,
+        released: &mut Vec<u32>,
+        room: usize,
+    ) -> bool {
+        fold_into_predecessor(older, newer, |o, n| {
+            if out.len() == room {
+                return false;
+            }
+            if let (Some(_), Some(n)) = (o, n) {
+                released.push(n.slot);
+            }
+            out.push(o.or(n).unwrap());
+            true
+        })
     }
 
     #[test]
@@ -101,15 +159,7 @@ mod tests {
         let newer = [e(0x2000, 12), e(0x3000, 13), e(0x4000, 14)];
         let mut out = vec![];
         let mut released = vec![];
-        assert!(fold_into_predecessor(
-            &older,
-            &newer,
-            |x| {
-                out.push(x);
-                true
-            },
-            |s| released.push(s)
-        ));
+        assert!(fold_slots(&older, &newer, &mut out, &mut released, 99));
         assert_eq!(
             out,
             vec![e(0x1000, 1), e(0x2000, 12), e(0x3000, 3), e(0x4000, 14)]
@@ -121,16 +171,9 @@ mod tests {
     fn fold_reports_a_full_output() {
         let older = [e(0x1000, 1)];
         let newer = [e(0x2000, 2)];
-        let mut n = 0;
-        assert!(!fold_into_predecessor(
-            &older,
-            &newer,
-            |_| {
-                n += 1;
-                n < 2
-            },
-            |_| {}
-        ));
+        let mut out = vec![];
+        assert!(!fold_slots(&older, &newer, &mut out, &mut vec![], 1));
+        assert_eq!(out, vec![e(0x1000, 1)]);
     }
 
     #[test]
@@ -168,14 +211,12 @@ mod tests {
             let newer = pick(1000);
             let mut out = vec![];
             let mut released = vec![];
-            assert!(fold_into_predecessor(
+            assert!(fold_slots(
                 &older,
                 &newer,
-                |x| {
-                    out.push(x);
-                    true
-                },
-                |s| released.push(s)
+                &mut out,
+                &mut released,
+                usize::MAX
             ));
             let mut want: Vec<DiffEntry> = older.clone();
             let mut want_released = vec![];

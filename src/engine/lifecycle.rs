@@ -7,7 +7,7 @@
 
 use core::sync::atomic::Ordering;
 
-use super::dirty::{fold_into_predecessor, DiffEntry};
+use super::dirty::DiffEntry;
 use super::free::FreeSet;
 use super::{Checkpoint, Engine, FloorReason, Meta, Phase};
 use crate::mem::PageState;
@@ -40,6 +40,7 @@ impl Engine {
         let c = Checkpoint {
             diff_start: m.diffs.len(),
             diff_len: 0,
+            delta_start: m.deltas.len(),
             free_start,
             free_len: m.free.len(),
             allocated: m.allocated.len(),
@@ -156,33 +157,61 @@ impl Engine {
                     }
                 };
             self.scan_checkpoint(F, &mut m, newest + 1);
-            // Async units written since the newest checkpoint join the dirty log (their
-            // pre-images come from the base copy) and are armed again. After the scan,
-            // which has untracked any part the program unmapped and mapped afresh.
-            self.collect_async(F, &m.regions);
+            // Async units written since the newest checkpoint get their pre-images from
+            // the base copy (into `m.entries`) and are armed again. After the scan, which
+            // has untracked any part the program unmapped and mapped afresh.
+            let diff_start = m.diffs.len();
+            let delta_start = m.deltas.len();
+            {
+                let Meta {
+                    regions,
+                    deltas,
+                    entries,
+                    ..
+                } = &mut *m;
+                self.collect_async(F, regions, deltas, entries);
+            }
             // SAFETY: as above.
             let pages = unsafe { self.log.quiescent_slice() };
             pages.sort_unstable();
-            let diff_start = m.diffs.len();
-            for &page in pages.iter() {
-                let st = self.table.get(page);
-                let Some(slot) = st.slot() else { continue };
-                if !st.tracked() {
-                    // The page vanished (see the scan): its pre-image is of no use.
-                    self.table.set(page, PageState(0));
-                    self.release_slot(slot);
-                    continue;
+            {
+                let Meta {
+                    diffs,
+                    deltas,
+                    entries,
+                    ..
+                } = &mut *m;
+                // Both lists are in address order, and no unit is in both: merge them.
+                let mut j = 0;
+                let mut push = |e: DiffEntry| {
+                    if diffs.push(e).is_err() {
+                        crate::fatal!(F, "out of room for saved pages");
+                    }
+                };
+                for &page in pages.iter() {
+                    let st = self.table.get(page);
+                    let Some(slot) = st.slot() else { continue };
+                    if !st.tracked() {
+                        // The page vanished (see the scan): its pre-image is of no use.
+                        self.table.set(page, PageState(0));
+                        self.release_slot(slot);
+                        continue;
+                    }
+                    while j < entries.len() && entries[j].page < page {
+                        push(entries[j]);
+                        j += 1;
+                    }
+                    // SAFETY: the slot belongs to this dirty page; its tracked pages are
+                    // mapped (the scan checked) and readable.
+                    if let Some(e) = unsafe { self.save_captured(deltas, page, st, slot) } {
+                        push(e);
+                    }
+                    self.table.set(page, st.clean());
                 }
-                // SAFETY: the slot belongs to this dirty page; its tracked pages are
-                // mapped (the scan checked) and readable. (An async unit was logged
-                // because its bytes changed.)
-                let same = !self.async_unit(st) && unsafe { self.unit_matches(page, st, slot) };
-                if same {
-                    self.release_slot(slot);
-                } else if m.diffs.push(DiffEntry { page, slot }).is_err() {
-                    crate::fatal!(F, "out of room for saved pages");
+                for e in &entries[j..] {
+                    push(*e);
                 }
-                self.table.set(page, st.clean());
+                entries.clear();
             }
             if protected {
                 self.reset_map_budget(m.vmas.len(), 0);
@@ -196,6 +225,7 @@ impl Engine {
             let c = &mut m.checkpoints[newest];
             c.diff_start = diff_start;
             c.diff_len = diff_len;
+            c.delta_start = delta_start;
             self.close_views(&mut m);
             self.push_checkpoint(F, &mut m);
         }
@@ -303,7 +333,7 @@ impl Engine {
         for &page in pages.iter() {
             let st = self.table.get(page);
             if let Some(slot) = st.slot() {
-                let _ = m.entries.push(DiffEntry { page, slot });
+                let _ = m.entries.push(DiffEntry::full(page, slot));
             }
         }
         // SAFETY: as above.
@@ -314,7 +344,7 @@ impl Engine {
                 entries, regions, ..
             } = &*m;
             // The active dirty set: its pages are writable already.
-            self.restore_entries(F, entries, regions, true);
+            self.restore_entries(F, entries, &[], regions, true);
             self.restore_async_written(F, regions);
         }
         self.restore_eager(&m, newest);
@@ -416,18 +446,20 @@ impl Engine {
         let c = m.checkpoints[target];
         {
             let diff = &m.diffs[c.diff_start..c.diff_start + c.diff_len];
-            self.restore_entries(F, diff, &m.regions, false);
+            self.restore_entries(F, diff, &m.deltas, &m.regions, false);
         }
         self.restore_eager(&m, target);
         self.reset_map_budget(m.vmas.len(), c.diff_len);
         m.diffs.truncate(c.diff_start);
+        m.deltas.truncate(c.delta_start);
         let newest = m.checkpoints.pop().unwrap_or_default();
         self.truncate_eager(&mut m, newest.eager_start);
         m.free_snapshots.truncate(newest.free_start);
-        let top = m.diffs.len();
+        let (top, delta_top) = (m.diffs.len(), m.deltas.len());
         let c = &mut m.checkpoints[target];
         c.diff_start = c.diff_start.min(top);
         c.diff_len = 0;
+        c.delta_start = c.delta_start.min(delta_top);
         self.settle_after_rewind(F, &mut m, target);
         self.close_views(&mut m);
         drop(m);
@@ -453,42 +485,24 @@ impl Engine {
         let newer = m.checkpoints[dropped];
         if dropped == 0 {
             for j in newer.diff_start..newer.diff_start + newer.diff_len {
-                let slot = m.diffs[j].slot;
-                self.release_slot(slot);
+                let e = m.diffs[j];
+                if !e.is_delta() {
+                    self.release_slot(e.slot);
+                }
             }
-            // The surviving checkpoint's diff is empty (it is the newest): shrink the stack.
+            // The surviving checkpoint's diff is empty (it is the newest): shrink the stacks.
             m.diffs.truncate(newer.diff_start);
+            m.deltas.truncate(newer.delta_start);
         } else {
             let older = m.checkpoints[dropped - 1];
-            let base = older.diff_start;
-            let end = newer.diff_start + newer.diff_len;
-            // Merge both into the free space above the stack, then move the result down.
-            let scratch = m.diffs.len();
-            let Meta { diffs, .. } = &mut *m;
-            // SAFETY: DiffEntry is plain data; the spare capacity is written before read.
-            let all = unsafe { diffs.spare() };
-            let (live, spare) = all.split_at_mut(scratch);
-            let (older_s, newer_s) = live[base..end].split_at(older.diff_len);
-            let mut k = 0usize;
-            let ok = fold_into_predecessor(
-                older_s,
-                newer_s,
-                |e| {
-                    if k < spare.len() {
-                        spare[k] = e;
-                        k += 1;
-                        true
-                    } else {
-                        false
-                    }
-                },
-                |slot| self.release_slot(slot),
+            let Meta { diffs, deltas, .. } = &mut *m;
+            let k = self.fold_diffs(
+                F,
+                diffs,
+                deltas,
+                (older.diff_start, older.diff_len),
+                older.delta_start,
             );
-            if !ok {
-                crate::fatal!(F, "out of room folding diffs");
-            }
-            all.copy_within(scratch..scratch + k, base);
-            diffs.truncate(base + k);
             m.checkpoints[dropped - 1].diff_len = k;
         }
         // Drop the checkpoint record; the newest moves down one position.
@@ -511,6 +525,7 @@ impl Engine {
             eager_len: newest.eager_len,
             diff_start: m.diffs.len(),
             diff_len: 0,
+            delta_start: m.deltas.len(),
             free_start: rs,
             free_len: nl,
             allocated: newest.allocated,

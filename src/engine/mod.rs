@@ -13,12 +13,14 @@
 //! in-flight count to drain and new faults wait at the door), which is what lets the
 //! controller thread rewrite the page table and consume the dirty log without races.
 
+pub mod delta;
 pub mod dirty;
 pub mod free;
 pub mod granule;
 pub mod ranges;
 
 mod alloc;
+mod budget;
 mod countdown;
 mod exclusions;
 mod fault;
@@ -26,6 +28,7 @@ mod fork;
 pub mod host;
 mod lifecycle;
 mod pages;
+mod preimage;
 mod readonly;
 mod scan;
 mod stats;
@@ -41,6 +44,7 @@ use crate::mem::{DirtyLog, PageTable, RawVec, Reservation, SlotPool};
 use dirty::DiffEntry;
 use ranges::{Range, RangeSet};
 
+pub use budget::{parse_bytes, request as request_memory_budget};
 pub use exclusions::{Exclusion, Reason as ExclusionReason};
 pub use stats::Stats;
 pub use uffd::{unavailable as backend_unavailable, BackendChoice};
@@ -95,6 +99,8 @@ pub struct Checkpoint {
     /// Where this checkpoint's diff sits in the diff stack (empty for the newest).
     pub diff_start: usize,
     pub diff_len: usize,
+    /// Where this checkpoint's deltas start in the delta stack (see `preimage`).
+    pub delta_start: usize,
     /// The tracked free set as it was at this checkpoint.
     pub free_start: usize,
     pub free_len: usize,
@@ -150,6 +156,8 @@ pub struct Meta {
     pub free: RawVec<Range>,
     pub checkpoints: RawVec<Checkpoint>,
     pub diffs: RawVec<DiffEntry>,
+    /// The saved diffs' deltas, a stack like theirs (see `preimage`).
+    pub deltas: RawVec<u8>,
     pub free_snapshots: RawVec<Range>,
     /// Thread stacks found by the last walk: `(tid, range)`.
     pub stacks: RawVec<(u64, Range)>,
@@ -220,6 +228,8 @@ pub struct Engine {
     mode: AtomicU32,
     restore_threads: AtomicUsize,
     pin_allocator: AtomicBool,
+    /// The memory budget in bytes (`usize::MAX`: none; see `budget`).
+    budget: AtomicUsize,
 
     /// Mappings the process may have before `mprotect` fails (0: no limit).
     map_limit: usize,
@@ -460,6 +470,7 @@ impl Engine {
             free: vec(1 << 22, "free region"),
             checkpoints: vec(1 << 22, "checkpoint"),
             diffs: vec(slots + 1, "diff"),
+            deltas: vec(POOL_BYTES, "page delta"),
             free_snapshots: vec(1 << 26, "free-set snapshot"),
             stacks: vec(1 << 16, "thread stack"),
             scratch: vec(1 << 26, "scratch"),
@@ -504,6 +515,7 @@ impl Engine {
             mode: AtomicU32::new(0),
             restore_threads: AtomicUsize::new(crate::sys::cpu_count().clamp(1, 8)),
             pin_allocator: AtomicBool::new(true),
+            budget: AtomicUsize::new(budget::initial(F)),
             map_limit: crate::sys::max_map_count().unwrap_or(0),
             map_budget: AtomicIsize::new(isize::MAX),
             faults: AtomicU64::new(0),
@@ -562,6 +574,7 @@ impl Engine {
                 m.free.reservation(),
                 m.checkpoints.reservation(),
                 m.diffs.reservation(),
+                m.deltas.reservation(),
                 m.free_snapshots.reservation(),
                 m.stacks.reservation(),
                 m.scratch.reservation(),

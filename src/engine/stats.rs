@@ -14,6 +14,10 @@ pub struct Stats {
     pub saved_checkpoints: usize,
     pub saved_diffs: usize,
     pub saved_diff_pages: usize,
+    /// Saved pages whose pre-image is a delta, and the bytes all saved pre-images keep
+    /// (whole copies at a page each, plus the deltas).
+    pub saved_delta_pages: usize,
+    pub saved_kept_bytes: usize,
     pub faults_handled: u64,
     pub block_faults: u64,
     pub checkpoints_taken: u64,
@@ -34,6 +38,7 @@ impl Engine {
     pub fn stats(&self) -> Stats {
         let m = self.meta.lock();
         let saved_diffs = m.checkpoints.iter().filter(|c| c.diff_len > 0).count();
+        let saved_delta_pages = m.diffs.iter().filter(|e| e.is_delta()).count();
         Stats {
             page_size: self.page,
             tracked_bytes: m.tracked_bytes(),
@@ -42,6 +47,8 @@ impl Engine {
             saved_checkpoints: m.checkpoints.len(),
             saved_diffs,
             saved_diff_pages: m.diffs.len(),
+            saved_delta_pages,
+            saved_kept_bytes: (m.diffs.len() - saved_delta_pages) * self.page + m.deltas.len(),
             faults_handled: self.faults.load(Ordering::Relaxed),
             block_faults: self.block_faults.load(Ordering::Relaxed),
             checkpoints_taken: self.checkpoints_taken.load(Ordering::Relaxed),
@@ -69,7 +76,10 @@ impl Engine {
             // TrackedRegions, FreeRegions, DirtyPageSet, SortedDirtyPageSet, PageCopy
             3 => self.meta.lock().regions.len() * core::mem::size_of::<super::TrackedRegion>(),
             4 => self.meta.lock().free.len() * core::mem::size_of::<super::ranges::Range>(),
-            5 => self.meta.lock().diffs.len() * core::mem::size_of::<super::dirty::DiffEntry>(),
+            5 => {
+                let m = self.meta.lock();
+                m.diffs.len() * core::mem::size_of::<super::dirty::DiffEntry>() + m.deltas.len()
+            }
             6 => self.log.len() * core::mem::size_of::<usize>(),
             7 => self.pool.in_use() * self.page,
             _ => 0,

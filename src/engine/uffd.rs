@@ -22,9 +22,12 @@
 //!   microsecond). The checkpoint asks the kernel which pages were written (and re-arms
 //!   them in the same call), so pre-images cannot be taken at write time: the engine keeps
 //!   a *base copy*, the contents of every populated tracked unit as of the newest
-//!   checkpoint, and a written unit's base copy becomes its pre-image while the current
-//!   bytes become the new base. The memory cost is one copy of the resident tracked
-//!   memory, reported by the stats call. Every mapping type registers in this mode.
+//!   checkpoint. At a checkpoint a written unit's pre-image is the delta from its current
+//!   bytes back to its base, and the base is overwritten with the current bytes (see
+//!   `preimage`; a unit that changed too much for a delta keeps its old base as a whole
+//!   pre-image and gets a fresh base). The memory cost is one copy of the resident tracked
+//!   memory, reported by the stats call (see `budget` for bounding it). Every mapping type
+//!   registers in this mode.
 //!
 //! The fault server, the workers and the restore path keep to the engine's rules: no
 //! allocation, no locks a writer could hold, no tracked memory.
@@ -200,7 +203,9 @@ impl Engine {
                 ),
             },
             BackendChoice::Auto => {
-                if support.async_wp.is_ok() && self.uffd.base.is_some() {
+                // Under a memory budget, only if its base copy fits (see `budget`).
+                if support.async_wp.is_ok() && self.uffd.base.is_some() && self.async_fits_budget()
+                {
                     Some(UffdMode::Async)
                 } else if support.sync.is_ok() {
                     Some(UffdMode::Sync)
@@ -509,7 +514,7 @@ impl Engine {
         }
     }
 
-    fn alloc_slot(&self, function: &str) -> u32 {
+    pub(super) fn alloc_slot(&self, function: &str) -> u32 {
         match self.pool.alloc() {
             Some(s) => s,
             None => crate::fatal!(
@@ -540,21 +545,21 @@ impl Engine {
     }
 
     /// Takes a unit's base copy out of the table (the caller now owns the slot).
-    fn take_base(&self, unit: usize) -> Option<u32> {
+    pub(super) fn take_base(&self, unit: usize) -> Option<u32> {
         let base = self.uffd.base.as_ref()?;
         let s = base_slot(base.word(unit)?.swap(0, Ordering::AcqRel))?;
         self.uffd.base_units.fetch_sub(1, Ordering::Relaxed);
         Some(s)
     }
 
-    fn peek_base(&self, unit: usize) -> Option<u32> {
+    pub(super) fn peek_base(&self, unit: usize) -> Option<u32> {
         let base = self.uffd.base.as_ref()?;
         base_slot(base.word(unit)?.load(Ordering::Acquire))
     }
 
     /// Calls `f(unit)` once for every tracked async unit written since it was last armed,
     /// in address order; `rearm` arms them again in the same kernel call.
-    fn for_each_written(
+    pub(super) fn for_each_written(
         &self,
         function: &str,
         regions: &[super::TrackedRegion],
@@ -589,40 +594,6 @@ impl Engine {
                 );
             }
         }
-    }
-
-    /// Async mode, at a checkpoint: every unit written since the newest checkpoint whose
-    /// bytes changed joins the dirty log with its base copy as its pre-image, and its
-    /// current bytes become its base. The scan arms the written pages again.
-    pub(super) fn collect_async(&self, function: &str, regions: &[super::TrackedRegion]) {
-        if !self.is_async() {
-            return;
-        }
-        self.for_each_written(function, regions, true, |u| {
-            let st = self.table.get(u);
-            if !st.tracked() || !st.uffd() || st.slot().is_some() {
-                return;
-            }
-            let old = self.peek_base(u);
-            let same = match old {
-                // SAFETY: the unit is tracked and readable; `s` is its base slot.
-                Some(s) => unsafe { self.unit_matches(u, st, s) },
-                // SAFETY: the unit is tracked and readable.
-                None => unsafe { self.unit_is_zero(u, st) },
-            };
-            if same {
-                return;
-            }
-            let pre = self.take_base(u).unwrap_or(ZERO_SLOT);
-            let now = self.alloc_slot(function);
-            // SAFETY: a fresh slot; the unit is readable.
-            unsafe { self.copy_unit(u, st, now, true) };
-            self.set_base(u, Some(now));
-            self.table.set(u, st.with_slot(pre));
-            if !self.log.push(u) {
-                crate::fatal!(function, "the dirty-page log is full");
-            }
-        });
     }
 
     /// Registers `r` again after the host replaced its mapping (`mmap(MAP_FIXED)`): a new
@@ -690,7 +661,7 @@ impl Engine {
     ///
     /// # Safety
     /// The unit's tracked spans are mapped and readable.
-    unsafe fn unit_is_zero(&self, unit: usize, st: PageState) -> bool {
+    pub(super) unsafe fn unit_is_zero(&self, unit: usize, st: PageState) -> bool {
         let mut zero = true;
         self.for_each_span(unit, st, |a, len, _| {
             // SAFETY: per the function's contract.

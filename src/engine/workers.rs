@@ -22,6 +22,8 @@ const MAX_OWN_THREADS: usize = 66;
 struct Job {
     entries: *const DiffEntry,
     len: usize,
+    deltas: *const u8,
+    deltas_len: usize,
     parts: usize,
 }
 
@@ -56,6 +58,8 @@ impl Workers {
             job: UnsafeCell::new(Job {
                 entries: core::ptr::null(),
                 len: 0,
+                deltas: core::ptr::null(),
+                deltas_len: 0,
                 parts: 0,
             }),
         }
@@ -147,9 +151,15 @@ extern "C" fn worker_main(arg: *mut libc::c_void) -> *mut libc::c_void {
         // SAFETY: published before the generation bump (see `Workers`).
         let job = unsafe { *w.job.get() };
         if start.index + 1 < job.parts {
-            // SAFETY: the controller keeps the entries alive until every part is done.
-            let entries = unsafe { core::slice::from_raw_parts(job.entries, job.len) };
-            engine.restore_chunk(entries, job.parts, start.index + 1);
+            // SAFETY: the controller keeps the entries and their deltas alive until every
+            // part is done.
+            let (entries, deltas) = unsafe {
+                (
+                    core::slice::from_raw_parts(job.entries, job.len),
+                    core::slice::from_raw_parts(job.deltas, job.deltas_len),
+                )
+            };
+            engine.restore_chunk(entries, deltas, job.parts, start.index + 1);
         }
         w.done.fetch_add(1, Ordering::AcqRel);
         sys::futex_wake(&w.done, 1);
@@ -211,6 +221,7 @@ impl Engine {
         &self,
         function: &str,
         entries: &[DiffEntry],
+        deltas: &[u8],
         regions: &[TrackedRegion],
         writable: bool,
     ) {
@@ -227,7 +238,7 @@ impl Engine {
             if !writable {
                 self.unprotect_runs(function, batch);
             }
-            self.copy_entries(batch);
+            self.copy_entries(batch, deltas);
             // Async units are armed together below, by one scan per region.
             if let Err((at, len, e)) =
                 self.write_protect(regions, batch.len(), |i| batch[i].page, true, false)
@@ -264,13 +275,13 @@ impl Engine {
     }
 
     /// Copies the saved bytes of `entries` back, with the workers' help for many pages.
-    fn copy_entries(&self, entries: &[DiffEntry]) {
+    fn copy_entries(&self, entries: &[DiffEntry], deltas: &[u8]) {
         let w = &self.workers;
         let workers = if self.workers_usable() { w.count() } else { 0 };
         // Waking the workers costs tens of microseconds; below this many pages the
         // controller copies faster alone.
         if workers == 0 || entries.len() < PARALLEL_MIN_PAGES {
-            self.restore_chunk(entries, 1, 0);
+            self.restore_chunk(entries, deltas, 1, 0);
             return;
         }
         let parts = workers + 1;
@@ -279,13 +290,15 @@ impl Engine {
             *w.job.get() = Job {
                 entries: entries.as_ptr(),
                 len: entries.len(),
+                deltas: deltas.as_ptr(),
+                deltas_len: deltas.len(),
                 parts,
             };
         }
         w.done.store(0, Ordering::Release);
         w.generation.fetch_add(1, Ordering::AcqRel);
         sys::futex_wake(&w.generation, i32::MAX as u32);
-        self.restore_chunk(entries, parts, 0);
+        self.restore_chunk(entries, deltas, parts, 0);
         loop {
             let d = w.done.load(Ordering::Acquire);
             if d as usize >= workers {
@@ -335,30 +348,19 @@ impl Engine {
         );
     }
 
-    /// One thread's share of a restore: copies each unit's saved bytes back (the units
-    /// are writable), marks it clean and releases its slot.
-    fn restore_chunk(&self, entries: &[DiffEntry], parts: usize, k: usize) {
+    /// One thread's share of a restore: writes each unit's pre-image back (the units are
+    /// writable), marks it clean and releases its slot.
+    fn restore_chunk(&self, entries: &[DiffEntry], deltas: &[u8], parts: usize, k: usize) {
         let (a, b) = (
             chunk_bounds(entries.len(), parts, k),
             chunk_bounds(entries.len(), parts, k + 1),
         );
         let mut freed = self.pool.chain();
         for e in &entries[a..b] {
-            let st = self.table.get(e.page);
-            // SAFETY: the slot holds this unit's pre-image and is consumed here; the
-            // unit's tracked spans are writable and nothing else runs on them while the
-            // controller holds memory changes disallowed.
-            unsafe { self.copy_unit(e.page, st, e.slot, false) };
-            self.table.set(e.page, st.clean());
-            if self.async_unit(st) {
-                // The restored bytes are the unit's contents at the checkpoint that is
-                // now the newest: its pre-image becomes its base copy.
-                if let Some(old) = self.rebase(e.page, e.slot) {
-                    freed.add(old);
-                }
-            } else if e.slot != super::uffd::ZERO_SLOT {
-                freed.add(e.slot);
-            }
+            // SAFETY: the entry's pre-image is consumed here; the unit's tracked spans
+            // are writable and nothing else runs on them while the controller holds
+            // memory changes disallowed.
+            unsafe { self.restore_entry(e, deltas, &mut freed) };
         }
     }
 }

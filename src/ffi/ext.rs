@@ -163,6 +163,14 @@ pub struct MemsnapStats {
     /// Verifying mode (memsnap_set_verify, MEMSNAP_VERIFY=1): kernel pages compared with
     /// their checkpoint's hashes after rewinds so far (0 when the mode is off).
     pub verify_pages_checked: u64,
+    /// Saved pages whose pre-image is kept as a delta against the newer bytes (XOR, with
+    /// unchanged words left out) rather than a whole copy; part of saved_diff_pages.
+    pub saved_delta_pages: usize,
+    /// Bytes the saved diffs keep for their pre-images: a page per whole copy plus the
+    /// deltas (saved_diff_bytes counts every saved page whole).
+    pub saved_kept_bytes: usize,
+    /// The memory budget (memsnap_set_memory_budget, MEMSNAP_MEMORY_BUDGET), 0 for none.
+    pub memory_budget: usize,
 }
 
 /// The smallest struct_size memsnap_get_stats accepts: the first release's record.
@@ -345,6 +353,9 @@ pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapSta
             eager_pages: s.eager_pages,
             thread_descriptors: e.threads.is_some(),
             verify_pages_checked: s.verify_pages_checked,
+            saved_delta_pages: s.saved_delta_pages,
+            saved_kept_bytes: s.saved_kept_bytes,
+            memory_budget: e.memory_budget().unwrap_or(0),
         };
         let n = size.min(core::mem::size_of::<MemsnapStats>());
         // SAFETY: the caller provides `size` writable bytes at `out`; `n` is no more than
@@ -388,6 +399,29 @@ pub extern "C" fn memsnap_set_verify(enabled: bool) -> MemsnapStatus {
     status((|| {
         let e = engine_before_start()?;
         e.set_verify(enabled);
+        Ok(())
+    })())
+}
+
+/// Bounds memsnap's own memory beyond the saved pre-images, in bytes (0: no bound, the
+/// default; the environment variable MEMSNAP_MEMORY_BUDGET sets it too, e.g. `256m`). The
+/// automatic backend choice honours it: the uffd-async backend keeps a base copy of every
+/// resident tracked page, so under a budget it is chosen only if the process's resident
+/// private memory (the registered ranges' total in registered-only mode) fits; otherwise
+/// auto falls back to sync uffd, whose own memory is a few percent of the tracked bytes.
+/// A backend chosen by name is used as asked. Before InitializeMemorySnapshots or between
+/// it and the first snapshot (AlreadyStarted after).
+#[no_mangle]
+pub extern "C" fn memsnap_set_memory_budget(bytes: usize) -> MemsnapStatus {
+    status((|| {
+        match engine::get() {
+            None => engine::request_memory_budget(bytes),
+            Some(e) => {
+                if !e.set_memory_budget(bytes) {
+                    return Err(MemsnapStatus::AlreadyStarted);
+                }
+            }
+        }
         Ok(())
     })())
 }

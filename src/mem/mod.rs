@@ -6,7 +6,7 @@
 mod pool;
 mod raw_vec;
 
-pub use pool::{PageState, PageTable, SlotPool};
+pub use pool::{FreeChain, PageState, PageTable, SlotPool};
 pub use raw_vec::{DirtyLog, RawVec};
 
 /// A reservation made by this module: `[base, base + len)`.

@@ -284,6 +284,11 @@ impl SlotPool {
         }
     }
 
+    /// The address of a slot's bytes (for prefetching; reading them needs [`Self::bytes`]).
+    pub fn slot_addr(&self, slot: u32) -> usize {
+        self.base as usize + slot as usize * self.slot_size
+    }
+
     /// Collects slots to free in one push, for the restore workers.
     pub fn chain(&self) -> FreeChain<'_> {
         FreeChain {

@@ -279,6 +279,46 @@ pub unsafe fn lower_program_break(addr: usize) -> bool {
 
 /// The most mappings the kernel lets this process have (`vm.max_map_count`), if known.
 /// Splitting mappings past it makes `mprotect` fail with ENOMEM.
+/// The process's resident memory less what is shared with files (`/proc/self/statm`'s
+/// resident minus shared pages), in bytes: about its resident anonymous memory. `None`
+/// when it cannot be read.
+pub fn resident_private_bytes() -> Option<usize> {
+    let mut buf = [0u8; 256];
+    // SAFETY: opening a NUL-terminated path, reading into a buffer on this frame, closing
+    // the descriptor opened here.
+    let n = unsafe {
+        let fd = libc::open(
+            c"/proc/self/statm".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return None;
+        }
+        let n = libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len());
+        libc::close(fd);
+        n
+    };
+    let (resident, shared) = parse_statm(buf.get(..usize::try_from(n).ok()?)?)?;
+    Some(resident.saturating_sub(shared) * os_page_size())
+}
+
+/// The resident and shared page counts of a `/proc/<pid>/statm` line (its second and
+/// third fields).
+pub fn parse_statm(text: &[u8]) -> Option<(usize, usize)> {
+    let mut fields = text
+        .split(|&b| b == b' ' || b == b'\n')
+        .filter(|f| !f.is_empty())
+        .map(|f| {
+            f.iter().try_fold(0usize, |n, &d| {
+                d.is_ascii_digit()
+                    .then(|| n.checked_mul(10)?.checked_add((d - b'0') as usize))
+                    .flatten()
+            })
+        });
+    let _size = fields.next()??;
+    Some((fields.next()??, fields.next()??))
+}
+
 pub fn max_map_count() -> Option<usize> {
     let fd = raw::check(raw::open(b"/proc/sys/vm/max_map_count\0", 0)).ok()? as i32;
     let mut buf = [0u8; 32];
@@ -319,4 +359,20 @@ pub fn pin_allocator(pin: bool) {
     }
     #[cfg(not(target_env = "gnu"))]
     let _ = pin;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_statm;
+
+    #[test]
+    fn statm_fields_parse() {
+        assert_eq!(
+            parse_statm(b"61234 2345 1200 12 0 4567 0\n"),
+            Some((2345, 1200))
+        );
+        assert_eq!(parse_statm(b"1 2"), None);
+        assert_eq!(parse_statm(b"1 x 3"), None);
+        assert_eq!(parse_statm(b""), None);
+    }
 }

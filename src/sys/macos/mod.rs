@@ -196,6 +196,12 @@ pub fn bind_exports() -> Result<usize, &'static str> {
 }
 
 /// macOS has no per-process mapping limit like Linux's vm.max_map_count.
+/// Resident private memory, for the memory budget; only the Linux async backend has a
+/// base copy to weigh against it, so macOS needs no estimate.
+pub fn resident_private_bytes() -> Option<usize> {
+    None
+}
+
 pub fn max_map_count() -> Option<usize> {
     None
 }
