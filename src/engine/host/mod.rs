@@ -207,29 +207,45 @@ impl Engine {
         if self.page == self.sub {
             return;
         }
-        let check = |from: usize, to: usize| {
+        let any_tracked = |from: usize, to: usize| {
             let mut p = from;
             while p < to {
                 if self.tracked_at(p) {
-                    crate::fatal!(
-                        function,
-                        "{:#x}-{:#x} covers part of a tracked {}-byte snapshot page (at {:#x}); with MEMSNAP_PAGE_SIZE above the kernel page, unmapping and protection changes of tracked memory must cover whole snapshot pages",
-                        r.start,
-                        r.end,
-                        self.page,
-                        self.page_base(p)
-                    );
+                    return Some(p);
                 }
                 p += self.sub;
             }
+            None
+        };
+        // A unit the range cuts matters only if tracked kernel pages lie on both sides of
+        // the cut: a call on untracked pages that share a unit with tracked ones (a fresh
+        // mapping the kernel placed right after a partly tracked unit) changes nothing
+        // memsnap tracks.
+        let check = |unit: usize| {
+            let inside = Range::new(r.start.max(unit), r.end.min(unit + self.page));
+            if any_tracked(inside.start, inside.end).is_none() {
+                return;
+            }
+            let outside = any_tracked(unit, inside.start)
+                .or_else(|| any_tracked(inside.end, unit + self.page));
+            if let Some(p) = outside {
+                crate::fatal!(
+                    function,
+                    "{:#x}-{:#x} covers part of a tracked {}-byte snapshot page (at {:#x}); with MEMSNAP_PAGE_SIZE above the kernel page, unmapping and protection changes of tracked memory must cover whole snapshot pages",
+                    r.start,
+                    r.end,
+                    self.page,
+                    self.page_base(p)
+                );
+            }
         };
         let head = self.page_base(r.start);
-        if head < r.start {
-            check(head, r.start);
+        let tail = self.page_base(r.end - 1);
+        if head < r.start || (head == tail && r.end < tail + self.page) {
+            check(head);
         }
-        let tail_unit = self.page_base(r.end - 1);
-        if r.end < tail_unit + self.page {
-            check(r.end, tail_unit + self.page);
+        if tail != head && r.end < tail + self.page {
+            check(tail);
         }
     }
 
