@@ -8,6 +8,7 @@
 
 #include "test_support.h"
 
+#include <pthread.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -242,6 +243,39 @@ void WriteTrackedWhileDisallowed() {
   MS_CHECK(MemoryRangeIsTracked((void*)&gTrackedGlobal, sizeof gTrackedGlobal));
   AutoDisallowMemoryChanges disallow;
   gTrackedGlobal = 42;
+}
+
+// Another thread's first write waits while changes are disallowed; a write by the thread
+// that disallowed them, made after it, must still be examined and abort. (Under sync
+// userfaultfd one fault server serves both: it once waited on behalf of the first writer
+// and never read the second fault, so the process hung.)
+struct WaitingWriter {
+  int go[2];
+  uint8_t* target;
+};
+
+void* WriteOneByteOnGo(void* arg) {
+  WaitingWriter* w = static_cast<WaitingWriter*>(arg);
+  char c;
+  if (read(w->go[0], &c, 1) == 1) *(volatile uint8_t*)w->target = 1;
+  return nullptr;
+}
+
+void WriteTrackedWhileAnotherWriterWaits() {
+  InitializeMemorySnapshots();
+  const size_t page = mstest::SnapshotPage();
+  uint8_t* a = (uint8_t*)AllocateMemory(2 * page, MemoryKind::Tracked);
+  static WaitingWriter w;  // written before the first snapshot only
+  MS_CHECK(pipe(w.go) == 0);
+  w.target = a + page;
+  pthread_t t;
+  MS_CHECK(pthread_create(&t, nullptr, WriteOneByteOnGo, &w) == 0);
+  TakeFirstMemorySnapshot();
+  AutoDisallowMemoryChanges disallow;
+  char c = 1;
+  MS_CHECK(write(w.go[1], &c, 1) == 1);
+  SleepMs(200);  // the other thread is waiting in its first write by now
+  *(volatile uint8_t*)a = 2;
 }
 
 void TakeDiffWhileDisallowed() {
@@ -604,6 +638,15 @@ TEST(MisuseDeathTest, DisallowingThreadWritesTrackedMemory) {
   MS_SKIP_UNDER(MemsnapBackend::LinuxUffdAsync,
                 "writes never fault, so a write inside AutoDisallowMemoryChanges cannot be seen");
   MS_DIES_WITH(WriteTrackedWhileDisallowed(),
+               EXACT_LINE("HandleDirtyMemoryFault",
+                        "the thread that disallowed memory changes wrote tracked memory at 0x[0-9a-f]+ "
+                        "\\(writes to tracked memory are forbidden inside AutoDisallowMemoryChanges\\)"));
+}
+
+TEST(MisuseDeathTest, DisallowingThreadWritesWhileAnotherWriterWaits) {
+  MS_SKIP_UNDER(MemsnapBackend::LinuxUffdAsync,
+                "writes never fault, so a write inside AutoDisallowMemoryChanges cannot be seen");
+  MS_DIES_WITH(WriteTrackedWhileAnotherWriterWaits(),
                EXACT_LINE("HandleDirtyMemoryFault",
                         "the thread that disallowed memory changes wrote tracked memory at 0x[0-9a-f]+ "
                         "\\(writes to tracked memory are forbidden inside AutoDisallowMemoryChanges\\)"));

@@ -149,7 +149,7 @@ impl Engine {
 
     /// [`Engine::resolve`]; with `may_wait` false, `None` instead of waiting while memory
     /// changes are disallowed by another thread (see [`Engine::try_enter`]).
-    fn resolve_gated(
+    pub(super) fn resolve_gated(
         &self,
         function: &str,
         addr: usize,

@@ -729,9 +729,12 @@ impl Engine {
     }
 
     /// The sync fault server's answer to one fault.
-    fn serve_fault(&self, addr: usize, tid: u64) -> bool {
+    /// The sync server's callback: `None` while the write must wait for changes to be
+    /// allowed again (the server keeps it pending and serves the next faults meanwhile,
+    /// so a write by the thread that disallowed them is still seen and refused).
+    fn serve_fault(&self, addr: usize, tid: u64) -> Option<bool> {
         // Named as the original names its fault path, whatever caught the fault.
-        self.resolve("HandleDirtyMemoryFault", addr, tid, true)
+        self.resolve_gated("HandleDirtyMemoryFault", addr, tid, true, false)
     }
 
     pub fn base_bytes(&self) -> usize {

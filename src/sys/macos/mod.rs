@@ -595,7 +595,7 @@ mod uffd {
         _fd: i32,
         _spin_ns: u64,
         _counters: &UffdCounters,
-        _on_fault: &dyn Fn(usize, u64) -> bool,
+        _on_fault: &dyn Fn(usize, u64) -> Option<bool>,
     ) -> ! {
         crate::fatal!("memsnap fault server", "userfaultfd is Linux-only")
     }
