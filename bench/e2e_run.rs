@@ -17,6 +17,7 @@ use memsnap::ffi::MemoryKindArg;
 
 use crate::child::{self, ns_since, Report};
 use crate::heap_hash::{hash_memory, heap_range};
+use crate::mechanisms::{backend_name, stats};
 use crate::sqlite::{self, Db, Digest};
 
 const GENERIC: MemoryKindArg = MemoryKindArg(1);
@@ -60,27 +61,6 @@ fn choice(b: MemsnapBackendRequest) -> memsnap::engine::BackendChoice {
 /// Why this machine cannot run `b` (asked in a child: probing opens descriptors).
 pub fn unavailable(b: Backend) -> Option<String> {
     memsnap::engine::backend_unavailable(choice(b.request)).map(String::from)
-}
-
-fn stats() -> MemsnapStats {
-    // SAFETY: MemsnapStats is plain data; zero is a valid value to fill in.
-    let mut s: MemsnapStats = unsafe { std::mem::zeroed() };
-    s.struct_size = std::mem::size_of::<MemsnapStats>();
-    // SAFETY: a valid, writable record with struct_size set.
-    let st = unsafe { memsnap_get_stats(&mut s) };
-    assert_eq!(st, MemsnapStatus::Ok);
-    s
-}
-
-fn backend_name(b: MemsnapBackend) -> &'static str {
-    match b {
-        MemsnapBackend::Inactive => "inactive",
-        MemsnapBackend::LinuxMprotect => "mprotect+SIGSEGV",
-        MemsnapBackend::MacExceptionPort => "mach-exception-port",
-        MemsnapBackend::MacSignal => "mac-signal",
-        MemsnapBackend::LinuxUffd => "uffd-wp",
-        MemsnapBackend::LinuxUffdAsync => "uffd-wp-async",
-    }
 }
 
 /// Selects the backend and initializes memsnap; `false` (reported) if it is refused.

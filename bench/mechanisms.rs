@@ -173,7 +173,7 @@ struct Host {
     scratch: &'static mut [u8],
 }
 
-fn stats() -> MemsnapStats {
+pub fn stats() -> MemsnapStats {
     // SAFETY: MemsnapStats is plain data; zero is a valid value to fill in.
     let mut s: MemsnapStats = unsafe { std::mem::zeroed() };
     s.struct_size = std::mem::size_of::<MemsnapStats>();
@@ -183,7 +183,7 @@ fn stats() -> MemsnapStats {
     s
 }
 
-fn backend_name(b: MemsnapBackend) -> &'static str {
+pub fn backend_name(b: MemsnapBackend) -> &'static str {
     match b {
         MemsnapBackend::Inactive => "inactive",
         MemsnapBackend::LinuxMprotect => "mprotect+SIGSEGV",
