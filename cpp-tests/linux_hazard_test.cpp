@@ -11,6 +11,7 @@
 // untracked memory (AllocateMemory(Generic)); /proc files are read with read(2) into stack
 // buffers (stdio and the heap are tracked). Helpers live in namespace hazard_test.
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <pthread.h>
@@ -496,6 +497,24 @@ bool RunFourReaders(PipeState* p) {
 }
 
 // Rewinds go only to the checkpoint just taken: no thread was created or exited since.
+// The threads of this process the kernel still lists (/proc/self/task).
+int ListedThreads() {
+  DIR* d = opendir("/proc/self/task");
+  if (!d) return -1;
+  int n = 0;
+  while (struct dirent* e = readdir(d)) n += e->d_name[0] != '.';
+  closedir(d);
+  return n;
+}
+
+// pthread_join returns when the kernel clears the thread's tid, before the kernel has
+// finished its exit: on a loaded machine the next checkpoint could still count it and a
+// rewind to that checkpoint would then refuse "threads ... exited". This scenario is
+// about cached stacks, not that race (ThreadExitTest is), so it waits for the kernel.
+void WaitUntilListed(int threads) {
+  for (int i = 0; i < 5000 && ListedThreads() != threads; i++) RawSleepMs(1);
+}
+
 void CachedStacksScenario() {
   Begin();
   PipeState* p = Untracked<PipeState>();
@@ -503,9 +522,11 @@ void CachedStacksScenario() {
   int* expected = (int*)AllocateMemory(4 * sizeof(int), MemoryKind::Generic);
   uintptr_t* seen = (uintptr_t*)AllocateMemory(80 * sizeof(uintptr_t), MemoryKind::Generic);
   TakeFirstMemorySnapshot();
+  const int baseline = ListedThreads();
   int rewinds = 0, reusedStacks = 0;
   for (int round = 0; round < 20; round++) {
     MS_CHECK(RunFourReaders(p));
+    WaitUntilListed(baseline);
     for (int i = 0; i < 4; i++) {
       uintptr_t s = p->stacks[i].load();
       bool reused = false;
