@@ -726,7 +726,16 @@ fn main() {
     let (mut passed, mut failed) = (0, 0);
     let watchdog = watchdog_seconds();
     let backstop = backstop_seconds(watchdog);
+    // Arguments, if any, select the scenarios whose names contain one of them (as
+    // libtest's filters do): `cargo test --test scenarios -- fork`.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     for (name, f) in scenarios {
+        if !filters.is_empty() && !filters.iter().any(|x| name.contains(x.as_str())) {
+            continue;
+        }
         // SAFETY: this process is single-threaded here; the child runs one scenario and
         // exits without returning.
         let pid = unsafe { libc::fork() };
