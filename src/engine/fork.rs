@@ -23,6 +23,15 @@
 //!
 //! The userfaultfd backends rebuild their descriptors and page-table bits in the child as
 //! well (see `uffd`).
+//!
+//! - **A new controller.** When a thread other than the controller forks, it becomes the
+//!   child's controller, and its `errno` (which memsnap's own calls set, and which the
+//!   exclusions therefore leave out for the controller only) may lie on a page that was
+//!   tracked whole in the parent: with a large static TLS, the thread's TLS pages hold
+//!   nothing else memsnap leaves out. That page stops being tracked here, before the
+//!   child runs on, and from the child's first checkpoint on it is an eager page like the
+//!   TLS pages of any controller. No inherited checkpoint needs its history: the thread
+//!   check refuses every rewind to them (the forking thread was another thread there).
 
 use core::sync::atomic::Ordering;
 
@@ -67,6 +76,34 @@ impl Engine {
                     self.settle_unit(unit);
                 }
                 unit += self.page;
+            }
+        }
+    }
+
+    /// Untracks the page(s) holding this thread's `errno` if they are tracked: the child's
+    /// controller is a thread that was not the parent's (see the module comment), and a
+    /// tracked `errno` would fault under memsnap's own calls. The page gets its write
+    /// permission back; the next checkpoint finds it partly excluded and copies it
+    /// eagerly from then on.
+    fn release_errno_of_new_controller(&self, m: &mut super::Meta) {
+        let errno = sys::current_errno_location();
+        let r = super::ranges::Range::new(errno, errno + 4);
+        let r = r.widen_to_pages(self.sub).unwrap_or(r);
+        let Some(t) = m.region_overlapping(r) else {
+            return;
+        };
+        self.untrack(m, r);
+        if !t.uffd {
+            // SAFETY: this thread's own TLS, no longer tracked: it must be writable, as
+            // it was before memsnap protected it.
+            let protected =
+                unsafe { sys::protect(r.start, r.len(), sys::Access::ReadWrite { exec: t.exec }) };
+            if let Err(err) = protected {
+                crate::fatal!(
+                    "fork",
+                    "cannot make the new controller's errno page writable (errno {})",
+                    err
+                );
             }
         }
     }
@@ -126,4 +163,7 @@ extern "C" fn after_fork_in_child() {
     }
     e.fork_parent.store(0, Ordering::Release);
     e.uffd_after_fork_in_child();
+    // After the userfaultfd is rebuilt: the inherited descriptor acts on the parent's
+    // address space, where unregistering the page would stop tracking it there.
+    e.release_errno_of_new_controller(&mut e.meta.lock());
 }
