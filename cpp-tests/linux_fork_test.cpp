@@ -142,7 +142,7 @@ void InheritedRefusedScenario() {
   pid_t pid = fork();
   MS_CHECK(pid >= 0);
   if (pid == 0) {
-    alarm(30);
+    mstest::Alarm(30);
     char msg[512];
     for (void (*fn)(void*) : {RewindNewest, RewindOneLevel}) {
       int status = mstest::StatusAndStderrOfChild(fn, nullptr, msg, sizeof msg);
