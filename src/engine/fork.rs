@@ -24,6 +24,17 @@
 //! The userfaultfd backends rebuild their descriptors and page-table bits in the child as
 //! well (see `uffd`).
 //!
+//! - **Writes the child's page tables forgot** (uffd-async). The child's mappings lose
+//!   their write-protect bits, so which units were written since the newest checkpoint
+//!   cannot be read from them; yet a unit written and not known keeps a stale base copy,
+//!   which becomes a wrong pre-image at the child's next checkpoint. No list made before
+//!   the copy can be complete: other threads, and glibc's own fork code after the prepare
+//!   handlers, write until the kernel copies the address space, and the child's glibc
+//!   writes before this handler runs. So the child compares: every populated unit whose
+//!   bytes differ from its base copy (or from zero, without one) is written again after
+//!   the memory is re-armed, with the same bytes, so that the next checkpoint finds it.
+//!   That reads the whole populated tracked memory once per fork, in the child.
+//!
 //! - **A new controller.** When a thread other than the controller forks, it becomes the
 //!   child's controller, and its `errno` (which memsnap's own calls set, and which the
 //!   exclusions therefore leave out for the controller only) may lie on a page that was
@@ -108,6 +119,75 @@ impl Engine {
         }
     }
 
+    /// uffd-async, in the child once its memory is armed again: writes back, unchanged,
+    /// one byte of every kernel page of each populated unit that differs from its base
+    /// copy, so that the next checkpoint's scan lists it (see the module comment).
+    pub(super) fn mark_units_changed_since_base(
+        &self,
+        function: &str,
+        m: &super::Meta,
+        pagemap: i32,
+    ) {
+        let mut last = usize::MAX;
+        for r in m.regions.iter().filter(|r| r.uffd) {
+            let res = sys::scan_populated(pagemap, r.range.start, r.range.end, |a, b| {
+                let mut u = self.page_base(a).max(self.page_base(r.range.start));
+                while u < b && u < r.range.end {
+                    if u != last {
+                        last = u;
+                        self.mark_unit_if_changed(u);
+                    }
+                    u += self.page;
+                }
+            });
+            if let Err(e) = res {
+                crate::fatal!(
+                    function,
+                    "cannot scan tracked memory {:#x}-{:#x} for populated pages in the child (errno {})",
+                    r.range.start,
+                    r.range.end,
+                    e
+                );
+            }
+        }
+    }
+
+    fn mark_unit_if_changed(&self, unit: usize) {
+        let st = self.table.get(unit);
+        if !st.tracked() {
+            return;
+        }
+        let changed = match self.peek_base(unit) {
+            // SAFETY: a tracked unit the pagemap reports populated: its tracked spans are
+            // mapped and readable; the slot holds its base copy.
+            Some(slot) => !unsafe { self.unit_matches(unit, st, slot) },
+            None => {
+                let mut zero = true;
+                self.for_each_span(unit, st, |addr, len, _| {
+                    // SAFETY: as above; the span lies inside the unit.
+                    let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, len) };
+                    zero = zero && bytes.iter().all(|&b| b == 0);
+                });
+                !zero
+            }
+        };
+        if !changed {
+            return;
+        }
+        self.for_each_span(unit, st, |addr, len, _| {
+            let mut p = addr;
+            while p < addr + len {
+                // SAFETY: tracked, mapped, writable memory of the child's only thread;
+                // the byte is written back unchanged.
+                unsafe {
+                    let b = core::ptr::read_volatile(p as *const u8);
+                    core::ptr::write_volatile(p as *mut u8, b);
+                }
+                p += self.sub;
+            }
+        });
+    }
+
     fn settle_unit(&self, unit: usize) {
         let Some(word) = self.table.word(unit) else {
             return;
@@ -124,9 +204,8 @@ impl Engine {
 
 extern "C" fn before_fork() {
     let Some(e) = super::get() else { return };
-    let mut m = e.meta.lock();
+    let m = e.meta.lock();
     e.fork_parent.store(sys::pid(), Ordering::Release);
-    e.uffd_before_fork(&mut m);
     // Held across fork(); released by both handlers below.
     core::mem::forget(m);
 }
