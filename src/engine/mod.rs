@@ -22,6 +22,7 @@ pub mod ranges;
 mod alloc;
 mod budget;
 mod countdown;
+mod eager;
 mod exclusions;
 mod fault;
 mod fork;
