@@ -2,8 +2,6 @@
 //! page size, and the few primitives (futex, clock, raw stderr) the engine needs. One file
 //! per platform below this module; nothing here knows about checkpoints.
 
-use core::sync::atomic::AtomicU64;
-
 mod unix;
 pub use unix::{chain, fault_action, now_us, on_fork, spawn};
 
@@ -18,6 +16,10 @@ mod mach_serve;
 // libmemsnap's own writable segments in a Mach-O image: pure, unit-tested everywhere.
 #[cfg(any(target_os = "macos", test))]
 mod mach_image;
+
+// The userfaultfd types the engine names on every platform.
+mod uffd_types;
+pub use uffd_types::{UffdCounters, UffdMode, UffdSupport};
 
 #[cfg(target_os = "linux")]
 mod linux;
@@ -112,42 +114,4 @@ pub struct ThreadBlock {
     pub rseq: Option<(usize, usize)>,
     /// On glibc's stack cache: no thread runs on it, the next `pthread_create` may.
     pub cached: bool,
-}
-
-// The userfaultfd types, shared by the Linux backend (`linux/uffd.rs`) and the macOS stubs
-// that report it unsupported.
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UffdMode {
-    /// Every write to an armed page stops the writer until the fault server disarms it.
-    Sync,
-    /// Writes disarm the page themselves; PAGEMAP_SCAN reports them afterwards.
-    Async,
-}
-
-/// What the kernel and our privileges allow; probed once (before the first snapshot), cached.
-#[derive(Clone, Copy, Debug)]
-pub struct UffdSupport {
-    /// Ok, or a short reason.
-    pub sync: Result<(), &'static str>,
-    pub async_wp: Result<(), &'static str>,
-    /// Only user-mode faults can be caught (UFFD_USER_MODE_ONLY was needed): kernel writes
-    /// into protected pages fail with EFAULT in sync mode.
-    pub user_mode_only: bool,
-    /// What UFFDIO_API offered (0 when no userfaultfd could be opened).
-    pub features: u64,
-}
-
-/// Counters the server loop updates (the engine owns the memory).
-#[derive(Default)]
-pub struct UffdCounters {
-    /// Write-protect faults delivered to `on_fault`.
-    pub faults: AtomicU64,
-    /// `poll()` returns: the server had gone to sleep and was woken.
-    pub wakeups: AtomicU64,
-    /// Messages found by a non-blocking read while spinning, without sleeping first.
-    pub spin_hits: AtomicU64,
-    /// Messages `on_fault` declined (or that were not write-protect faults); their pages
-    /// were disarmed by the server.
-    pub foreign: AtomicU64,
 }
