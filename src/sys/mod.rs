@@ -19,7 +19,7 @@ mod mach_image;
 
 // The userfaultfd types the engine names on every platform.
 mod uffd_types;
-pub use uffd_types::{UffdCounters, UffdMode, UffdSupport};
+pub use uffd_types::{AtomicFd, PagemapFd, UffdCounters, UffdFd, UffdMode, UffdSupport};
 
 #[cfg(target_os = "linux")]
 mod linux;

@@ -21,7 +21,7 @@ pub use altstack::signal_stack_of;
 pub use bind::bind_exports;
 pub use glibc::ThreadLayout;
 pub use own_object::for_each_writable_segment as for_each_own_writable_segment;
-pub use pagemap::{pagemap_open, scan_populated, scan_written};
+pub use pagemap::{pagemap_close, pagemap_open, scan_populated, scan_written};
 pub use signals::FaultCallback;
 pub use threads::{
     current_errno_location, current_rseq_area, current_signal_stack, current_sp,

@@ -8,6 +8,7 @@
 use core::mem::size_of;
 
 use super::raw::{self, ioc, ioctl, IOC_READ, IOC_WRITE};
+use crate::sys::PagemapFd;
 
 #[cfg(test)]
 mod tests;
@@ -57,8 +58,12 @@ struct PageRegion {
 pub(super) const SCAN_BATCH: usize = 256;
 
 /// Opens /proc/self/pagemap (O_RDONLY|O_CLOEXEC) for the scans; the engine keeps the fd.
-pub fn pagemap_open() -> Result<i32, i32> {
-    raw::check(raw::open(b"/proc/self/pagemap\0", 0)).map(|fd| fd as i32)
+pub fn pagemap_open() -> Result<PagemapFd, i32> {
+    raw::check(raw::open(b"/proc/self/pagemap\0", 0)).map(|fd| PagemapFd::from_raw(fd as i32))
+}
+
+pub fn pagemap_close(pagemap: PagemapFd) {
+    raw::close(pagemap.raw());
 }
 
 /// PAGEMAP_SCAN over [start, end) (`start` page-aligned) for pages written since they were
@@ -70,7 +75,7 @@ pub fn pagemap_open() -> Result<i32, i32> {
 /// `f` has already seen the runs found before the failure (and with `rearm` they are
 /// armed again), so the caller must count them as written.
 pub fn scan_written(
-    pagemap: i32,
+    pagemap: PagemapFd,
     start: usize,
     end: usize,
     rearm: bool,
@@ -94,7 +99,7 @@ pub fn scan_written(
 /// PAGE_IS_SWAPPED, excluding PAGE_IS_PFNZERO): the ones whose contents are not simply
 /// zero (for anonymous memory; a file mapping's unpopulated pages read the file).
 pub fn scan_populated(
-    pagemap: i32,
+    pagemap: PagemapFd,
     start: usize,
     end: usize,
     f: impl FnMut(usize, usize),
@@ -114,7 +119,7 @@ pub fn scan_populated(
 
 #[allow(clippy::too_many_arguments)]
 fn scan(
-    pagemap: i32,
+    pagemap: PagemapFd,
     start: usize,
     end: usize,
     flags: u64,
@@ -150,7 +155,13 @@ fn scan(
         // SAFETY: PAGEMAP_SCAN reads and writes `arg` and writes at most `vec_len` regions
         // into `vec`, both on this frame; it changes page protection only with
         // PM_SCAN_WP_MATCHING, which async write tracking is for.
-        let n = match unsafe { ioctl(pagemap, PAGEMAP_SCAN, &mut arg as *mut PmScanArg as usize) } {
+        let n = match unsafe {
+            ioctl(
+                pagemap.raw(),
+                PAGEMAP_SCAN,
+                &mut arg as *mut PmScanArg as usize,
+            )
+        } {
             Ok(n) => n.min(SCAN_BATCH),
             Err(e) => {
                 result = Err(e);

@@ -5,7 +5,7 @@
 use super::pagemap::scan_written;
 use super::raw;
 use super::uffd::uffd_support;
-use crate::sys::UffdMode;
+use crate::sys::{PagemapFd, UffdMode};
 
 pub(super) fn page() -> usize {
     super::os_page_size()
@@ -96,7 +96,12 @@ pub(super) fn skip(why: &str) {
     raw::write(2, format!("test {name} ... skipped: {why}\n").as_bytes());
 }
 
-pub(super) fn runs_written(pm: i32, start: usize, end: usize, rearm: bool) -> Vec<(usize, usize)> {
+pub(super) fn runs_written(
+    pm: PagemapFd,
+    start: usize,
+    end: usize,
+    rearm: bool,
+) -> Vec<(usize, usize)> {
     let mut v = Vec::new();
     scan_written(pm, start, end, rearm, |s, e| v.push((s, e))).expect("scan_written");
     v

@@ -525,7 +525,7 @@ pub use uffd::*;
 /// same types and signatures, so the engine compiles one way on every platform: nothing is
 /// supported, every call fails with ENOSYS.
 mod uffd {
-    use crate::sys::{UffdCounters, UffdMode, UffdSupport};
+    use crate::sys::{PagemapFd, UffdCounters, UffdFd, UffdMode, UffdSupport};
 
     const UNSUPPORTED: &str = "userfaultfd is Linux-only";
 
@@ -538,42 +538,49 @@ mod uffd {
         }
     }
 
-    pub fn uffd_open(_mode: UffdMode) -> Result<i32, i32> {
+    pub fn uffd_open(_mode: UffdMode) -> Result<UffdFd, i32> {
         Err(libc::ENOSYS)
     }
 
-    pub fn uffd_close(_fd: i32) {}
+    pub fn uffd_close(_fd: UffdFd) {}
 
-    pub fn uffd_register(_fd: i32, _start: usize, _len: usize) -> Result<(), i32> {
+    pub fn uffd_register(_fd: UffdFd, _start: usize, _len: usize) -> Result<(), i32> {
         Err(libc::ENOSYS)
     }
 
-    pub fn uffd_unregister(_fd: i32, _start: usize, _len: usize) -> Result<(), i32> {
+    pub fn uffd_unregister(_fd: UffdFd, _start: usize, _len: usize) -> Result<(), i32> {
         Err(libc::ENOSYS)
     }
 
-    pub fn uffd_wake(_fd: i32, _start: usize, _len: usize) -> Result<(), i32> {
-        Err(libc::ENOSYS)
-    }
-
-    /// # Safety
-    /// None needed: nothing happens.
-    pub unsafe fn uffd_protect(_fd: i32, _start: usize, _len: usize, _wp: bool) -> Result<(), i32> {
+    pub fn uffd_wake(_fd: UffdFd, _start: usize, _len: usize) -> Result<(), i32> {
         Err(libc::ENOSYS)
     }
 
     /// # Safety
     /// None needed: nothing happens.
-    pub unsafe fn uffd_disarm_quietly(_fd: i32, _start: usize, _len: usize) -> Result<(), i32> {
+    pub unsafe fn uffd_protect(
+        _fd: UffdFd,
+        _start: usize,
+        _len: usize,
+        _wp: bool,
+    ) -> Result<(), i32> {
         Err(libc::ENOSYS)
     }
 
-    pub fn pagemap_open() -> Result<i32, i32> {
+    /// # Safety
+    /// None needed: nothing happens.
+    pub unsafe fn uffd_disarm_quietly(_fd: UffdFd, _start: usize, _len: usize) -> Result<(), i32> {
         Err(libc::ENOSYS)
     }
+
+    pub fn pagemap_open() -> Result<PagemapFd, i32> {
+        Err(libc::ENOSYS)
+    }
+
+    pub fn pagemap_close(_pagemap: PagemapFd) {}
 
     pub fn scan_written(
-        _pagemap: i32,
+        _pagemap: PagemapFd,
         _start: usize,
         _end: usize,
         _rearm: bool,
@@ -583,7 +590,7 @@ mod uffd {
     }
 
     pub fn scan_populated(
-        _pagemap: i32,
+        _pagemap: PagemapFd,
         _start: usize,
         _end: usize,
         _f: impl FnMut(usize, usize),
@@ -592,7 +599,7 @@ mod uffd {
     }
 
     pub fn uffd_serve(
-        _fd: i32,
+        _fd: UffdFd,
         _spin_ns: u64,
         _counters: &UffdCounters,
         _on_fault: &dyn Fn(usize, u64) -> Option<bool>,

@@ -42,7 +42,7 @@ fn async_writes_are_reported_by_scan() {
         }
         // No event: the writes resolved themselves.
         let mut buf = [0u8; 32];
-        assert_eq!(raw::check(raw::read(fd, &mut buf)), Err(libc::EAGAIN));
+        assert_eq!(raw::check(raw::read(fd.raw(), &mut buf)), Err(libc::EAGAIN));
         let want = vec![
             (base + 3 * k, base + 6 * k),
             (base + 10 * k, base + 11 * k),
@@ -150,7 +150,7 @@ fn scan_populated_skips_untouched_and_zero_pages() {
         v,
         vec![(base + k, base + 3 * k), (base + 5 * k, base + 6 * k)]
     );
-    raw::close(pm);
+    pagemap_close(pm);
     // SAFETY: our mapping.
     unsafe { libc::munmap(base as *mut _, 8 * k) };
 }

@@ -7,7 +7,7 @@ use core::sync::atomic::Ordering;
 use super::probe::{FEATURES, PROBED};
 use super::uapi::*;
 use crate::sys::linux::raw::{self, ioctl};
-use crate::sys::UffdMode;
+use crate::sys::{UffdFd, UffdMode};
 
 /// The features UFFDIO_API offers (a throwaway userfaultfd), and whether only a
 /// user-mode-only one could be created. `Err((errno, api_failed))`.
@@ -64,7 +64,7 @@ fn new_fd() -> Result<(i32, bool), i32> {
 /// (+WP_UNPOPULATED, +WP_HUGETLBFS_SHMEM when available); Async -> WP_ASYNC|WP_UNPOPULATED
 /// (+WP_HUGETLBFS_SHMEM). Returns the fd. Also usable in a forked child (the inherited fd
 /// belongs to the parent's mm: close it with [`uffd_close`] and open a new one).
-pub fn uffd_open(mode: UffdMode) -> Result<i32, i32> {
+pub fn uffd_open(mode: UffdMode) -> Result<UffdFd, i32> {
     // The offered features come from the probe's cache when there is one; otherwise from a
     // throwaway fd (UFFDIO_API succeeds once per fd, and fails for unoffered features).
     let offered = if PROBED.load(Ordering::Acquire) && FEATURES.load(Ordering::Relaxed) != 0 {
@@ -91,7 +91,7 @@ pub fn uffd_open(mode: UffdMode) -> Result<i32, i32> {
     };
     // SAFETY: UFFDIO_API reads and writes the uffdio_api on this frame.
     match unsafe { ioctl(fd, UFFDIO_API, &mut api as *mut UffdioApi as usize) } {
-        Ok(_) => Ok(fd),
+        Ok(_) => Ok(UffdFd::from_raw(fd)),
         Err(e) => {
             raw::close(fd);
             Err(e)
@@ -99,13 +99,13 @@ pub fn uffd_open(mode: UffdMode) -> Result<i32, i32> {
     }
 }
 
-pub fn uffd_close(fd: i32) {
-    raw::close(fd);
+pub fn uffd_close(fd: UffdFd) {
+    raw::close(fd.raw());
 }
 
 /// UFFDIO_REGISTER_MODE_WP over [start, start+len). Err(EINVAL) for mapping types the mode
 /// cannot register (private file mappings in Sync mode).
-pub fn uffd_register(fd: i32, start: usize, len: usize) -> Result<(), i32> {
+pub fn uffd_register(fd: UffdFd, start: usize, len: usize) -> Result<(), i32> {
     let mut reg = UffdioRegister {
         range: UffdioRange {
             start: start as u64,
@@ -118,7 +118,7 @@ pub fn uffd_register(fd: i32, start: usize, len: usize) -> Result<(), i32> {
     // changes no page contents or protections.
     unsafe {
         ioctl(
-            fd,
+            fd.raw(),
             UFFDIO_REGISTER,
             &mut reg as *mut UffdioRegister as usize,
         )
@@ -127,23 +127,23 @@ pub fn uffd_register(fd: i32, start: usize, len: usize) -> Result<(), i32> {
 }
 
 /// An ioctl whose argument is one `uffdio_range` (UNREGISTER, WAKE).
-fn range_ioctl(fd: i32, request: u64, start: usize, len: usize) -> Result<(), i32> {
+fn range_ioctl(fd: UffdFd, request: u64, start: usize, len: usize) -> Result<(), i32> {
     let mut range = UffdioRange {
         start: start as u64,
         len: len as u64,
     };
     // SAFETY: these ioctls read the uffdio_range on this frame; they change no page
     // contents.
-    unsafe { ioctl(fd, request, &mut range as *mut UffdioRange as usize) }.map(|_| ())
+    unsafe { ioctl(fd.raw(), request, &mut range as *mut UffdioRange as usize) }.map(|_| ())
 }
 
 /// UFFDIO_UNREGISTER; threads blocked on the range are woken (and retry unprotected).
-pub fn uffd_unregister(fd: i32, start: usize, len: usize) -> Result<(), i32> {
+pub fn uffd_unregister(fd: UffdFd, start: usize, len: usize) -> Result<(), i32> {
     range_ioctl(fd, UFFDIO_UNREGISTER, start, len)
 }
 
 /// UFFDIO_WAKE: wakes threads blocked on faults in the range without changing protection.
-pub fn uffd_wake(fd: i32, start: usize, len: usize) -> Result<(), i32> {
+pub fn uffd_wake(fd: UffdFd, start: usize, len: usize) -> Result<(), i32> {
     range_ioctl(fd, UFFDIO_WAKE, start, len)
 }
 
@@ -151,7 +151,7 @@ pub fn uffd_wake(fd: i32, start: usize, len: usize) -> Result<(), i32> {
 ///
 /// # Safety
 /// As for [`uffd_protect`].
-unsafe fn write_protect(fd: i32, start: usize, len: usize, mode: u64) -> Result<(), i32> {
+unsafe fn write_protect(fd: UffdFd, start: usize, len: usize, mode: u64) -> Result<(), i32> {
     // Kernels before 6.5 refuse a range spanning several VMAs (ENOENT): split it.
     let page = crate::sys::linux::os_page_size();
     crate::sys::linux::wp_split::split_on_enoent(
@@ -168,7 +168,7 @@ unsafe fn write_protect(fd: i32, start: usize, len: usize, mode: u64) -> Result<
 ///
 /// # Safety
 /// As for [`uffd_protect`].
-unsafe fn write_protect_once(fd: i32, start: usize, len: usize, mode: u64) -> Result<(), i32> {
+unsafe fn write_protect_once(fd: UffdFd, start: usize, len: usize, mode: u64) -> Result<(), i32> {
     let mut w = UffdioWriteprotect {
         range: UffdioRange {
             start: start as u64,
@@ -180,7 +180,7 @@ unsafe fn write_protect_once(fd: i32, start: usize, len: usize, mode: u64) -> Re
     // protection of the range.
     unsafe {
         ioctl(
-            fd,
+            fd.raw(),
             UFFDIO_WRITEPROTECT,
             &mut w as *mut UffdioWriteprotect as usize,
         )
@@ -194,7 +194,7 @@ unsafe fn write_protect_once(fd: i32, start: usize, len: usize, mode: u64) -> Re
 ///
 /// # Safety
 /// The range is tracked host memory whose protection the engine owns.
-pub unsafe fn uffd_protect(fd: i32, start: usize, len: usize, wp: bool) -> Result<(), i32> {
+pub unsafe fn uffd_protect(fd: UffdFd, start: usize, len: usize, wp: bool) -> Result<(), i32> {
     let mode = if wp { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 };
     // SAFETY: per this function's contract.
     unsafe { write_protect(fd, start, len, mode) }
@@ -207,7 +207,7 @@ pub unsafe fn uffd_protect(fd: i32, start: usize, len: usize, wp: bool) -> Resul
 ///
 /// # Safety
 /// As for [`uffd_protect`].
-pub unsafe fn uffd_disarm_quietly(fd: i32, start: usize, len: usize) -> Result<(), i32> {
+pub unsafe fn uffd_disarm_quietly(fd: UffdFd, start: usize, len: usize) -> Result<(), i32> {
     // SAFETY: per this function's contract.
     unsafe { write_protect(fd, start, len, UFFDIO_WRITEPROTECT_MODE_DONTWAKE) }
 }

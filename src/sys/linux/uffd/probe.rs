@@ -6,9 +6,9 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use super::ioctl::{offered_features, uffd_close, uffd_open, uffd_protect, uffd_register};
 use super::uapi::*;
-use crate::sys::linux::pagemap::{pagemap_open, scan_written};
+use crate::sys::linux::pagemap::{pagemap_close, pagemap_open, scan_written};
 use crate::sys::linux::raw;
-use crate::sys::{UffdMode, UffdSupport};
+use crate::sys::{UffdFd, UffdMode, UffdSupport};
 
 /// Reasons, indexed by the codes the probe caches (0 = supported).
 const REASONS: [&str; 13] = [
@@ -141,7 +141,7 @@ fn probe_mode(mode: UffdMode) -> u8 {
     code
 }
 
-fn probe_armed(fd: i32, mode: UffdMode, base: usize, k: usize) -> u8 {
+fn probe_armed(fd: UffdFd, mode: UffdMode, base: usize, k: usize) -> u8 {
     // SAFETY: the scratch mapping is ours and both pages are writable.
     unsafe {
         core::ptr::write_volatile(base as *mut u8, 1);
@@ -173,7 +173,7 @@ fn probe_armed(fd: i32, mode: UffdMode, base: usize, k: usize) -> u8 {
         }
         n += 1;
     });
-    raw::close(pm);
+    pagemap_close(pm);
     match r {
         Err(_) => R_SCAN,
         Ok(()) if n == 1 && runs[0] == (base + k, base + 2 * k) => 0,

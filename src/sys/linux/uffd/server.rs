@@ -8,7 +8,7 @@ use core::sync::atomic::Ordering;
 use super::ioctl::{uffd_protect, uffd_wake};
 use super::uapi::*;
 use crate::sys::linux::raw;
-use crate::sys::UffdCounters;
+use crate::sys::{UffdCounters, UffdFd};
 
 pub(super) fn now_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -23,9 +23,9 @@ pub(super) fn now_ns() -> u64 {
 
 /// Sleeps until `fd` is readable, or at most `timeout_ns` when given; Err(errno) or Err(0)
 /// when it reports an error condition.
-fn wait_readable(fd: i32, timeout_ns: Option<u64>) -> Result<(), i32> {
+fn wait_readable(fd: UffdFd, timeout_ns: Option<u64>) -> Result<(), i32> {
     let mut pfd = libc::pollfd {
-        fd,
+        fd: fd.raw(),
         events: libc::POLLIN,
         revents: 0,
     };
@@ -77,7 +77,7 @@ const PENDING_POLL_NS: u64 = 1_000_000;
 /// poll(). Never returns; if the fd reports an error it calls
 /// crate::fatal!("memsnap fault server", ...).
 pub fn uffd_serve(
-    fd: i32,
+    fd: UffdFd,
     spin_ns: u64,
     counters: &UffdCounters,
     on_fault: &dyn Fn(usize, u64) -> Option<bool>,
@@ -104,7 +104,7 @@ pub fn uffd_serve(
             raw::syscall6(
                 libc::SYS_read as usize,
                 [
-                    fd as usize,
+                    fd.raw() as usize,
                     msgs.as_mut_ptr() as usize,
                     size_of::<[UffdMsg; MSG_BATCH]>(),
                     0,
@@ -158,7 +158,7 @@ pub fn uffd_serve(
 }
 
 fn serve_one(
-    fd: i32,
+    fd: UffdFd,
     k: usize,
     m: &UffdMsg,
     counters: &UffdCounters,
@@ -195,7 +195,7 @@ fn serve_one(
 
 /// Asks the pending faults again; keeps those that must still wait, in order.
 fn retry_pending(
-    fd: i32,
+    fd: UffdFd,
     k: usize,
     counters: &UffdCounters,
     on_fault: &dyn Fn(usize, u64) -> Option<bool>,
@@ -218,7 +218,7 @@ fn retry_pending(
 }
 
 /// The engine declined the fault at `addr`: drops its protection and wakes the writer.
-fn decline(fd: i32, k: usize, addr: usize, counters: &UffdCounters) {
+fn decline(fd: UffdFd, k: usize, addr: usize, counters: &UffdCounters) {
     counters.foreign.fetch_add(1, Ordering::Relaxed);
     // SAFETY: the engine declined this page: it no longer tracks it, so its protection is
     // ours to drop, and the faulting thread must not stay blocked.

@@ -11,7 +11,7 @@ use super::*;
 use crate::sys::linux::pagemap::{pagemap_open, scan_populated, scan_written};
 use crate::sys::linux::raw;
 use crate::sys::linux::testkit::{available, in_child, map, page, peek, poke, runs_written};
-use crate::sys::{UffdCounters, UffdMode};
+use crate::sys::{UffdCounters, UffdFd, UffdMode};
 
 #[test]
 fn uapi_numbers() {
@@ -170,7 +170,7 @@ static COUNTERS: UffdCounters = UffdCounters {
 /// A sync-mode fd over `n` populated, registered and armed pages, served by a thread
 /// whose `on_fault` records the fault and disarms the page (or declines the page at
 /// DECLINE).
-fn sync_setup(n: usize, spin_ns: u64) -> (i32, usize) {
+fn sync_setup(n: usize, spin_ns: u64) -> (UffdFd, usize) {
     let k = page();
     let base = map(n);
     for i in 0..n {
