@@ -81,18 +81,16 @@ pub fn scan_written(
     rearm: bool,
     f: impl FnMut(usize, usize),
 ) -> Result<(), i32> {
-    let flags = PM_SCAN_CHECK_WPASYNC | if rearm { PM_SCAN_WP_MATCHING } else { 0 };
-    scan(
-        pagemap,
+    let query = ScanQuery {
         start,
         end,
-        flags,
-        0,
-        PAGE_IS_WRITTEN,
-        0,
-        PAGE_IS_WRITTEN,
-        f,
-    )
+        flags: PM_SCAN_CHECK_WPASYNC | if rearm { PM_SCAN_WP_MATCHING } else { 0 },
+        inverted: 0,
+        all_of: PAGE_IS_WRITTEN,
+        any_of: 0,
+        returned: PAGE_IS_WRITTEN,
+    };
+    scan(pagemap, &query, f)
 }
 
 /// Runs of pages of [start, end) that have memory behind them (PAGE_IS_PRESENT |
@@ -104,31 +102,41 @@ pub fn scan_populated(
     end: usize,
     f: impl FnMut(usize, usize),
 ) -> Result<(), i32> {
-    scan(
-        pagemap,
+    let query = ScanQuery {
         start,
         end,
-        0,
-        PAGE_IS_PFNZERO,
-        PAGE_IS_PFNZERO,
-        PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-        PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-        f,
-    )
+        flags: 0,
+        // Not the zero page: inverted, it must be clear.
+        inverted: PAGE_IS_PFNZERO,
+        all_of: PAGE_IS_PFNZERO,
+        any_of: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        returned: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+    };
+    scan(pagemap, &query, f)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn scan(
-    pagemap: PagemapFd,
+/// What one PAGEMAP_SCAN walk asks of the kernel, in `pm_scan_arg`'s terms: a page of
+/// `[start, end)` matches when, after flipping its `inverted` categories, it has every
+/// category of `all_of` and (when `any_of` is not 0) at least one of `any_of`.
+struct ScanQuery {
     start: usize,
     end: usize,
+    /// `PM_SCAN_*` flags.
     flags: u64,
+    /// `category_inverted`.
     inverted: u64,
-    mask: u64,
-    anyof: u64,
-    ret_mask: u64,
-    mut f: impl FnMut(usize, usize),
-) -> Result<(), i32> {
+    /// `category_mask`.
+    all_of: u64,
+    /// `category_anyof_mask`.
+    any_of: u64,
+    /// `return_mask`: the categories reported for each matching run.
+    returned: u64,
+}
+
+/// Runs `query` in batches of [`SCAN_BATCH`] regions, calling `f(run_start, run_end)` for
+/// each matching run in address order (runs touching across batches are merged).
+fn scan(pagemap: PagemapFd, query: &ScanQuery, mut f: impl FnMut(usize, usize)) -> Result<(), i32> {
+    let ScanQuery { start, end, .. } = *query;
     let mut vec = [PageRegion {
         start: 0,
         end: 0,
@@ -140,17 +148,17 @@ fn scan(
     while pos < end {
         let mut arg = PmScanArg {
             size: size_of::<PmScanArg>() as u64,
-            flags,
+            flags: query.flags,
             start: pos as u64,
             end: end as u64,
             walk_end: 0,
             vec: vec.as_mut_ptr() as u64,
             vec_len: SCAN_BATCH as u64,
             max_pages: 0,
-            category_inverted: inverted,
-            category_mask: mask,
-            category_anyof_mask: anyof,
-            return_mask: ret_mask,
+            category_inverted: query.inverted,
+            category_mask: query.all_of,
+            category_anyof_mask: query.any_of,
+            return_mask: query.returned,
         };
         // SAFETY: PAGEMAP_SCAN reads and writes `arg` and writes at most `vec_len` regions
         // into `vec`, both on this frame; it changes page protection only with
