@@ -24,12 +24,49 @@ pub use uffd_types::{AtomicFd, PagemapFd, UffdCounters, UffdFd, UffdMode, UffdSu
 #[cfg(target_os = "linux")]
 mod linux;
 #[cfg(target_os = "linux")]
-pub use linux::*;
+use linux as platform;
 
 #[cfg(target_os = "macos")]
 mod macos;
 #[cfg(target_os = "macos")]
-pub use macos::*;
+use macos as platform;
+
+// What every platform offers the engine, by topic. One list for both, so that an item one
+// platform lacks fails that platform's build here.
+pub use platform::{
+    cpu_count, max_map_count, os_page_size, pid, prepare, resident_private_bytes, tid,
+};
+// The library's own memory, and the host's.
+pub use platform::{
+    discard, for_each_own_writable_segment, for_each_writable_mapping, lower_program_break,
+    map_with_hint, pin_allocator, program_break, protect, release, reserve, walk_regions,
+    WalkError,
+};
+// Fault capture.
+pub use platform::{fault_handler_installed, install_fault_handler, FaultCallback};
+// Threads: their stacks, the C library's layout, and the library's own threads.
+pub use platform::{
+    current_errno_location, current_rseq_area, current_signal_stack, current_sp,
+    exited_threads_cpu_ns, for_each_thread_sp, rseq_layout, settle_threads, signal_stack_of,
+    thread_stack_bytes, ThreadLayout,
+};
+// Primitives the fault path may call: no allocation, no locks.
+pub use platform::{abort, futex_wait, futex_wake, sleep_ns, write_stderr, yield_now};
+// Binding memsnap's lazy symbol slots before anything is write-protected.
+pub use platform::bind_exports;
+// userfaultfd write protection and PAGEMAP_SCAN (stand-ins that fail on macOS).
+pub use platform::{
+    pagemap_close, pagemap_open, scan_populated, scan_written, uffd_close, uffd_disarm_quietly,
+    uffd_open, uffd_protect, uffd_register, uffd_serve, uffd_support, uffd_unregister,
+};
+
+// Linux only: the raw system calls the host-call wrappers (`engine/host`) make.
+#[cfg(target_os = "linux")]
+pub use linux::raw;
+
+// macOS only: the exception server's callback for faults it resolves on its own thread.
+#[cfg(target_os = "macos")]
+pub use macos::{set_served_fault_callback, ServedFaultCallback};
 
 /// Which write-tracking mechanism is active; reported by the stats call.
 #[repr(C)]

@@ -520,4 +520,7 @@ pub fn fault_handler_installed() -> bool {
 /// that malloc returns to the kernel is reported as unmapped by the next scan.
 pub fn pin_allocator(_pin: bool) {}
 
-pub use uffd_stub::*;
+pub use uffd_stub::{
+    pagemap_close, pagemap_open, scan_populated, scan_written, uffd_close, uffd_disarm_quietly,
+    uffd_open, uffd_protect, uffd_register, uffd_serve, uffd_support, uffd_unregister,
+};

@@ -30,10 +30,6 @@ pub fn uffd_unregister(_fd: UffdFd, _start: usize, _len: usize) -> Result<(), i3
     Err(libc::ENOSYS)
 }
 
-pub fn uffd_wake(_fd: UffdFd, _start: usize, _len: usize) -> Result<(), i32> {
-    Err(libc::ENOSYS)
-}
-
 /// # Safety
 /// None needed: nothing happens.
 pub unsafe fn uffd_protect(_fd: UffdFd, _start: usize, _len: usize, _wp: bool) -> Result<(), i32> {

@@ -50,7 +50,6 @@ mod tests;
 
 pub use ioctl::{
     uffd_close, uffd_disarm_quietly, uffd_open, uffd_protect, uffd_register, uffd_unregister,
-    uffd_wake,
 };
 pub use probe::uffd_support;
 pub use server::uffd_serve;
