@@ -23,6 +23,26 @@
 //!
 //! The userfaultfd backends rebuild their descriptors and page-table bits in the child as
 //! well (see `uffd`).
+//!
+//! - **Writes the child's page tables forgot** (uffd-async). The child's mappings lose
+//!   their write-protect bits, so which units were written since the newest checkpoint
+//!   cannot be read from them; yet a unit written and not known keeps a stale base copy,
+//!   which becomes a wrong pre-image at the child's next checkpoint. No list made before
+//!   the copy can be complete: other threads, and glibc's own fork code after the prepare
+//!   handlers, write until the kernel copies the address space, and the child's glibc
+//!   writes before this handler runs. So the child compares: every populated unit whose
+//!   bytes differ from its base copy (or from zero, without one) is written again after
+//!   the memory is re-armed, with the same bytes, so that the next checkpoint finds it.
+//!   That reads the whole populated tracked memory once per fork, in the child.
+//!
+//! - **A new controller.** When a thread other than the controller forks, it becomes the
+//!   child's controller, and its `errno` (which memsnap's own calls set, and which the
+//!   exclusions therefore leave out for the controller only) may lie on a page that was
+//!   tracked whole in the parent: with a large static TLS, the thread's TLS pages hold
+//!   nothing else memsnap leaves out. That page stops being tracked here, before the
+//!   child runs on, and from the child's first checkpoint on it is an eager page like the
+//!   TLS pages of any controller. No inherited checkpoint needs its history: the thread
+//!   check refuses every rewind to them (the forking thread was another thread there).
 
 use core::sync::atomic::Ordering;
 
@@ -71,6 +91,103 @@ impl Engine {
         }
     }
 
+    /// Untracks the page(s) holding this thread's `errno` if they are tracked: the child's
+    /// controller is a thread that was not the parent's (see the module comment), and a
+    /// tracked `errno` would fault under memsnap's own calls. The page gets its write
+    /// permission back; the next checkpoint finds it partly excluded and copies it
+    /// eagerly from then on.
+    fn release_errno_of_new_controller(&self, m: &mut super::Meta) {
+        let errno = sys::current_errno_location();
+        let r = super::ranges::Range::new(errno, errno + 4);
+        let r = r.widen_to_pages(self.sub).unwrap_or(r);
+        let Some(t) = m.region_overlapping(r) else {
+            return;
+        };
+        self.untrack(m, r);
+        if !t.uffd {
+            // SAFETY: this thread's own TLS, no longer tracked: it must be writable, as
+            // it was before memsnap protected it.
+            let protected =
+                unsafe { sys::protect(r.start, r.len(), sys::Access::ReadWrite { exec: t.exec }) };
+            if let Err(err) = protected {
+                crate::fatal!(
+                    "fork",
+                    "cannot make the new controller's errno page writable (errno {})",
+                    err
+                );
+            }
+        }
+    }
+
+    /// uffd-async, in the child once its memory is armed again: writes back, unchanged,
+    /// one byte of every kernel page of each populated unit that differs from its base
+    /// copy, so that the next checkpoint's scan lists it (see the module comment).
+    pub(super) fn mark_units_changed_since_base(
+        &self,
+        function: &str,
+        m: &super::Meta,
+        pagemap: sys::PagemapFd,
+    ) {
+        let mut last = usize::MAX;
+        for r in m.regions.iter().filter(|r| r.uffd) {
+            let res = sys::scan_populated(pagemap, r.range.start, r.range.end, |a, b| {
+                let mut u = self.page_base(a).max(self.page_base(r.range.start));
+                while u < b && u < r.range.end {
+                    if u != last {
+                        last = u;
+                        self.mark_unit_if_changed(u);
+                    }
+                    u += self.page;
+                }
+            });
+            if let Err(e) = res {
+                crate::fatal!(
+                    function,
+                    "cannot scan tracked memory {:#x}-{:#x} for populated pages in the child (errno {})",
+                    r.range.start,
+                    r.range.end,
+                    e
+                );
+            }
+        }
+    }
+
+    fn mark_unit_if_changed(&self, unit: usize) {
+        let st = self.table.get(unit);
+        if !st.tracked() {
+            return;
+        }
+        let changed = match self.peek_base(unit) {
+            // SAFETY: a tracked unit the pagemap reports populated: its tracked spans are
+            // mapped and readable; the slot holds its base copy.
+            Some(slot) => !unsafe { self.unit_matches(unit, st, slot) },
+            None => {
+                let mut zero = true;
+                self.for_each_span(unit, st, |addr, len, _| {
+                    // SAFETY: as above; the span lies inside the unit.
+                    let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, len) };
+                    zero = zero && bytes.iter().all(|&b| b == 0);
+                });
+                !zero
+            }
+        };
+        if !changed {
+            return;
+        }
+        self.for_each_span(unit, st, |addr, len, _| {
+            let mut p = addr;
+            while p < addr + len {
+                // SAFETY: tracked, mapped, writable memory of the child's only thread;
+                // the byte is written back unchanged.
+                unsafe {
+                    let b = core::ptr::read_volatile(p as *const u8);
+                    core::ptr::write_volatile(p as *mut u8, b);
+                }
+                p += self.sub;
+            }
+        });
+    }
+
     fn settle_unit(&self, unit: usize) {
         let Some(word) = self.table.word(unit) else {
             return;
@@ -87,9 +204,8 @@ impl Engine {
 
 extern "C" fn before_fork() {
     let Some(e) = super::get() else { return };
-    let mut m = e.meta.lock();
+    let m = e.meta.lock();
     e.fork_parent.store(sys::pid(), Ordering::Release);
-    e.uffd_before_fork(&mut m);
     // Held across fork(); released by both handlers below.
     core::mem::forget(m);
 }
@@ -126,4 +242,7 @@ extern "C" fn after_fork_in_child() {
     }
     e.fork_parent.store(0, Ordering::Release);
     e.uffd_after_fork_in_child();
+    // After the userfaultfd is rebuilt: the inherited descriptor acts on the parent's
+    // address space, where unregistering the page would stop tracking it there.
+    e.release_errno_of_new_controller(&mut e.meta.lock());
 }

@@ -247,22 +247,6 @@ impl Engine {
         }
     }
 
-    /// Before `fork()`, with the metadata lock held (see `fork`): in async mode the pages
-    /// written since the newest checkpoint are listed (`m.work`), since the child's page
-    /// tables lose that information.
-    pub(super) fn uffd_before_fork(&self, m: &mut crate::engine::Meta) {
-        m.work.clear();
-        if self.is_async() {
-            let pm = self.uffd.pagemap.load(Ordering::Relaxed);
-            let crate::engine::Meta { regions, work, .. } = m;
-            for r in regions.iter().filter(|r| r.uffd) {
-                let _ = sys::scan_written(pm, r.range.start, r.range.end, false, |a, b| {
-                    let _ = work.push(Range::new(a, b));
-                });
-            }
-        }
-    }
-
     /// In the child of `fork()`: the inherited userfaultfd and pagemap descriptors act on
     /// the parent's address space, and the child's mappings lost their registration and
     /// their page-table write-protect bits. Both are rebuilt here, before the program
@@ -325,19 +309,11 @@ impl Engine {
                     }
                 }
             }
-            // Async: what the parent had written since the newest checkpoint is written
-            // again (same bytes), so the next scan in the child finds it.
-            for w in m.work.iter() {
-                let mut p = w.start;
-                while p < w.end {
-                    // SAFETY: tracked, mapped, writable memory of the child's only thread;
-                    // the byte is written back unchanged.
-                    unsafe {
-                        let b = core::ptr::read_volatile(p as *const u8);
-                        core::ptr::write_volatile(p as *mut u8, b);
-                    }
-                    p += self.sub;
-                }
+            // Async: units written since the newest checkpoint, as far as the bytes
+            // tell, are written again so that the next scan finds them (see `fork`).
+            if mode == UffdMode::Async {
+                let pm = self.uffd.pagemap.load(Ordering::Relaxed);
+                self.mark_units_changed_since_base(F, &m, pm);
             }
         }
     }
