@@ -126,7 +126,7 @@ impl Engine {
         &self,
         function: &str,
         m: &super::Meta,
-        pagemap: i32,
+        pagemap: sys::PagemapFd,
     ) {
         let mut last = usize::MAX;
         for r in m.regions.iter().filter(|r| r.uffd) {

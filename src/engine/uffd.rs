@@ -32,7 +32,7 @@
 //! The fault server, the workers and the restore path keep to the engine's rules: no
 //! allocation, no locks a writer could hold, no tracked memory.
 
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use super::ranges::Range;
 use super::Engine;
@@ -86,8 +86,8 @@ pub struct UffdState {
     requested: AtomicU32,
     /// 0: mprotect only; 1: sync; 2: async.
     mode: AtomicU32,
-    fd: AtomicI32,
-    pagemap: AtomicI32,
+    fd: sys::AtomicFd<sys::UffdFd>,
+    pagemap: sys::AtomicFd<sys::PagemapFd>,
     spin_ns: AtomicU64,
     server_started: AtomicBool,
     pub counters: sys::UffdCounters,
@@ -106,8 +106,8 @@ impl UffdState {
         UffdState {
             requested: AtomicU32::new(requested as u32),
             mode: AtomicU32::new(0),
-            fd: AtomicI32::new(-1),
-            pagemap: AtomicI32::new(-1),
+            fd: sys::AtomicFd::empty(),
+            pagemap: sys::AtomicFd::empty(),
             spin_ns: AtomicU64::new(spin_ns.unwrap_or(DEFAULT_SPIN_NS)),
             server_started: AtomicBool::new(false),
             counters: sys::UffdCounters::default(),
@@ -265,9 +265,7 @@ impl Engine {
         };
         self.uffd.fd.store(fd, Ordering::Relaxed);
         if mode == UffdMode::Async {
-            let old = self.uffd.pagemap.load(Ordering::Relaxed);
-            // SAFETY: closing the inherited descriptor this engine opened.
-            unsafe { libc::close(old) };
+            sys::pagemap_close(self.uffd.pagemap.load(Ordering::Relaxed));
             match sys::pagemap_open() {
                 Ok(p) => self.uffd.pagemap.store(p, Ordering::Relaxed),
                 Err(e) => crate::fatal!(
