@@ -37,7 +37,7 @@ use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsiz
 use super::ranges::Range;
 use super::Engine;
 use crate::mem::{PageState, PageTable};
-use crate::sys::{self, Access, UffdMode};
+use crate::sys::{self, Access, Backend, UffdMode};
 
 /// A write-tracking mechanism the host can ask for (`memsnap_set_backend`,
 /// `MEMSNAP_BACKEND`).
@@ -84,8 +84,9 @@ const DEFAULT_SPIN_NS: u64 = 50_000;
 /// The userfaultfd state, in the engine's own block.
 pub struct UffdState {
     requested: AtomicU32,
-    /// 0: mprotect only; 1: sync; 2: async.
-    mode: AtomicU32,
+    /// The userfaultfd backend opened at the first snapshot (`Backend::None`: none, the
+    /// platform's protection backend guards everything).
+    active: AtomicU32,
     fd: AtomicI32,
     pagemap: AtomicI32,
     spin_ns: AtomicU64,
@@ -105,7 +106,7 @@ impl UffdState {
     pub fn new(requested: BackendChoice, base: Option<PageTable>, spin_ns: Option<u64>) -> Self {
         UffdState {
             requested: AtomicU32::new(requested as u32),
-            mode: AtomicU32::new(0),
+            active: AtomicU32::new(Backend::None as u32),
             fd: AtomicI32::new(-1),
             pagemap: AtomicI32::new(-1),
             spin_ns: AtomicU64::new(spin_ns.unwrap_or(DEFAULT_SPIN_NS)),
@@ -156,9 +157,9 @@ fn base_slot(word: u32) -> Option<u32> {
 impl Engine {
     /// The userfaultfd mode chosen at the first snapshot, if any.
     pub fn uffd_mode(&self) -> Option<UffdMode> {
-        match self.uffd.mode.load(Ordering::Acquire) {
-            1 => Some(UffdMode::Sync),
-            2 => Some(UffdMode::Async),
+        match self.uffd.active.load(Ordering::Acquire) {
+            x if x == Backend::LinuxUffd as u32 => Some(UffdMode::Sync),
+            x if x == Backend::LinuxUffdAsync as u32 => Some(UffdMode::Async),
             _ => None,
         }
     }
@@ -173,10 +174,10 @@ impl Engine {
     }
 
     /// The mechanism the stats call reports.
-    pub fn backend(&self) -> sys::Backend {
+    pub fn backend(&self) -> Backend {
         match self.uffd_mode() {
-            Some(UffdMode::Sync) => sys::Backend::LinuxUffd,
-            Some(UffdMode::Async) => sys::Backend::LinuxUffdAsync,
+            Some(UffdMode::Sync) => Backend::LinuxUffd,
+            Some(UffdMode::Async) => Backend::LinuxUffdAsync,
             None => sys::backend(),
         }
     }
@@ -235,13 +236,11 @@ impl Engine {
             }
         }
         self.uffd.fd.store(fd, Ordering::Relaxed);
-        self.uffd.mode.store(
-            match mode {
-                UffdMode::Sync => 1,
-                UffdMode::Async => 2,
-            },
-            Ordering::Release,
-        );
+        let active = match mode {
+            UffdMode::Sync => Backend::LinuxUffd,
+            UffdMode::Async => Backend::LinuxUffdAsync,
+        };
+        self.uffd.active.store(active as u32, Ordering::Release);
         if mode == UffdMode::Sync {
             self.start_fault_server(function);
         }
