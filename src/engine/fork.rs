@@ -89,7 +89,7 @@ extern "C" fn before_fork() {
     let Some(e) = super::get() else { return };
     let mut m = e.meta.lock();
     e.fork_parent.store(sys::pid(), Ordering::Release);
-    e.uffd_before_fork(&mut m);
+    e.backend_before_fork(&mut m);
     // Held across fork(); released by both handlers below.
     core::mem::forget(m);
 }
@@ -108,7 +108,7 @@ extern "C" fn after_fork_in_child() {
     {
         let mut m = e.meta.lock();
         e.settle_interrupted_captures(&m);
-        if e.uffd_mode().is_some() {
+        if e.active_backend().uses_uffd() {
             // A userfaultfd registration does not survive fork(): until the handler below
             // re-arms the child's memory, its writes (glibc's own fork bookkeeping, the
             // host's earlier atfork handlers, the new fault server's thread setup) are
@@ -125,5 +125,5 @@ extern "C" fn after_fork_in_child() {
         }
     }
     e.fork_parent.store(0, Ordering::Release);
-    e.uffd_after_fork_in_child();
+    e.backend_after_fork_in_child();
 }

@@ -20,6 +20,7 @@ pub mod granule;
 pub mod ranges;
 
 mod alloc;
+mod backend;
 mod budget;
 mod countdown;
 mod exclusions;
@@ -32,7 +33,6 @@ mod preimage;
 mod readonly;
 mod scan;
 mod stats;
-mod uffd;
 mod verify;
 mod workers;
 
@@ -44,10 +44,10 @@ use crate::mem::{DirtyLog, PageTable, RawVec, Reservation, SlotPool};
 use dirty::DiffEntry;
 use ranges::{Range, RangeSet};
 
+pub use backend::{unavailable as backend_unavailable, Backend, BackendChoice};
 pub use budget::{parse_bytes, request as request_memory_budget};
 pub use exclusions::{Exclusion, Reason as ExclusionReason};
 pub use stats::Stats;
-pub use uffd::{unavailable as backend_unavailable, BackendChoice};
 pub use workers::Workers;
 
 /// Number of `MemoryKind` values the balance counters cover.
@@ -261,8 +261,8 @@ pub struct Engine {
     pub rseq: Option<(isize, usize)>,
     /// Where glibc keeps its thread descriptors (`None`: not glibc 2.34+, or not Linux).
     pub threads: Option<crate::sys::ThreadLayout>,
-    /// The userfaultfd backends' state (Linux).
-    pub uffd: uffd::UffdState,
+    /// The write-tracking backend's state (see `backend`).
+    pub backend: backend::BackendState,
     /// The verifying mode's switch and page hashes.
     pub verify: verify::Verify,
 }
@@ -345,20 +345,18 @@ fn env(name: &core::ffi::CStr) -> Option<&'static [u8]> {
     (!text.is_empty()).then_some(text)
 }
 
-/// A backend asked for with `memsnap_set_backend` before initialization (`u32::MAX`:
-/// none).
-static REQUESTED_BACKEND: AtomicU32 = AtomicU32::new(u32::MAX);
+/// A backend asked for with `memsnap_set_backend` before initialization.
+static REQUESTED_BACKEND: backend::RequestedBackend = backend::RequestedBackend::none();
 
 /// Records the backend for `InitializeMemorySnapshots` to use.
 pub fn request_backend(b: BackendChoice) {
-    REQUESTED_BACKEND.store(b as u32, Ordering::Relaxed);
+    REQUESTED_BACKEND.set(b);
 }
 
 /// The backend asked for: by `memsnap_set_backend`, else `MEMSNAP_BACKEND`, else auto.
 fn requested_backend(function: &str) -> BackendChoice {
-    let asked = REQUESTED_BACKEND.load(Ordering::Relaxed);
-    if asked != u32::MAX {
-        return BackendChoice::from_u32(asked);
+    if let Some(asked) = REQUESTED_BACKEND.get() {
+        return asked;
     }
     let Some(text) = env(c"MEMSNAP_BACKEND") else {
         return BackendChoice::Auto;
@@ -537,7 +535,11 @@ impl Engine {
             countdown_started: AtomicBool::new(false),
             rseq: crate::sys::rseq_layout(),
             threads: crate::sys::ThreadLayout::probe(crate::sys::rseq_layout()),
-            uffd: uffd::UffdState::new(requested_backend(F), base_table(page_shift), spin_ns()),
+            backend: backend::BackendState::new(
+                requested_backend(F),
+                base_table(page_shift),
+                spin_ns(),
+            ),
             verify: verify::Verify::new(F),
         };
         let bytes = core::mem::size_of::<Engine>();
@@ -562,7 +564,7 @@ impl Engine {
             if let Some(t) = &e.masks {
                 own[39] = t.reservation();
             }
-            if let Some(r) = e.uffd.base_reservation() {
+            if let Some(r) = e.backend.base_reservation() {
                 own[38] = r;
             }
             let vecs = [

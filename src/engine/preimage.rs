@@ -16,9 +16,9 @@
 //! dirty unit: the base copy (the unit's bytes at the newest checkpoint) is overwritten in
 //! place with the current bytes once the delta is encoded, so no fresh slot is needed.
 
+use super::backend::ZERO_SLOT;
 use super::delta;
 use super::dirty::{fold_into_predecessor, DiffEntry};
-use super::uffd::ZERO_SLOT;
 use super::{Engine, TrackedRegion};
 use crate::mem::{FreeChain, PageState, RawVec};
 
@@ -143,10 +143,6 @@ impl Engine {
         deltas: &mut RawVec<u8>,
         out: &mut RawVec<DiffEntry>,
     ) {
-        out.clear();
-        if !self.is_async() {
-            return;
-        }
         // Each unit is handled while the next one's bytes and base copy are fetched:
         // the units are scattered, and reading them is most of the work.
         let mut pending = None;

@@ -116,7 +116,7 @@ impl Engine {
                 cursor = piece.end;
                 // A userfaultfd-guarded piece that is no longer registered was unmapped
                 // and mapped afresh.
-                if !v.private || !v.read || (region.uffd && !self.uffd_piece_registered(piece)) {
+                if !v.private || !v.read || !self.piece_still_guarded(piece, region.uffd) {
                     report(Problem {
                         range: piece,
                         what: FloorReason::Unmapped,
@@ -196,7 +196,7 @@ impl Engine {
     /// (a unit's protection changes as one, through one mechanism).
     pub(super) fn track(&self, function: &str, m: &mut Meta, region: TrackedRegion) {
         let r = region.range;
-        if self.uffd_mode().is_some() {
+        if self.active_backend().uses_uffd() {
             let lo = crate::mem::round_up(r.start, self.page).unwrap_or(r.end);
             let hi = r.end & !(self.page - 1);
             if lo < hi {
@@ -247,27 +247,7 @@ impl Engine {
         let region = TrackedRegion { uffd, ..region };
         self.mark(region.range, region.exec, uffd);
         m.insert_region(region);
-        // SAFETY: host memory the engine now owns the protection of.
-        if let Err(e) = unsafe {
-            self.set_access(
-                region.range.start,
-                region.range.len(),
-                region.exec,
-                uffd,
-                false,
-            )
-        } {
-            crate::fatal!(
-                function,
-                "cannot write-protect tracked memory {:#x}-{:#x} (errno {})",
-                region.range.start,
-                region.range.end,
-                e
-            );
-        }
-        if uffd && self.is_async() {
-            self.copy_base(function, region.range);
-        }
+        self.arm_new_region(function, region);
     }
 
     /// Stops tracking the pages of `r` (they are gone): clears their state, keeping any
