@@ -78,7 +78,10 @@ impl Engine {
         let st = PageState(word.load(Ordering::Acquire));
         if st.busy() {
             word.store(st.0 & !PageState::BUSY, Ordering::Release);
-        } else if st.slot().is_some() && !self.async_unit(st) && !self.log.push(unit) {
+        } else if st.slot().is_some()
+            && !self.unit_guard(st).finds_writes_by_scan()
+            && !self.log.push(unit)
+        {
             // Cannot happen: the log holds as many entries as the pool has slots.
             crate::fatal!("fork", "the dirty-page log is full");
         }

@@ -267,7 +267,7 @@ impl Engine {
         while i < n {
             let u = unit(i);
             let st = self.table.get(u);
-            if !st.tracked() || (!arm_async && self.async_unit(st)) {
+            if !st.tracked() || (!arm_async && self.unit_guard(st).finds_writes_by_scan()) {
                 // Gone since (the scan untracked it), or armed already: nothing to do.
                 i += 1;
                 continue;

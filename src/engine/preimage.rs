@@ -148,7 +148,7 @@ impl Engine {
         let mut pending = None;
         let mut handle = |u: usize| {
             let st = self.table.get(u);
-            if !st.tracked() || !st.uffd() || st.slot().is_some() {
+            if !st.tracked() || !self.unit_guard(st).finds_writes_by_scan() || st.slot().is_some() {
                 return;
             }
             let e = if st.partial() {
@@ -268,7 +268,7 @@ impl Engine {
             // SAFETY: per the function's contract.
             unsafe { self.copy_unit(e.page, st, e.slot, false) };
             self.table.set(e.page, st.clean());
-            if self.async_unit(st) {
+            if self.unit_guard(st).keeps_base_copy() {
                 // The restored bytes are the unit's contents at the checkpoint that is
                 // now the newest: its pre-image becomes its base copy.
                 if let Some(old) = self.rebase(e.page, e.slot) {
@@ -283,7 +283,7 @@ impl Engine {
         // SAFETY: per the function's contract.
         unsafe { self.apply_to_unit(e.page, st, d) };
         self.table.set(e.page, st.clean());
-        if self.async_unit(st) {
+        if self.unit_guard(st).keeps_base_copy() {
             match self.peek_base(e.page) {
                 // The base held the newer bytes, as memory did: it moves back alike.
                 Some(b) => {

@@ -126,10 +126,16 @@ impl Backend {
         self == Backend::LinuxUffdAsync
     }
 
+    /// Armed memory keeps write access in its mapping: the protection lives in
+    /// page-table entries, so the mapping of guarded memory is writable by default.
+    pub fn mapping_stays_writable(self) -> bool {
+        self.uses_uffd()
+    }
+
     /// Protection lives in the mappings: every isolated writable page splits one, which
     /// `vm.max_map_count` bounds (see `fault`).
     pub fn splits_mappings(self) -> bool {
-        !self.uses_uffd()
+        !self.mapping_stays_writable()
     }
 }
 
@@ -213,11 +219,6 @@ impl Engine {
     /// The mechanism guarding the unit with state `st`.
     pub(super) fn unit_guard(&self, st: PageState) -> Backend {
         self.guard(st.uffd())
-    }
-
-    /// Whether the unit with state `st` is guarded by the async mode (never faults).
-    pub(super) fn async_unit(&self, st: PageState) -> bool {
-        st.uffd() && self.active_backend() == Backend::LinuxUffdAsync
     }
 
     /// Picks and opens the mechanism at the first snapshot (before the scan tracks
@@ -555,10 +556,11 @@ mod tests {
             Backend::MacExceptionPort,
             Backend::MacSignal,
         ] {
-            assert!(!b.uses_uffd() && b.splits_mappings());
+            assert!(!b.uses_uffd() && b.splits_mappings() && !b.mapping_stays_writable());
             assert!(!b.finds_writes_by_scan() && !b.keeps_base_copy());
         }
         assert!(Backend::LinuxUffd.uses_uffd() && !Backend::LinuxUffd.splits_mappings());
+        assert!(Backend::LinuxUffd.mapping_stays_writable());
         assert!(!Backend::LinuxUffd.finds_writes_by_scan());
         let a = Backend::LinuxUffdAsync;
         assert!(a.uses_uffd() && a.finds_writes_by_scan() && a.keeps_base_copy());
