@@ -54,7 +54,7 @@ void StillTracking() {
 }
 
 void Init() {
-  alarm(30);
+  mstest::Alarm(30);
   InitializeMemorySnapshots();
 }
 

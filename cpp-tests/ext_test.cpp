@@ -31,7 +31,7 @@ volatile int gGlobal = 0;
 // Every scenario that initializes memsnap: a hang (e.g. a restore worker that is never
 // woken) kills the child with SIGALRM instead of blocking the suite.
 void Init() {
-  alarm(30);
+  mstest::Alarm(30);
   InitializeMemorySnapshots();
 }
 

@@ -262,7 +262,7 @@ void ReportScenario() {
 }
 
 TEST(HostMemoryTest, ExclusionsAreReportedWithReasons) {
-  EXPECT_EXIT({ alarm(60); ReportScenario(); _exit(0); }, ::testing::ExitedWithCode(0),
+  EXPECT_EXIT({ mstest::Alarm(60); ReportScenario(); _exit(0); }, ::testing::ExitedWithCode(0),
               "excluded 0x[0-9a-f]+-0x[0-9a-f]+ \\([0-9]+ bytes\\): a thread's tid word");
 }
 

@@ -42,7 +42,7 @@ MemsnapBackend Expected(int request) {
 // (kernel_offers.h), does not offer it: a memsnap that refuses what this kernel offers
 // fails here instead of passing as "unsupported".
 void SetBackendScenario(int request) {
-  alarm(30);
+  mstest::Alarm(30);
   char why[160] = "";
   const bool offered = request <= 1 || mstest::KernelOffersUffd(request == 3, why, sizeof why);
   InitializeMemorySnapshots();
@@ -90,7 +90,7 @@ TEST(BackendTest, SetBackendUffdAsync) { MS_IN_CHILD(SetBackendScenario(3)); }
 
 // Before initialization the request is remembered too.
 void SetBeforeInit() {
-  alarm(30);
+  mstest::Alarm(30);
   MS_CHECK(memsnap_set_backend(1) == MemsnapStatus::Ok);
   InitializeMemorySnapshots();
   TakeFirstMemorySnapshot();
@@ -145,7 +145,7 @@ bool AllBytes(const uint8_t* p, size_t n, uint8_t v) {
 }
 
 void ReadLands() {
-  alarm(30);
+  mstest::Alarm(30);
   InitializeMemorySnapshots();
   const size_t g = Granule();
   uint8_t* buf = Buffer(3, 'A');
@@ -171,7 +171,7 @@ void ReadLands() {
 }
 
 void RecvLands() {
-  alarm(30);
+  mstest::Alarm(30);
   InitializeMemorySnapshots();
   const size_t g = Granule();
   uint8_t* buf = Buffer(2, 'B');
@@ -191,7 +191,7 @@ void RecvLands() {
 
 // futex: a wait on a tracked word reads it; FUTEX_WAKE_OP writes it (kernel-side).
 void FutexLands() {
-  alarm(30);
+  mstest::Alarm(30);
   InitializeMemorySnapshots();
   uint32_t* w = (uint32_t*)Buffer(1, 0);
   w[0] = 7;
@@ -231,7 +231,7 @@ uint8_t gCloneStack[64 * 1024] __attribute__((aligned(16)));
 int CloneBody(void*) { return 0; }
 
 void ClearTidLands() {
-  alarm(30);
+  mstest::Alarm(30);
   InitializeMemorySnapshots();
   volatile int32_t* word = (volatile int32_t*)Buffer(1, 0);
   *word = 1;
@@ -276,7 +276,7 @@ TEST(KernelWriteUffdTest, ClearTidLandsAndIsRewound) { UFFD_ONLY(); MS_IN_CHILD(
 // The kernel-write cases that fail with EFAULT under mprotect (KernelWriteTest) land under
 // userfaultfd, each into its own clean tracked page, and one rewind takes them all back.
 void MoreSyscallsLand() {
-  alarm(30);
+  mstest::Alarm(30);
   InitializeMemorySnapshots();
   const size_t g = Granule();
   uint8_t* buf = Buffer(6, 'C');
@@ -331,7 +331,7 @@ void* RobustOwner(void*) {
 }
 
 void RobustMutexOwnerDies(bool prepare) {
-  alarm(30);
+  mstest::Alarm(30);
   InitializeMemorySnapshots();
   // One kernel page (16 KiB on arm64-16k: a 4096-byte registration is misaligned there).
   const size_t k = (size_t)sysconf(_SC_PAGESIZE);

@@ -142,7 +142,7 @@ void InheritedRefusedScenario() {
   pid_t pid = fork();
   MS_CHECK(pid >= 0);
   if (pid == 0) {
-    alarm(30);
+    mstest::Alarm(30);
     char msg[512];
     for (void (*fn)(void*) : {RewindNewest, RewindOneLevel}) {
       int status = mstest::StatusAndStderrOfChild(fn, nullptr, msg, sizeof msg);
@@ -337,14 +337,9 @@ void CaptureRaceScenario() {
 
 TEST(ForkTest, ForkWhileAnotherThreadCaptures) {
   // Under uffd-async there is no capture in flight; the test's meaning there is that the
-  // child's checkpoints know every unit the writer wrote up to the copy. They do not yet:
-  // a unit written between the pre-fork scan and the copy keeps a stale base copy in the
-  // child, and the rewind to the child's first checkpoint brings back the writer's older
-  // value or zero (about one run in two fails here). MEMSNAP_TEST_KNOWN_FAILURES=1 runs it
-  // anyway.
-  if (mstest::IsUffdAsync() && !getenv("MEMSNAP_TEST_KNOWN_FAILURES"))
-    GTEST_SKIP() << "known failure under uffd-async: writes another thread makes between "
-                    "the pre-fork scan and the copy are lost to the child's checkpoints";
+  // child's checkpoints know every unit the writer wrote up to the copy (a unit written
+  // between a pre-fork scan and the copy used to keep a stale base copy in the child,
+  // failing about one run in two).
   MS_IN_CHILD(CaptureRaceScenario());
 }
 

@@ -6,7 +6,7 @@
 // replaced SIGSEGV handler is noticed; fork children keep their own tracking; other
 // threads wait while memory changes are disallowed.
 //
-// Every scenario runs in a forked child (MS_IN_CHILD / EXPECT_EXIT) and arms alarm(30)
+// Every scenario runs in a forked child (MS_IN_CHILD / EXPECT_EXIT) and arms mstest::Alarm(30)
 // first, so a hang fails instead of blocking CI. Expected values live on the stack or in
 // untracked memory (AllocateMemory(Generic)); /proc files are read with read(2) into stack
 // buffers (stdio and the heap are tracked). Helpers live in namespace hazard_test.
@@ -46,7 +46,7 @@ using mstest::Stats;
 size_t Page() { return mstest::SnapshotPage(); }
 
 void Begin() {
-  alarm(30);
+  mstest::Alarm(30);
   InitializeMemorySnapshots();
 }
 
@@ -215,7 +215,7 @@ __attribute__((noinline)) int Recurse(int depth) {
 }
 
 void StackOverflowScenario(bool withHandler) {
-  alarm(30);
+  mstest::Alarm(30);
   stack_t ss;
   memset(&ss, 0, sizeof ss);
   ss.ss_sp = gAltStack;
@@ -278,7 +278,7 @@ bool PinToCpu(int cpu) {
 }
 
 void RseqScenario() {
-  alarm(30);
+  mstest::Alarm(30);
   if (__rseq_size == 0) MS_PASS();  // the TEST skips before forking
   InitializeMemorySnapshots();
   volatile struct rseq* area =
@@ -693,7 +693,7 @@ TEST(HazardTest, MallocNotPinnedWhenOptedOut) { MS_IN_CHILD(MallocPinnedScenario
 // The program unmaps and re-protects tracked memory with raw system calls here, which
 // bypass libmemsnap's interposed munmap/mprotect (see linux_host_calls_test.cpp for those).
 void UnmappedBetweenCheckpoints(uintptr_t addr, int levels) {
-  alarm(30);
+  mstest::Alarm(30);
   uint8_t* p = MapAt(addr, 4, 7);  // before initialization: memsnap maps elsewhere
   InitializeMemorySnapshots();
   TakeFirstMemorySnapshot();  // checkpoint 0
@@ -727,7 +727,7 @@ TEST(HazardTest, UnmappedTrackedMemoryNewestCheckpointStillRestorable) {
 }
 
 void UnmappedSinceNewest(uintptr_t addr) {
-  alarm(30);
+  mstest::Alarm(30);
   uint8_t* p = MapAt(addr, 4, 9);
   InitializeMemorySnapshots();
   TakeFirstMemorySnapshot();
@@ -900,7 +900,7 @@ void ForkScenario() {
   MS_CHECK(pid >= 0);
   if (pid == 0) {
     // The grandchild: restores run on this thread (no workers survive fork).
-    alarm(30);
+    mstest::Alarm(30);
     if (!mstest::ForkChildRewindsInherited()) {
       // Under userfaultfd only its own checkpoints (ForkTest.UffdChildRefuses...).
       memset(heap, 30, 3 * page);

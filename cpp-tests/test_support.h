@@ -26,6 +26,16 @@
 
 namespace mstest {
 
+// Every watchdog and deadline in the suite is multiplied by MEMSNAP_TEST_TIME_SCALE (a
+// whole number, default 1): a hang on a native machine is a slow run in the emulated VMs
+// of `make test-kernels` and `make test-aarch64-vm`, which set it.
+inline unsigned TimeScale() {
+  const char* s = getenv("MEMSNAP_TEST_TIME_SCALE");
+  long v = s ? strtol(s, nullptr, 10) : 1;
+  return v > 0 && v < 1000 ? (unsigned)v : 1;
+}
+inline unsigned Alarm(unsigned seconds) { return alarm(seconds * TimeScale()); }
+
 inline void ms_say(const char* fmt, ...) {
   char buf[512];
   va_list ap;
@@ -60,16 +70,16 @@ inline void ms_say(const char* fmt, ...) {
 
 #define MS_PASS() _exit(0)
 
-// Runs `body` in a forked child under a 60 s watchdog (SIGALRM turns a hang into a
+// Runs `body` in a forked child under a 60 s watchdog (scaled, see TimeScale) (SIGALRM turns a hang into a
 // failure) and expects it to exit with status 0. `body` must not
 // contain a top-level comma (the preprocessor would split it): call a function instead.
 #define MS_IN_CHILD(body) \
-  EXPECT_EXIT({ alarm(60); body; MS_PASS(); }, ::testing::ExitedWithCode(0), "")
+  EXPECT_EXIT({ mstest::Alarm(60); body; MS_PASS(); }, ::testing::ExitedWithCode(0), "")
 
 // Runs `body` in a forked child and expects memsnap to abort it with a message
 // matching `regex` on stderr.
 #define MS_DIES_WITH(body, regex) \
-  EXPECT_EXIT({ alarm(60); body; _exit(0); }, ::testing::KilledBySignal(SIGABRT), regex)
+  EXPECT_EXIT({ mstest::Alarm(60); body; _exit(0); }, ::testing::KilledBySignal(SIGABRT), regex)
 
 namespace mstest {
 
@@ -181,6 +191,7 @@ constexpr int kGrandchildDeadlineMs = 20000;
 inline int WaitStatusWithin(pid_t pid, int deadline_ms) {
   int status = 0;
   const int given_ms = deadline_ms;
+  deadline_ms *= (int)TimeScale();
   for (int waited_ms = 0;; waited_ms += 5) {
     pid_t w = waitpid(pid, &status, WNOHANG);
     if (w == pid) return status;
@@ -204,7 +215,7 @@ inline int WaitStatus(pid_t pid) { return WaitStatusWithin(pid, kGrandchildDeadl
 inline int StatusOfChild(void (*fn)(void*), void* arg) {
   pid_t pid = fork();
   if (pid == 0) {
-    alarm(30);
+    mstest::Alarm(30);
     fn(arg);
     _exit(0);
   }
@@ -241,7 +252,7 @@ inline void ArmWatchdog(const char* what, volatile long* step, unsigned seconds)
     sigemptyset(&sa.sa_mask);
     sigaction(SIGALRM, &sa, nullptr);
   }
-  alarm(seconds);
+  Alarm(seconds);
 }
 
 }  // namespace mstest
@@ -258,7 +269,7 @@ inline int StatusAndStderrOfChild(void (*fn)(void*), void* arg, char* out, size_
   if (pid == 0) {
     close(fds[0]);
     dup2(fds[1], 2);
-    alarm(30);
+    mstest::Alarm(30);
     fn(arg);
     _exit(0);
   }
@@ -324,7 +335,7 @@ inline MemsnapBackend ActiveBackend() {
   if (probed < 0) {
     pid_t pid = fork();
     if (pid == 0) {
-      alarm(20);
+      mstest::Alarm(20);
       InitializeMemorySnapshots();
       memsnap_set_tracking_mode(MemsnapTrackingMode::RegisteredOnly);
       AllocateMemory(SnapshotPage(), MemoryKind::Tracked);
@@ -469,7 +480,7 @@ inline TracedDeath TraceDeath(void (*fn)()) {
   if (pid == 0) {
     if (ptrace(PTRACE_TRACEME, 0, nullptr, nullptr) != 0) _exit(90);
     raise(SIGSTOP);  // wait for the tracer's options
-    alarm(30);
+    mstest::Alarm(30);
     fn();
     _exit(0);
   }

@@ -644,6 +644,75 @@ fn read_into_tracked_buffer() {
     );
 }
 
+thread_local! {
+    /// 64 KiB of the executable's static TLS. The executable's block sits next to the
+    /// thread pointer, so this pushes libc's `errno` a whole page or more away from the
+    /// thread descriptor, onto TLS pages that hold nothing memsnap leaves out: in a
+    /// thread other than the controller they are tracked whole.
+    static LARGE_TLS: std::cell::Cell<[u8; 1 << 16]> = const { std::cell::Cell::new([0; 1 << 16]) };
+}
+
+/// A thread other than the controller forks; in the child it is the only thread and
+/// takes over as controller. Its `errno`, tracked memory in the parent, must then be left
+/// out (memsnap's own calls set it), and the child's own checkpoints must still rewind
+/// the rest of its TLS.
+fn fork_from_a_thread_with_large_tls() {
+    InitializeMemorySnapshots();
+    set_global(0, 1);
+    TakeFirstMemorySnapshot();
+    set_global(0, 2);
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let worker = std::thread::spawn(move || {
+        // The parent's checkpoint below tracks this thread's TLS pages.
+        let _ = wait.recv();
+        LARGE_TLS.with(|t| {
+            let mut v = t.get();
+            v[0] = 1;
+            v[v.len() - 1] = 2;
+            t.set(v);
+        });
+        // SAFETY: the child runs only async-signal-safe work and memsnap's calls, then
+        // exits without returning.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            set_global(1, 5);
+            LARGE_TLS.with(|t| {
+                let mut v = t.get();
+                v[100] = 5;
+                t.set(v);
+            });
+            TakeDiffMemorySnapshot();
+            set_global(1, 6);
+            LARGE_TLS.with(|t| {
+                let mut v = t.get();
+                v[100] = 6;
+                v[v.len() - 1] = 6;
+                t.set(v);
+            });
+            rewind(0);
+            check(global(1) == 5, "the child's global is rewound");
+            let tls = LARGE_TLS.with(|t| t.get());
+            check(
+                tls[100] == 5 && tls[tls.len() - 1] == 2,
+                "the child's thread-local storage is rewound",
+            );
+            // SAFETY: ends the child.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: our own child.
+        let got = unsafe { libc::waitpid(pid, &mut status, 0) };
+        (got == pid).then_some(status)
+    });
+    TakeDiffMemorySnapshot();
+    check(go.send(()).is_ok(), "the worker waits");
+    let status = worker.join().ok().flatten();
+    check(
+        status.is_some_and(|s| libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0),
+        "the child forked by the worker passed",
+    );
+}
+
 /// A scenario still running after this long has hung: its own alarm ends it. The
 /// environment's SCENARIO_WATCHDOG (seconds) replaces it where everything runs slower,
 /// as in the emulated VMs of `make test-kernels` and `make test-aarch64-vm`.
@@ -702,7 +771,7 @@ fn wait_or_kill(pid: libc::pid_t, backstop: u64) -> Ended {
 }
 
 fn main() {
-    let scenarios: [(&str, fn()); 10] = [
+    let scenarios: [(&str, fn()); 11] = [
         (
             "whole_process_five_checkpoints",
             whole_process_five_checkpoints,
@@ -722,11 +791,24 @@ fn main() {
         ),
         ("requested_backend_is_active", requested_backend_is_active),
         ("read_into_tracked_buffer", read_into_tracked_buffer),
+        (
+            "fork_from_a_thread_with_large_tls",
+            fork_from_a_thread_with_large_tls,
+        ),
     ];
     let (mut passed, mut failed) = (0, 0);
     let watchdog = watchdog_seconds();
     let backstop = backstop_seconds(watchdog);
+    // Arguments, if any, select the scenarios whose names contain one of them (as
+    // libtest's filters do): `cargo test --test scenarios -- fork`.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     for (name, f) in scenarios {
+        if !filters.is_empty() && !filters.iter().any(|x| name.contains(x.as_str())) {
+            continue;
+        }
         // SAFETY: this process is single-threaded here; the child runs one scenario and
         // exits without returning.
         let pid = unsafe { libc::fork() };

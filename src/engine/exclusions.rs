@@ -560,7 +560,7 @@ impl Engine {
 
 impl Meta {
     /// The first tracked region overlapping `r`.
-    fn region_overlapping(&self, r: Range) -> Option<super::TrackedRegion> {
+    pub(super) fn region_overlapping(&self, r: Range) -> Option<super::TrackedRegion> {
         let i = self.regions.partition_point(|x| x.range.end <= r.start);
         self.regions
             .get(i)

@@ -22,7 +22,27 @@
 //!   such fork, in the child only).
 //!
 //! The userfaultfd backends rebuild their descriptors and page-table bits in the child as
-//! well (see `uffd`).
+//! well (see `backend`).
+//!
+//! - **Writes the child's page tables forgot** (uffd-async). The child's mappings lose
+//!   their write-protect bits, so which units were written since the newest checkpoint
+//!   cannot be read from them; yet a unit written and not known keeps a stale base copy,
+//!   which becomes a wrong pre-image at the child's next checkpoint. No list made before
+//!   the copy can be complete: other threads, and glibc's own fork code after the prepare
+//!   handlers, write until the kernel copies the address space, and the child's glibc
+//!   writes before this handler runs. So the child compares: every populated unit whose
+//!   bytes differ from its base copy (or from zero, without one) is written again after
+//!   the memory is re-armed, with the same bytes, so that the next checkpoint finds it.
+//!   That reads the whole populated tracked memory once per fork, in the child.
+//!
+//! - **A new controller.** When a thread other than the controller forks, it becomes the
+//!   child's controller, and its `errno` (which memsnap's own calls set, and which the
+//!   exclusions therefore leave out for the controller only) may lie on a page that was
+//!   tracked whole in the parent: with a large static TLS, the thread's TLS pages hold
+//!   nothing else memsnap leaves out. That page stops being tracked here, before the
+//!   child runs on, and from the child's first checkpoint on it is an eager page like the
+//!   TLS pages of any controller. No inherited checkpoint needs its history: the thread
+//!   check refuses every rewind to them (the forking thread was another thread there).
 
 use core::sync::atomic::Ordering;
 
@@ -71,6 +91,34 @@ impl Engine {
         }
     }
 
+    /// Untracks the page(s) holding this thread's `errno` if they are tracked: the child's
+    /// controller is a thread that was not the parent's (see the module comment), and a
+    /// tracked `errno` would fault under memsnap's own calls. The page gets its write
+    /// permission back; the next checkpoint finds it partly excluded and copies it
+    /// eagerly from then on.
+    fn release_errno_of_new_controller(&self, m: &mut super::Meta) {
+        let errno = sys::current_errno_location();
+        let r = super::ranges::Range::new(errno, errno + 4);
+        let r = r.widen_to_pages(self.sub).unwrap_or(r);
+        let Some(t) = m.region_overlapping(r) else {
+            return;
+        };
+        self.untrack(m, r);
+        if !self.guard(t.uffd).mapping_stays_writable() {
+            // SAFETY: this thread's own TLS, no longer tracked: it must be writable, as
+            // it was before memsnap protected it.
+            let protected =
+                unsafe { sys::protect(r.start, r.len(), sys::Access::ReadWrite { exec: t.exec }) };
+            if let Err(err) = protected {
+                crate::fatal!(
+                    "fork",
+                    "cannot make the new controller's errno page writable (errno {})",
+                    err
+                );
+            }
+        }
+    }
+
     fn settle_unit(&self, unit: usize) {
         let Some(word) = self.table.word(unit) else {
             return;
@@ -90,9 +138,8 @@ impl Engine {
 
 extern "C" fn before_fork() {
     let Some(e) = super::get() else { return };
-    let mut m = e.meta.lock();
+    let m = e.meta.lock();
     e.fork_parent.store(sys::pid(), Ordering::Release);
-    e.backend_before_fork(&mut m);
     // Held across fork(); released by both handlers below.
     core::mem::forget(m);
 }
@@ -129,4 +176,7 @@ extern "C" fn after_fork_in_child() {
     }
     e.fork_parent.store(0, Ordering::Release);
     e.backend_after_fork_in_child();
+    // After the userfaultfd is rebuilt: the inherited descriptor acts on the parent's
+    // address space, where unregistering the page would stop tracking it there.
+    e.release_errno_of_new_controller(&mut e.meta.lock());
 }

@@ -89,7 +89,7 @@ pub struct TrackedRegion {
     /// stay tracked forever and return to the free set after a rewind (the original's
     /// rule); regions found by the region walk are untracked and zeroed instead.
     pub allocated: bool,
-    /// Guarded by userfaultfd rather than mprotect (see `uffd`).
+    /// Guarded by userfaultfd rather than mprotect (see `backend`).
     pub uffd: bool,
 }
 

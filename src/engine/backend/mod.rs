@@ -35,7 +35,7 @@ mod uffd_sync;
 use core::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 
 use super::ranges::Range;
-use super::{Engine, Meta, TrackedRegion};
+use super::{Engine, TrackedRegion};
 use crate::mem::{PageState, PageTable};
 use crate::sys::{self, UffdMode};
 
@@ -453,15 +453,6 @@ impl Engine {
         }
     }
 
-    /// Before `fork()`, with the metadata lock held (see `fork`): notes in `m.work` what
-    /// the child's page tables will lose (the async mode's written pages).
-    pub(super) fn backend_before_fork(&self, m: &mut Meta) {
-        m.work.clear();
-        if self.active_backend().finds_writes_by_scan() {
-            self.async_before_fork(m);
-        }
-    }
-
     /// In the child of `fork()`: the inherited userfaultfd (and pagemap) descriptors act
     /// on the parent's address space, and the child's mappings lost their registration
     /// and their page-table write-protect bits. Both are rebuilt here, before the
@@ -505,8 +496,10 @@ impl Engine {
                 self.sync_disarm_dirty(fd, r.range);
             }
         }
+        // Async: units written since the newest checkpoint, as far as the bytes tell,
+        // are written again so that the next scan finds them (see `fork`).
         if active == Backend::LinuxUffdAsync {
-            self.async_rewrite_written(&m.work);
+            self.mark_units_changed_since_base(F, &m);
         }
     }
 

@@ -310,18 +310,6 @@ impl Engine {
             != Err(libc::EPERM)
     }
 
-    /// Before `fork()`: lists the pages written since the newest checkpoint in `m.work`,
-    /// since the child's page tables lose that information.
-    pub(super) fn async_before_fork(&self, m: &mut Meta) {
-        let pm = self.backend.base.pagemap();
-        let Meta { regions, work, .. } = m;
-        for r in regions.iter().filter(|r| r.uffd) {
-            let _ = sys::scan_written(pm, r.range.start, r.range.end, false, |a, b| {
-                let _ = work.push(Range::new(a, b));
-            });
-        }
-    }
-
     /// In a fork child: the inherited pagemap descriptor reads the parent's page tables;
     /// the child opens its own.
     pub(super) fn async_reopen_in_child(&self, function: &str) {
@@ -337,13 +325,54 @@ impl Engine {
         }
     }
 
-    /// In a fork child, after its memory was armed again: what the parent had written
-    /// since the newest checkpoint (`written`, from `async_before_fork`) is written again
-    /// (same bytes), so the next scan in the child finds it.
-    pub(super) fn async_rewrite_written(&self, written: &[Range]) {
-        for w in written {
-            let mut p = w.start;
-            while p < w.end {
+    /// In a fork child once its memory is armed again: writes back, unchanged, one byte
+    /// of every kernel page of each populated unit that differs from its base copy, so
+    /// that the next checkpoint's scan lists it (see `fork`'s module comment: the child's
+    /// page tables forgot which units were written since the newest checkpoint).
+    pub(super) fn mark_units_changed_since_base(&self, function: &str, m: &Meta) {
+        let pagemap = self.backend.base.pagemap();
+        let mut last = usize::MAX;
+        for r in m.regions.iter().filter(|r| r.uffd) {
+            let res = sys::scan_populated(pagemap, r.range.start, r.range.end, |a, b| {
+                let mut u = self.page_base(a).max(self.page_base(r.range.start));
+                while u < b && u < r.range.end {
+                    if u != last {
+                        last = u;
+                        self.mark_unit_if_changed(u);
+                    }
+                    u += self.page;
+                }
+            });
+            if let Err(e) = res {
+                crate::fatal!(
+                    function,
+                    "cannot scan tracked memory {:#x}-{:#x} for populated pages in the child (errno {})",
+                    r.range.start,
+                    r.range.end,
+                    e
+                );
+            }
+        }
+    }
+
+    fn mark_unit_if_changed(&self, unit: usize) {
+        let st = self.table.get(unit);
+        if !st.tracked() {
+            return;
+        }
+        let changed = match self.peek_base(unit) {
+            // SAFETY: a tracked unit the pagemap reports populated: its tracked spans are
+            // mapped and readable; the slot holds its base copy.
+            Some(slot) => !unsafe { self.unit_matches(unit, st, slot) },
+            // SAFETY: as above.
+            None => !unsafe { self.unit_is_zero(unit, st) },
+        };
+        if !changed {
+            return;
+        }
+        self.for_each_span(unit, st, |addr, len, _| {
+            let mut p = addr;
+            while p < addr + len {
                 // SAFETY: tracked, mapped, writable memory of the child's only thread;
                 // the byte is written back unchanged.
                 unsafe {
@@ -352,7 +381,7 @@ impl Engine {
                 }
                 p += self.sub;
             }
-        }
+        });
     }
 }
 
