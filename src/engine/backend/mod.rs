@@ -104,6 +104,15 @@ pub fn unavailable(b: BackendChoice) -> Option<&'static str> {
     }
 }
 
+/// The userfaultfd features a backend opens its descriptor with, if it uses one.
+fn uffd_mode(b: Backend) -> Option<UffdMode> {
+    match b {
+        Backend::LinuxUffd => Some(UffdMode::Sync),
+        Backend::LinuxUffdAsync => Some(UffdMode::Async),
+        _ => None,
+    }
+}
+
 /// What each mechanism can and cannot do: the engine's other files ask these rather
 /// than which mechanism is active.
 impl Backend {
@@ -227,14 +236,14 @@ impl Engine {
         let req = self.backend.requested();
         let support = sys::uffd_support();
         let base = self.backend.base.has_table();
-        let mode = match req {
+        let chosen = match req {
             BackendChoice::Mprotect => None,
             BackendChoice::Uffd => match support.sync {
-                Ok(()) => Some(UffdMode::Sync),
+                Ok(()) => Some(Backend::LinuxUffd),
                 Err(why) => crate::fatal!(function, "the uffd backend is unavailable: {}", why),
             },
             BackendChoice::UffdAsync => match (support.async_wp, base) {
-                (Ok(()), true) => Some(UffdMode::Async),
+                (Ok(()), true) => Some(Backend::LinuxUffdAsync),
                 (Err(why), _) => {
                     crate::fatal!(function, "the uffd-async backend is unavailable: {}", why)
                 }
@@ -246,15 +255,17 @@ impl Engine {
             BackendChoice::Auto => {
                 // Under a memory budget, only if its base copy fits (see `budget`).
                 if support.async_wp.is_ok() && base && self.async_fits_budget() {
-                    Some(UffdMode::Async)
+                    Some(Backend::LinuxUffdAsync)
                 } else if support.sync.is_ok() {
-                    Some(UffdMode::Sync)
+                    Some(Backend::LinuxUffd)
                 } else {
                     None
                 }
             }
         };
-        let Some(mode) = mode else { return };
+        let Some((active, mode)) = chosen.and_then(|b| Some((b, uffd_mode(b)?))) else {
+            return;
+        };
         let fd = match sys::uffd_open(mode) {
             Ok(fd) => fd,
             Err(e) if req == BackendChoice::Auto => {
@@ -263,7 +274,7 @@ impl Engine {
             }
             Err(e) => crate::fatal!(function, "cannot open a userfaultfd (errno {})", e),
         };
-        if mode == UffdMode::Async {
+        if active.finds_writes_by_scan() {
             if let Err(e) = self.backend.base.open_pagemap() {
                 if req == BackendChoice::Auto {
                     sys::uffd_close(fd);
@@ -273,12 +284,8 @@ impl Engine {
             }
         }
         self.backend.fd.store(fd, Ordering::Relaxed);
-        let active = match mode {
-            UffdMode::Sync => Backend::LinuxUffd,
-            UffdMode::Async => Backend::LinuxUffdAsync,
-        };
         self.backend.active.store(active as u32, Ordering::Release);
-        if mode == UffdMode::Sync {
+        if active == Backend::LinuxUffd {
             self.start_fault_server(function);
         }
     }
@@ -460,10 +467,8 @@ impl Engine {
     pub(super) fn backend_after_fork_in_child(&self) {
         const F: &str = "fork";
         let active = self.active_backend();
-        let mode = match active {
-            Backend::LinuxUffd => UffdMode::Sync,
-            Backend::LinuxUffdAsync => UffdMode::Async,
-            _ => return,
+        let Some(mode) = uffd_mode(active) else {
+            return;
         };
         sys::uffd_close(self.backend.fd());
         let fd = match sys::uffd_open(mode) {
