@@ -662,8 +662,13 @@ fn fork_from_a_thread_with_large_tls() {
     TakeFirstMemorySnapshot();
     set_global(0, 2);
     let (go, wait) = std::sync::mpsc::channel::<()>();
+    let (ready, started) = std::sync::mpsc::channel::<()>();
     let worker = std::thread::spawn(move || {
-        // The parent's checkpoint below tracks this thread's TLS pages.
+        // Started: Rust's thread start-up has installed this thread's signal stack (a
+        // mapping of its own, which a checkpoint taken before the sigaltstack call would
+        // track, and which memsnap then refuses to leave out). The parent's checkpoint
+        // below tracks this thread's TLS pages.
+        let _ = ready.send(());
         let _ = wait.recv();
         LARGE_TLS.with(|t| {
             let mut v = t.get();
@@ -704,6 +709,7 @@ fn fork_from_a_thread_with_large_tls() {
         let got = unsafe { libc::waitpid(pid, &mut status, 0) };
         (got == pid).then_some(status)
     });
+    check(started.recv().is_ok(), "the worker started");
     TakeDiffMemorySnapshot();
     check(go.send(()).is_ok(), "the worker waits");
     let status = worker.join().ok().flatten();

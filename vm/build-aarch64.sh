@@ -18,7 +18,10 @@ $CARGO build --release --target $T
 $CARGO test --release --target $T --lib --test scenarios --test model --no-run \
   --message-format=json | python3 vm/test-exes.py > "$out/tests.list"
 while read -r name path; do cp "$path" "$pl/bin/$name"; done < "$out/tests.list"
-cp target/$T/release/libmemsnap.so "$pl/lib/"
+# The C++ binaries record the SONAME (libmemsnap.so.MAJOR, build.rs), so the loader in
+# the guest looks for that name.
+soname=$(aarch64-linux-gnu-readelf -d target/$T/release/libmemsnap.so | sed -n 's/.*SONAME.*\[\(.*\)\]/\1/p')
+cp target/$T/release/libmemsnap.so "$pl/lib/${soname:-libmemsnap.so}"
 
 gt=/usr/src/googletest/googletest
 if [ ! -f "$out/gtest/libgtest.a" ]; then
@@ -30,7 +33,7 @@ FLAGS=(-O2 -std=c++17 -Wall -Wextra -Werror -Iinclude -I$gt/include -pthread)
 LINK=(-Ltarget/$T/release -lmemsnap -Wl,-z,now -pthread)
 $CXX "${FLAGS[@]}" cpp-tests/*.cpp -o "$pl/bin/memsnap-tests" "${LINK[@]}" "$out/gtest/libgtest.a"
 $CXX "${FLAGS[@]}" cpp-tests/probe/backend_probe.cpp -o "$pl/bin/memsnap-probe" "${LINK[@]}"
-aarch64-linux-gnu-strip "$pl"/bin/* "$pl/lib/libmemsnap.so"
+aarch64-linux-gnu-strip "$pl"/bin/* "$pl/lib/${soname:-libmemsnap.so}"
 
 sysroot=/usr/aarch64-linux-gnu/lib
 for l in ld-linux-aarch64.so.1 libc.so.6 libm.so.6 libgcc_s.so.1 libstdc++.so.6 \

@@ -23,6 +23,7 @@ export MEMSNAP_TEST_TIME_SCALE=${MEMSNAP_TEST_TIME_SCALE:-10}
 # scenarios only, the same test fits the VM. 0 keeps the kernel's value.
 : "${SCENARIO_MAX_MAP_COUNT:=16384}"
 export MODEL_SEQUENCES
+[ -z "${MODEL_HEAP_GROWTH:-}" ] || export MODEL_HEAP_GROWTH
 bad=0
 
 # count KIND LOG STATUS: prints "passed/failed" from a runner's closing lines, and a note

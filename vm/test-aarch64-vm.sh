@@ -7,6 +7,8 @@
 # A64_MODEL_SEQUENCES model sequences (default 40) and the C++ suite under A64_CPP_BACKENDS
 # (default: uffd-async mprotect); the unit tests and the scenarios run in full, the
 # scenarios and the model under every backend. Prints the ROW lines and each kernel's time.
+# A64_PARTS picks the suites (default: unit scenarios model c++); A64_MODEL_HEAP_GROWTH=0
+# runs the model test without heap growth (the configuration qemu-user failed in).
 # 8 GiB of guest memory (A64_VM_MEM): at 16 KiB pages scattered_writes_stay_under_map_limit
 # needs 3.6 GiB (the kernel's map-count limit in 16 KiB pages, and their copies).
 set -uo pipefail
@@ -17,6 +19,9 @@ pl=build/aarch64/payload
 [ -x "$pl/bin/memsnap-probe" ] || { echo "test-aarch64-vm: run vm/build-aarch64.sh first"; exit 1; }
 pkgs=""; for f in $A64_FLAVOURS; do pkgs="$pkgs linux-image-$f"; done
 root=$(vm/fetch-kernel.sh "$suite" arm64 $pkgs busybox-static) || exit 1
+# A64_PARTS: which suites run (default all: unit scenarios model c++).
+: "${A64_PARTS:=unit scenarios model c++}"
+part() { case " $A64_PARTS " in *" $1 "*) echo "$2" ;; esac; }
 summary=$kdir/results-aarch64.txt
 : > "$summary"
 failed=""
@@ -32,13 +37,14 @@ for f in $A64_FLAVOURS; do
   rm -rf "$res"; mkdir -p "$res"
   cat > "$res/config" <<CONF
 PROBE=/payload/bin/memsnap-probe
-UNIT=/payload/bin/memsnap
-SCENARIOS=/payload/bin/scenarios
-MODEL=/payload/bin/model
-CPP=/payload/bin/memsnap-tests
+UNIT=$(part unit /payload/bin/memsnap)
+SCENARIOS=$(part scenarios /payload/bin/scenarios)
+MODEL=$(part model /payload/bin/model)
+CPP=$(part c++ /payload/bin/memsnap-tests)
 BACKENDS="$BACKENDS"
 CPP_BACKENDS="${A64_CPP_BACKENDS:-uffd-async mprotect}"
 MODEL_SEQUENCES=${A64_MODEL_SEQUENCES:-40}
+MODEL_HEAP_GROWTH=${A64_MODEL_HEAP_GROWTH:-}
 GTEST_FILTER="${A64_GTEST_FILTER:-}"
 TIMEOUT=${A64_TIMEOUT:-3000}
 CONF

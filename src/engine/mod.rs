@@ -23,6 +23,7 @@ mod alloc;
 mod backend;
 mod budget;
 mod countdown;
+mod eager;
 mod exclusions;
 mod fault;
 mod fork;

@@ -2,8 +2,6 @@
 //! page size, and the few primitives (futex, clock, raw stderr) the engine needs. One file
 //! per platform below this module; nothing here knows about checkpoints.
 
-use core::sync::atomic::AtomicU64;
-
 mod unix;
 pub use unix::{chain, fault_action, now_us, on_fork, spawn};
 
@@ -19,15 +17,56 @@ mod mach_serve;
 #[cfg(any(target_os = "macos", test))]
 mod mach_image;
 
+// The userfaultfd types the engine names on every platform.
+mod uffd_types;
+pub use uffd_types::{AtomicFd, PagemapFd, UffdCounters, UffdFd, UffdMode, UffdSupport};
+
 #[cfg(target_os = "linux")]
 mod linux;
 #[cfg(target_os = "linux")]
-pub use linux::*;
+use linux as platform;
 
 #[cfg(target_os = "macos")]
 mod macos;
 #[cfg(target_os = "macos")]
-pub use macos::*;
+use macos as platform;
+
+// What every platform offers the engine, by topic. One list for both, so that an item one
+// platform lacks fails that platform's build here.
+pub use platform::{
+    cpu_count, max_map_count, os_page_size, pid, prepare, resident_private_bytes, tid,
+};
+// The library's own memory, and the host's.
+pub use platform::{
+    discard, for_each_own_writable_segment, for_each_writable_mapping, lower_program_break,
+    map_with_hint, pin_allocator, program_break, protect, release, reserve, walk_regions,
+    WalkError,
+};
+// Fault capture.
+pub use platform::{fault_handler_installed, install_fault_handler, FaultCallback};
+// Threads: their stacks, the C library's layout, and the library's own threads.
+pub use platform::{
+    current_errno_location, current_rseq_area, current_signal_stack, current_sp,
+    exited_threads_cpu_ns, for_each_thread_sp, rseq_layout, settle_threads, signal_stack_of,
+    thread_stack_bytes, ThreadLayout,
+};
+// Primitives the fault path may call: no allocation, no locks.
+pub use platform::{abort, futex_wait, futex_wake, sleep_ns, write_stderr, yield_now};
+// Binding memsnap's lazy symbol slots before anything is write-protected.
+pub use platform::bind_exports;
+// userfaultfd write protection and PAGEMAP_SCAN (stand-ins that fail on macOS).
+pub use platform::{
+    pagemap_close, pagemap_open, scan_populated, scan_written, uffd_close, uffd_disarm_quietly,
+    uffd_open, uffd_protect, uffd_register, uffd_serve, uffd_support, uffd_unregister,
+};
+
+// Linux only: the raw system calls the host-call wrappers (`engine/host`) make.
+#[cfg(target_os = "linux")]
+pub use linux::raw;
+
+// macOS only: the exception server's callback for faults it resolves on its own thread.
+#[cfg(target_os = "macos")]
+pub use macos::{set_served_fault_callback, ServedFaultCallback};
 
 /// Which write-tracking mechanism is active; reported by the stats call.
 #[repr(C)]
@@ -112,42 +151,4 @@ pub struct ThreadBlock {
     pub rseq: Option<(usize, usize)>,
     /// On glibc's stack cache: no thread runs on it, the next `pthread_create` may.
     pub cached: bool,
-}
-
-// The userfaultfd types, shared by the Linux backend (`linux/uffd.rs`) and the macOS stubs
-// that report it unsupported.
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UffdMode {
-    /// Every write to an armed page stops the writer until the fault server disarms it.
-    Sync,
-    /// Writes disarm the page themselves; PAGEMAP_SCAN reports them afterwards.
-    Async,
-}
-
-/// What the kernel and our privileges allow; probed once (before the first snapshot), cached.
-#[derive(Clone, Copy, Debug)]
-pub struct UffdSupport {
-    /// Ok, or a short reason.
-    pub sync: Result<(), &'static str>,
-    pub async_wp: Result<(), &'static str>,
-    /// Only user-mode faults can be caught (UFFD_USER_MODE_ONLY was needed): kernel writes
-    /// into protected pages fail with EFAULT in sync mode.
-    pub user_mode_only: bool,
-    /// What UFFDIO_API offered (0 when no userfaultfd could be opened).
-    pub features: u64,
-}
-
-/// Counters the server loop updates (the engine owns the memory).
-#[derive(Default)]
-pub struct UffdCounters {
-    /// Write-protect faults delivered to `on_fault`.
-    pub faults: AtomicU64,
-    /// `poll()` returns: the server had gone to sleep and was woken.
-    pub wakeups: AtomicU64,
-    /// Messages found by a non-blocking read while spinning, without sleeping first.
-    pub spin_hits: AtomicU64,
-    /// Messages `on_fault` declined (or that were not write-protect faults); their pages
-    /// were disarmed by the server.
-    pub foreign: AtomicU64,
 }

@@ -32,7 +32,7 @@ mod mprotect;
 mod uffd_async;
 mod uffd_sync;
 
-use core::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use super::ranges::Range;
 use super::{Engine, TrackedRegion};
@@ -155,7 +155,7 @@ pub struct BackendState {
     /// platform's protection backend guards everything).
     active: AtomicU32,
     /// The userfaultfd, when one is open.
-    fd: AtomicI32,
+    fd: sys::AtomicFd<sys::UffdFd>,
     /// Tracked bytes guarded by userfaultfd.
     uffd_bytes: AtomicUsize,
     server: uffd_sync::Server,
@@ -168,7 +168,7 @@ impl BackendState {
         let state = BackendState {
             requested: RequestedBackend::none(),
             active: AtomicU32::new(Backend::None as u32),
-            fd: AtomicI32::new(-1),
+            fd: sys::AtomicFd::empty(),
             uffd_bytes: AtomicUsize::new(0),
             server: uffd_sync::Server::new(spin_ns),
             base: uffd_async::BaseCopy::new(base),
@@ -199,7 +199,7 @@ impl BackendState {
         self.uffd_bytes.load(Ordering::Relaxed)
     }
 
-    fn fd(&self) -> i32 {
+    fn fd(&self) -> sys::UffdFd {
         self.fd.load(Ordering::Relaxed)
     }
 }

@@ -16,7 +16,7 @@
 //! controller thread while memory changes are disallowed; they allocate nothing and
 //! touch no tracked memory beyond the units they restore.
 
-use core::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use super::super::ranges::Range;
 use super::super::{Engine, Meta, TrackedRegion};
@@ -39,7 +39,7 @@ fn base_slot(word: u32) -> Option<u32> {
 /// The base copy and the descriptor the scans use, in the engine's own block.
 pub(super) struct BaseCopy {
     /// `/proc/self/pagemap`, once the mode is chosen.
-    pagemap: AtomicI32,
+    pagemap: sys::AtomicFd<sys::PagemapFd>,
     /// `slot + 1` of each unit's contents at the newest checkpoint (0: the unit was
     /// unpopulated, i.e. zero). Created at initialization when the kernel supports the
     /// async mode.
@@ -51,7 +51,7 @@ pub(super) struct BaseCopy {
 impl BaseCopy {
     pub(super) fn new(table: Option<PageTable>) -> Self {
         BaseCopy {
-            pagemap: AtomicI32::new(-1),
+            pagemap: sys::AtomicFd::empty(),
             table,
             units: AtomicUsize::new(0),
         }
@@ -75,7 +75,7 @@ impl BaseCopy {
         Ok(())
     }
 
-    fn pagemap(&self) -> i32 {
+    fn pagemap(&self) -> sys::PagemapFd {
         self.pagemap.load(Ordering::Relaxed)
     }
 }
@@ -85,7 +85,12 @@ impl BaseCopy {
 ///
 /// # Safety
 /// As for `Engine::set_access`.
-pub(super) unsafe fn set_access(fd: i32, start: usize, len: usize, write: bool) -> Result<(), i32> {
+pub(super) unsafe fn set_access(
+    fd: sys::UffdFd,
+    start: usize,
+    len: usize,
+    write: bool,
+) -> Result<(), i32> {
     if write {
         return Ok(());
     }
@@ -313,9 +318,7 @@ impl Engine {
     /// In a fork child: the inherited pagemap descriptor reads the parent's page tables;
     /// the child opens its own.
     pub(super) fn async_reopen_in_child(&self, function: &str) {
-        let old = self.backend.base.pagemap();
-        // SAFETY: closing the inherited descriptor this engine opened.
-        unsafe { libc::close(old) };
+        sys::pagemap_close(self.backend.base.pagemap());
         if let Err(e) = self.backend.base.open_pagemap() {
             crate::fatal!(
                 function,

@@ -50,7 +50,12 @@ impl Server {
 ///
 /// # Safety
 /// As for `Engine::set_access`.
-pub(super) unsafe fn set_access(fd: i32, start: usize, len: usize, write: bool) -> Result<(), i32> {
+pub(super) unsafe fn set_access(
+    fd: sys::UffdFd,
+    start: usize,
+    len: usize,
+    write: bool,
+) -> Result<(), i32> {
     // SAFETY: per this function's contract.
     unsafe { sys::uffd_protect(fd, start, len, !write) }
 }
@@ -61,7 +66,11 @@ pub(super) unsafe fn set_access(fd: i32, start: usize, len: usize, write: bool) 
 ///
 /// # Safety
 /// As for `Engine::set_access`.
-pub(super) unsafe fn open_for_restore(fd: i32, start: usize, len: usize) -> Result<(), i32> {
+pub(super) unsafe fn open_for_restore(
+    fd: sys::UffdFd,
+    start: usize,
+    len: usize,
+) -> Result<(), i32> {
     // SAFETY: per this function's contract.
     unsafe { sys::uffd_disarm_quietly(fd, start, len) }
 }
@@ -112,7 +121,7 @@ impl Engine {
     /// probed without disturbing its state: a clean unit is armed again, which is a
     /// no-op on registered memory and fails on unregistered memory; a piece without a
     /// clean unit was just re-armed by its checkpoint, which fails the same way.
-    pub(super) fn sync_piece_registered(&self, fd: i32, piece: Range) -> bool {
+    pub(super) fn sync_piece_registered(&self, fd: sys::UffdFd, piece: Range) -> bool {
         let mut u = self.page_base(piece.start);
         while u < piece.end {
             let st = self.table.get(u);
@@ -138,7 +147,7 @@ impl Engine {
 
     /// In a fork child, after `r` was armed whole: disarms its dirty units again (their
     /// pre-images are saved, so their writes need no fault).
-    pub(super) fn sync_disarm_dirty(&self, fd: i32, r: Range) {
+    pub(super) fn sync_disarm_dirty(&self, fd: sys::UffdFd, r: Range) {
         let mut u = r.start;
         while u < r.end {
             if self.table.get(u).slot().is_some() {

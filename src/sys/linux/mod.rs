@@ -5,25 +5,32 @@
 mod altstack;
 mod bind;
 mod glibc;
-pub mod maps;
+mod maps;
 mod own_object;
+mod pagemap;
 mod procmap;
 pub mod raw;
-pub mod signals;
-pub mod threads;
-pub mod uffd;
+mod signals;
+#[cfg(test)]
+mod testkit;
+mod threads;
+mod uffd;
 mod wp_split;
 
 pub use altstack::signal_stack_of;
 pub use bind::bind_exports;
 pub use glibc::ThreadLayout;
 pub use own_object::for_each_writable_segment as for_each_own_writable_segment;
+pub use pagemap::{pagemap_close, pagemap_open, scan_populated, scan_written};
 pub use signals::FaultCallback;
 pub use threads::{
     current_errno_location, current_rseq_area, current_signal_stack, current_sp,
     exited_threads_cpu_ns, for_each_thread_sp, rseq_layout, settle_threads,
 };
-pub use uffd::*;
+pub use uffd::{
+    uffd_close, uffd_disarm_quietly, uffd_open, uffd_protect, uffd_register, uffd_serve,
+    uffd_support, uffd_unregister,
+};
 
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 

@@ -13,6 +13,7 @@ mod imports;
 mod regions;
 mod signals;
 mod threads;
+mod uffd_stub;
 
 pub use regions::{discard, protect, walk_regions, WalkError};
 
@@ -519,84 +520,7 @@ pub fn fault_handler_installed() -> bool {
 /// that malloc returns to the kernel is reported as unmapped by the next scan.
 pub fn pin_allocator(_pin: bool) {}
 
-pub use uffd::*;
-
-/// The userfaultfd/PAGEMAP_SCAN interface of the Linux backend (`linux/uffd.rs`), with the
-/// same types and signatures, so the engine compiles one way on every platform: nothing is
-/// supported, every call fails with ENOSYS.
-mod uffd {
-    use crate::sys::{UffdCounters, UffdMode, UffdSupport};
-
-    const UNSUPPORTED: &str = "userfaultfd is Linux-only";
-
-    pub fn uffd_support() -> UffdSupport {
-        UffdSupport {
-            sync: Err(UNSUPPORTED),
-            async_wp: Err(UNSUPPORTED),
-            user_mode_only: false,
-            features: 0,
-        }
-    }
-
-    pub fn uffd_open(_mode: UffdMode) -> Result<i32, i32> {
-        Err(libc::ENOSYS)
-    }
-
-    pub fn uffd_close(_fd: i32) {}
-
-    pub fn uffd_register(_fd: i32, _start: usize, _len: usize) -> Result<(), i32> {
-        Err(libc::ENOSYS)
-    }
-
-    pub fn uffd_unregister(_fd: i32, _start: usize, _len: usize) -> Result<(), i32> {
-        Err(libc::ENOSYS)
-    }
-
-    pub fn uffd_wake(_fd: i32, _start: usize, _len: usize) -> Result<(), i32> {
-        Err(libc::ENOSYS)
-    }
-
-    /// # Safety
-    /// None needed: nothing happens.
-    pub unsafe fn uffd_protect(_fd: i32, _start: usize, _len: usize, _wp: bool) -> Result<(), i32> {
-        Err(libc::ENOSYS)
-    }
-
-    /// # Safety
-    /// None needed: nothing happens.
-    pub unsafe fn uffd_disarm_quietly(_fd: i32, _start: usize, _len: usize) -> Result<(), i32> {
-        Err(libc::ENOSYS)
-    }
-
-    pub fn pagemap_open() -> Result<i32, i32> {
-        Err(libc::ENOSYS)
-    }
-
-    pub fn scan_written(
-        _pagemap: i32,
-        _start: usize,
-        _end: usize,
-        _rearm: bool,
-        _f: impl FnMut(usize, usize),
-    ) -> Result<(), i32> {
-        Err(libc::ENOSYS)
-    }
-
-    pub fn scan_populated(
-        _pagemap: i32,
-        _start: usize,
-        _end: usize,
-        _f: impl FnMut(usize, usize),
-    ) -> Result<(), i32> {
-        Err(libc::ENOSYS)
-    }
-
-    pub fn uffd_serve(
-        _fd: i32,
-        _spin_ns: u64,
-        _counters: &UffdCounters,
-        _on_fault: &dyn Fn(usize, u64) -> Option<bool>,
-    ) -> ! {
-        crate::fatal!("memsnap fault server", "userfaultfd is Linux-only")
-    }
-}
+pub use uffd_stub::{
+    pagemap_close, pagemap_open, scan_populated, scan_written, uffd_close, uffd_disarm_quietly,
+    uffd_open, uffd_protect, uffd_register, uffd_serve, uffd_support, uffd_unregister,
+};
