@@ -70,7 +70,7 @@ impl Engine {
     /// `exec`. A unit that already has a pre-image copy gets the current bytes of its newly
     /// tracked pages copied in, so the copy stays a faithful pre-image of the whole unit.
     /// `uffd`: the range is guarded by userfaultfd (whole units only, see
-    /// `register_region`).
+    /// `split_by_guard`).
     pub(super) fn mark(&self, r: Range, exec: bool, uffd: bool) {
         self.update(r, Some(uffd), |mask, bits| mask.with(bits, exec));
     }

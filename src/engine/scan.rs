@@ -189,56 +189,12 @@ impl Engine {
         }
     }
 
-    /// Starts tracking `region`: marks its pages and write-protects it.
-    ///
-    /// With a userfaultfd open, the whole snapshot pages inside the region are offered to
-    /// it; a head or tail that shares a snapshot page with other memory stays on mprotect
-    /// (a unit's protection changes as one, through one mechanism).
+    /// Starts tracking `region`: marks its pages and write-protects it, each piece
+    /// through the mechanism that guards it (see `Engine::split_by_guard`).
     pub(super) fn track(&self, function: &str, m: &mut Meta, region: TrackedRegion) {
-        let r = region.range;
-        if self.active_backend().uses_uffd() {
-            let lo = crate::mem::round_up(r.start, self.page).unwrap_or(r.end);
-            let hi = r.end & !(self.page - 1);
-            if lo < hi {
-                if r.start < lo {
-                    let head = Range::new(r.start, lo);
-                    self.track_piece(
-                        function,
-                        m,
-                        TrackedRegion {
-                            range: head,
-                            ..region
-                        },
-                        false,
-                    );
-                }
-                let mid = Range::new(lo, hi);
-                let uffd = self.register_region(mid);
-                self.track_piece(
-                    function,
-                    m,
-                    TrackedRegion {
-                        range: mid,
-                        ..region
-                    },
-                    uffd,
-                );
-                if hi < r.end {
-                    let tail = Range::new(hi, r.end);
-                    self.track_piece(
-                        function,
-                        m,
-                        TrackedRegion {
-                            range: tail,
-                            ..region
-                        },
-                        false,
-                    );
-                }
-                return;
-            }
+        for (range, uffd) in self.split_by_guard(region.range).into_iter().flatten() {
+            self.track_piece(function, m, TrackedRegion { range, ..region }, uffd);
         }
-        self.track_piece(function, m, region, false);
     }
 
     /// Tracks one piece of a region, guarded by userfaultfd (`uffd`, registered already)

@@ -338,10 +338,34 @@ impl Engine {
         unsafe { self.set_access(start, len, exec, uffd, true) }
     }
 
+    /// Splits a region about to be tracked into the pieces each mechanism guards, in
+    /// address order, with whether the userfaultfd guards each. With a userfaultfd open,
+    /// the whole snapshot pages inside the region are offered to it (and registered); a
+    /// head or tail that shares a snapshot page with other memory stays on mprotect (a
+    /// unit's protection changes as one, through one mechanism), as does memory the
+    /// userfaultfd refuses.
+    pub(super) fn split_by_guard(&self, r: Range) -> [Option<(Range, bool)>; 3] {
+        if self.active_backend().uses_uffd() {
+            let lo = crate::mem::round_up(r.start, self.page).unwrap_or(r.end);
+            let hi = r.end & !(self.page - 1);
+            if lo < hi {
+                let mid = Range::new(lo, hi);
+                let head = Range::new(r.start, lo);
+                let tail = Range::new(hi, r.end);
+                return [
+                    (!head.is_empty()).then_some((head, false)),
+                    Some((mid, self.register_region(mid))),
+                    (!tail.is_empty()).then_some((tail, false)),
+                ];
+            }
+        }
+        [Some((r, false)), None, None]
+    }
+
     /// Registers a region about to be tracked with the userfaultfd, if one is open and
     /// the region suits it: whole units only (a unit's protection is changed as one), and
     /// a mapping type the mode accepts. `false` leaves it to mprotect.
-    pub(super) fn register_region(&self, r: Range) -> bool {
+    fn register_region(&self, r: Range) -> bool {
         if !self.active_backend().uses_uffd()
             || r.start % self.page != 0
             || r.end % self.page != 0
