@@ -377,14 +377,6 @@ fn spin_ns() -> Option<u64> {
     parse_size(text).map(|us| us as u64 * 1000)
 }
 
-/// The async mode's base-copy table, reserved when the kernel offers that mode.
-fn base_table(page_shift: u32) -> Option<PageTable> {
-    if crate::sys::uffd_support().async_wp.is_err() {
-        return None;
-    }
-    PageTable::new(ADDRESS_LIMIT, page_shift)
-}
-
 /// Parses `16384`, `16k` or `16K`.
 fn parse_size(text: &[u8]) -> Option<usize> {
     let (digits, scale) = match text.last()? {
@@ -536,11 +528,7 @@ impl Engine {
             countdown_started: AtomicBool::new(false),
             rseq: crate::sys::rseq_layout(),
             threads: crate::sys::ThreadLayout::probe(crate::sys::rseq_layout()),
-            backend: backend::BackendState::new(
-                requested_backend(F),
-                base_table(page_shift),
-                spin_ns(),
-            ),
+            backend: backend::BackendState::new(requested_backend(F), page_shift, spin_ns()),
             verify: verify::Verify::new(F),
         };
         let bytes = core::mem::size_of::<Engine>();

@@ -36,7 +36,7 @@ use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use super::ranges::Range;
 use super::{Engine, TrackedRegion};
-use crate::mem::{PageState, PageTable};
+use crate::mem::PageState;
 use crate::sys::{self, UffdMode};
 
 pub use crate::sys::Backend;
@@ -163,15 +163,16 @@ pub struct BackendState {
 }
 
 impl BackendState {
-    /// `base`: the async mode's base-copy table, reserved when the kernel offers it.
-    pub fn new(requested: BackendChoice, base: Option<PageTable>, spin_ns: Option<u64>) -> Self {
+    /// `page_shift`: the snapshot page's, for the async mode's base-copy table (reserved
+    /// here when the kernel offers that mode); `spin_ns`: see `uffd_sync`.
+    pub fn new(requested: BackendChoice, page_shift: u32, spin_ns: Option<u64>) -> Self {
         let state = BackendState {
             requested: RequestedBackend::none(),
             active: AtomicU32::new(Backend::None as u32),
             fd: sys::AtomicFd::empty(),
             uffd_bytes: AtomicUsize::new(0),
             server: uffd_sync::Server::new(spin_ns),
-            base: uffd_async::BaseCopy::new(base),
+            base: uffd_async::BaseCopy::new(page_shift),
         };
         state.requested.set(requested);
         state

@@ -49,7 +49,12 @@ pub(super) struct BaseCopy {
 }
 
 impl BaseCopy {
-    pub(super) fn new(table: Option<PageTable>) -> Self {
+    /// Reserves the table when the kernel offers the async mode.
+    pub(super) fn new(page_shift: u32) -> Self {
+        let table = match sys::uffd_support().async_wp {
+            Ok(()) => PageTable::new(super::super::ADDRESS_LIMIT, page_shift),
+            Err(_) => None,
+        };
         BaseCopy {
             pagemap: sys::AtomicFd::empty(),
             table,
