@@ -315,6 +315,17 @@ test-aarch64-vm: vm-deps-arm
 	vm/build-aarch64.sh
 	vm/test-aarch64-vm.sh
 
+# docs/kernel-results.md from the last runs' tables (build/kernels/results*.md), each
+# headed with its date and the commit its binaries were built from.
+.PHONY: kernel-results
+kernel-results:
+	@{ echo "# Kernel matrix results"; echo; \
+	   echo "Written by \`make kernel-results\` from the last \`make test-kernels\` and"; \
+	   echo "\`make test-aarch64-vm\` runs; how they run and what the rows mean: [kernels.md](kernels.md)."; \
+	   for f in $(BUILD)/kernels/results.md $(BUILD)/kernels/results-aarch64.md; do \
+	     [ -f $$f ] && { echo; cat $$f; }; done; } > docs/kernel-results.md
+	@echo "wrote docs/kernel-results.md"
+
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings

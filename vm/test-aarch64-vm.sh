@@ -55,4 +55,5 @@ CONF
   [ "$st" = 0 ] || failed="$failed $f"
 done
 echo "== all arm64 kernels: $(( $(date +%s) - all_start )) s" | tee -a "$summary"
+python3 vm/results-table.py "arm64 kernels: make test-aarch64-vm" "$summary" > "$kdir/results-aarch64.md"
 if [ -n "$failed" ]; then echo "make test-aarch64-vm: failed on:$failed (logs: $kdir/$suite-arm64/<flavour>/results/)"; exit 1; fi

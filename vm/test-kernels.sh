@@ -47,4 +47,5 @@ CONF
   [ "$st" = 0 ] || failed="$failed $suite"
 done
 echo "== all kernels: $(( $(date +%s) - all_start )) s" | tee -a "$summary"
+python3 vm/results-table.py "x86_64 kernels: make test-kernels" "$summary" > "$kdir/results.md"
 if [ -n "$failed" ]; then echo "make test-kernels: failed on:$failed (logs: $kdir/<suite>-amd64/results/)"; exit 1; fi

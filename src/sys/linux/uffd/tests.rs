@@ -47,7 +47,13 @@ fn probe_is_consistent() {
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 && s.features != 0 {
-        assert_eq!(s.sync, Ok(()), "root on a kernel with userfaultfd");
+        // Sync mode needs WP_UNPOPULATED (6.4); before it, the probe names that reason.
+        if s.features & UFFD_FEATURE_WP_UNPOPULATED != 0 {
+            assert_eq!(s.sync, Ok(()), "root on a kernel with userfaultfd");
+        } else {
+            let why = s.sync.expect_err("sync mode without WP_UNPOPULATED");
+            assert!(why.contains("WP_UNPOPULATED"), "reason: {why}");
+        }
         assert!(!s.user_mode_only, "root needs no UFFD_USER_MODE_ONLY");
     }
 }
