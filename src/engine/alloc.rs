@@ -315,7 +315,7 @@ impl Engine {
             let st = self.table.get(p);
             if st.host() {
                 // The host's own protection lacks write there (see `host`): kept.
-            } else if st.tracked() && st.uffd() {
+            } else if st.tracked() && self.unit_guard(st).mapping_stays_writable() {
                 // Userfaultfd-guarded: the mapping itself must be writable again (the
                 // uffd-wp bit, which mprotect keeps, still guards the clean pages), and a
                 // dirty page must be disarmed (sync; async pages are never armed for long).

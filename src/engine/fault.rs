@@ -133,7 +133,7 @@ impl Engine {
     /// where tracked pages are always writable).
     pub fn handle_fault(&self, function: &str, addr: usize) -> bool {
         let st = self.table.get(addr);
-        if self.async_unit(st) {
+        if self.unit_guard(st).finds_writes_by_scan() {
             return self.armed() && self.tracked_at(addr);
         }
         self.resolve(function, addr, sys::tid(), st.uffd())
@@ -165,7 +165,7 @@ impl Engine {
             || !self.armed()
             || (st.partial() && !self.tracked_at(addr))
             || st.uffd() != via_uffd
-            || self.async_unit(st)
+            || self.unit_guard(st).finds_writes_by_scan()
             || st.host()
         {
             return Some(false);
@@ -228,7 +228,9 @@ impl Engine {
                     Self::unprotect_failed(function, e);
                 }
                 page + self.page
-            } else if !st.uffd() && self.map_budget.fetch_sub(2, Ordering::Relaxed) <= 2 {
+            } else if self.unit_guard(st).splits_mappings()
+                && self.map_budget.fetch_sub(2, Ordering::Relaxed) <= 2
+            {
                 // (userfaultfd protection lives in page-table entries: no mapping splits.)
                 self.block_faults.fetch_add(1, Ordering::Relaxed);
                 let (lo, hi) = self.bridge(page, block);
@@ -422,7 +424,7 @@ impl Engine {
         let mut p = start & !(self.sub - 1);
         while p < end {
             let st = self.table.get(p);
-            if st.slot().is_some() || self.async_unit(st) {
+            if st.slot().is_some() || self.unit_guard(st).finds_writes_by_scan() {
                 // Captured already (writable), or guarded by async userfaultfd, which
                 // never blocks a write. (Sync userfaultfd pages are captured: a few kernel
                 // paths, FUTEX_WAKE_OP among them, cannot wait for a userfault, and with

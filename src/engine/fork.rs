@@ -22,7 +22,7 @@
 //!   such fork, in the child only).
 //!
 //! The userfaultfd backends rebuild their descriptors and page-table bits in the child as
-//! well (see `uffd`).
+//! well (see `backend`).
 //!
 //! - **Writes the child's page tables forgot** (uffd-async). The child's mappings lose
 //!   their write-protect bits, so which units were written since the newest checkpoint
@@ -104,7 +104,7 @@ impl Engine {
             return;
         };
         self.untrack(m, r);
-        if !t.uffd {
+        if !self.guard(t.uffd).mapping_stays_writable() {
             // SAFETY: this thread's own TLS, no longer tracked: it must be writable, as
             // it was before memsnap protected it.
             let protected =
@@ -119,75 +119,6 @@ impl Engine {
         }
     }
 
-    /// uffd-async, in the child once its memory is armed again: writes back, unchanged,
-    /// one byte of every kernel page of each populated unit that differs from its base
-    /// copy, so that the next checkpoint's scan lists it (see the module comment).
-    pub(super) fn mark_units_changed_since_base(
-        &self,
-        function: &str,
-        m: &super::Meta,
-        pagemap: sys::PagemapFd,
-    ) {
-        let mut last = usize::MAX;
-        for r in m.regions.iter().filter(|r| r.uffd) {
-            let res = sys::scan_populated(pagemap, r.range.start, r.range.end, |a, b| {
-                let mut u = self.page_base(a).max(self.page_base(r.range.start));
-                while u < b && u < r.range.end {
-                    if u != last {
-                        last = u;
-                        self.mark_unit_if_changed(u);
-                    }
-                    u += self.page;
-                }
-            });
-            if let Err(e) = res {
-                crate::fatal!(
-                    function,
-                    "cannot scan tracked memory {:#x}-{:#x} for populated pages in the child (errno {})",
-                    r.range.start,
-                    r.range.end,
-                    e
-                );
-            }
-        }
-    }
-
-    fn mark_unit_if_changed(&self, unit: usize) {
-        let st = self.table.get(unit);
-        if !st.tracked() {
-            return;
-        }
-        let changed = match self.peek_base(unit) {
-            // SAFETY: a tracked unit the pagemap reports populated: its tracked spans are
-            // mapped and readable; the slot holds its base copy.
-            Some(slot) => !unsafe { self.unit_matches(unit, st, slot) },
-            None => {
-                let mut zero = true;
-                self.for_each_span(unit, st, |addr, len, _| {
-                    // SAFETY: as above; the span lies inside the unit.
-                    let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, len) };
-                    zero = zero && bytes.iter().all(|&b| b == 0);
-                });
-                !zero
-            }
-        };
-        if !changed {
-            return;
-        }
-        self.for_each_span(unit, st, |addr, len, _| {
-            let mut p = addr;
-            while p < addr + len {
-                // SAFETY: tracked, mapped, writable memory of the child's only thread;
-                // the byte is written back unchanged.
-                unsafe {
-                    let b = core::ptr::read_volatile(p as *const u8);
-                    core::ptr::write_volatile(p as *mut u8, b);
-                }
-                p += self.sub;
-            }
-        });
-    }
-
     fn settle_unit(&self, unit: usize) {
         let Some(word) = self.table.word(unit) else {
             return;
@@ -195,7 +126,10 @@ impl Engine {
         let st = PageState(word.load(Ordering::Acquire));
         if st.busy() {
             word.store(st.0 & !PageState::BUSY, Ordering::Release);
-        } else if st.slot().is_some() && !self.async_unit(st) && !self.log.push(unit) {
+        } else if st.slot().is_some()
+            && !self.unit_guard(st).finds_writes_by_scan()
+            && !self.log.push(unit)
+        {
             // Cannot happen: the log holds as many entries as the pool has slots.
             crate::fatal!("fork", "the dirty-page log is full");
         }
@@ -224,7 +158,7 @@ extern "C" fn after_fork_in_child() {
     {
         let mut m = e.meta.lock();
         e.settle_interrupted_captures(&m);
-        if e.uffd_mode().is_some() {
+        if e.active_backend().uses_uffd() {
             // A userfaultfd registration does not survive fork(): until the handler below
             // re-arms the child's memory, its writes (glibc's own fork bookkeeping, the
             // host's earlier atfork handlers, the new fault server's thread setup) are
@@ -241,7 +175,7 @@ extern "C" fn after_fork_in_child() {
         }
     }
     e.fork_parent.store(0, Ordering::Release);
-    e.uffd_after_fork_in_child();
+    e.backend_after_fork_in_child();
     // After the userfaultfd is rebuilt: the inherited descriptor acts on the parent's
     // address space, where unregistering the page would stop tracking it there.
     e.release_errno_of_new_controller(&mut e.meta.lock());

@@ -169,7 +169,7 @@ impl Engine {
                     entries,
                     ..
                 } = &mut *m;
-                self.collect_async(F, regions, deltas, entries);
+                self.collect_unseen_writes(F, regions, deltas, entries);
             }
             // SAFETY: as above.
             let pages = unsafe { self.log.quiescent_slice() };
@@ -345,7 +345,7 @@ impl Engine {
             } = &*m;
             // The active dirty set: its pages are writable already.
             self.restore_entries(F, entries, &[], regions, true);
-            self.restore_async_written(F, regions);
+            self.restore_unseen_writes(F, regions);
         }
         self.restore_eager(&m, newest);
         self.reset_map_budget(m.vmas.len(), m.entries.len());
@@ -423,7 +423,7 @@ impl Engine {
         self.require_disallowed(F);
         let t0 = sys::now_us();
         let mut m = self.meta.lock();
-        if !self.log.is_empty() || self.async_written_since_armed(F, &m.regions) {
+        if !self.log.is_empty() || self.written_unseen(F, &m.regions) {
             crate::fatal!(
                 F,
                 "pages were written since the newest checkpoint (call RestoreMemoryToLastSavedCheckpoint first)"

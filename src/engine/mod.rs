@@ -20,6 +20,7 @@ pub mod granule;
 pub mod ranges;
 
 mod alloc;
+mod backend;
 mod budget;
 mod countdown;
 mod eager;
@@ -33,7 +34,6 @@ mod preimage;
 mod readonly;
 mod scan;
 mod stats;
-mod uffd;
 mod verify;
 mod workers;
 
@@ -45,10 +45,10 @@ use crate::mem::{DirtyLog, PageTable, RawVec, Reservation, SlotPool};
 use dirty::DiffEntry;
 use ranges::{Range, RangeSet};
 
+pub use backend::{unavailable as backend_unavailable, Backend, BackendChoice};
 pub use budget::{parse_bytes, request as request_memory_budget};
 pub use exclusions::{Exclusion, Reason as ExclusionReason};
 pub use stats::Stats;
-pub use uffd::{unavailable as backend_unavailable, BackendChoice};
 pub use workers::Workers;
 
 /// Number of `MemoryKind` values the balance counters cover.
@@ -90,7 +90,7 @@ pub struct TrackedRegion {
     /// stay tracked forever and return to the free set after a rewind (the original's
     /// rule); regions found by the region walk are untracked and zeroed instead.
     pub allocated: bool,
-    /// Guarded by userfaultfd rather than mprotect (see `uffd`).
+    /// Guarded by userfaultfd rather than mprotect (see `backend`).
     pub uffd: bool,
 }
 
@@ -262,8 +262,8 @@ pub struct Engine {
     pub rseq: Option<(isize, usize)>,
     /// Where glibc keeps its thread descriptors (`None`: not glibc 2.34+, or not Linux).
     pub threads: Option<crate::sys::ThreadLayout>,
-    /// The userfaultfd backends' state (Linux).
-    pub uffd: uffd::UffdState,
+    /// The write-tracking backend's state (see `backend`).
+    pub backend: backend::BackendState,
     /// The verifying mode's switch and page hashes.
     pub verify: verify::Verify,
 }
@@ -346,20 +346,18 @@ fn env(name: &core::ffi::CStr) -> Option<&'static [u8]> {
     (!text.is_empty()).then_some(text)
 }
 
-/// A backend asked for with `memsnap_set_backend` before initialization (`u32::MAX`:
-/// none).
-static REQUESTED_BACKEND: AtomicU32 = AtomicU32::new(u32::MAX);
+/// A backend asked for with `memsnap_set_backend` before initialization.
+static REQUESTED_BACKEND: backend::RequestedBackend = backend::RequestedBackend::none();
 
 /// Records the backend for `InitializeMemorySnapshots` to use.
 pub fn request_backend(b: BackendChoice) {
-    REQUESTED_BACKEND.store(b as u32, Ordering::Relaxed);
+    REQUESTED_BACKEND.set(b);
 }
 
 /// The backend asked for: by `memsnap_set_backend`, else `MEMSNAP_BACKEND`, else auto.
 fn requested_backend(function: &str) -> BackendChoice {
-    let asked = REQUESTED_BACKEND.load(Ordering::Relaxed);
-    if asked != u32::MAX {
-        return BackendChoice::from_u32(asked);
+    if let Some(asked) = REQUESTED_BACKEND.get() {
+        return asked;
     }
     let Some(text) = env(c"MEMSNAP_BACKEND") else {
         return BackendChoice::Auto;
@@ -377,14 +375,6 @@ fn requested_backend(function: &str) -> BackendChoice {
 fn spin_ns() -> Option<u64> {
     let text = env(c"MEMSNAP_UFFD_SPIN_US")?;
     parse_size(text).map(|us| us as u64 * 1000)
-}
-
-/// The async mode's base-copy table, reserved when the kernel offers that mode.
-fn base_table(page_shift: u32) -> Option<PageTable> {
-    if crate::sys::uffd_support().async_wp.is_err() {
-        return None;
-    }
-    PageTable::new(ADDRESS_LIMIT, page_shift)
 }
 
 /// Parses `16384`, `16k` or `16K`.
@@ -538,7 +528,7 @@ impl Engine {
             countdown_started: AtomicBool::new(false),
             rseq: crate::sys::rseq_layout(),
             threads: crate::sys::ThreadLayout::probe(crate::sys::rseq_layout()),
-            uffd: uffd::UffdState::new(requested_backend(F), base_table(page_shift), spin_ns()),
+            backend: backend::BackendState::new(requested_backend(F), page_shift, spin_ns()),
             verify: verify::Verify::new(F),
         };
         let bytes = core::mem::size_of::<Engine>();
@@ -563,7 +553,7 @@ impl Engine {
             if let Some(t) = &e.masks {
                 own[39] = t.reservation();
             }
-            if let Some(r) = e.uffd.base_reservation() {
+            if let Some(r) = e.backend.base_reservation() {
                 own[38] = r;
             }
             let vecs = [

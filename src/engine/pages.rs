@@ -70,7 +70,7 @@ impl Engine {
     /// `exec`. A unit that already has a pre-image copy gets the current bytes of its newly
     /// tracked pages copied in, so the copy stays a faithful pre-image of the whole unit.
     /// `uffd`: the range is guarded by userfaultfd (whole units only, see
-    /// `register_region`).
+    /// `split_by_guard`).
     pub(super) fn mark(&self, r: Range, exec: bool, uffd: bool) {
         self.update(r, Some(uffd), |mask, bits| mask.with(bits, exec));
     }
@@ -163,13 +163,32 @@ impl Engine {
         result
     }
 
+    /// A free copy slot; running out ends the process.
+    pub(super) fn alloc_slot(&self, function: &str) -> u32 {
+        match self.pool.alloc() {
+            Some(s) => s,
+            None => crate::fatal!(
+                function,
+                "out of page-copy slots ({} pages saved); erase or rewind checkpoints to free some",
+                self.pool.capacity()
+            ),
+        }
+    }
+
+    /// Returns a pre-image slot to the pool (the zero pre-image is no slot).
+    pub(super) fn release_slot(&self, slot: u32) {
+        if slot != super::backend::ZERO_SLOT {
+            self.pool.free(slot);
+        }
+    }
+
     /// Copies the tracked spans of a unit into `slot` (`to_slot`) or back.
     ///
     /// # Safety
     /// `slot` is held by the caller; the unit's tracked spans are mapped, readable, and
     /// writable too when copying back.
     pub(super) unsafe fn copy_unit(&self, unit: usize, st: PageState, slot: u32, to_slot: bool) {
-        if slot == super::uffd::ZERO_SLOT {
+        if slot == super::backend::ZERO_SLOT {
             // The zero pre-image (async mode): nothing to read, zeroes to write back.
             debug_assert!(!to_slot);
             self.for_each_span(unit, st, |addr, len, _| {
@@ -248,7 +267,7 @@ impl Engine {
         while i < n {
             let u = unit(i);
             let st = self.table.get(u);
-            if !st.tracked() || (!arm_async && self.async_unit(st)) {
+            if !st.tracked() || (!arm_async && self.unit_guard(st).finds_writes_by_scan()) {
                 // Gone since (the scan untracked it), or armed already: nothing to do.
                 i += 1;
                 continue;

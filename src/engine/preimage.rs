@@ -16,9 +16,9 @@
 //! dirty unit: the base copy (the unit's bytes at the newest checkpoint) is overwritten in
 //! place with the current bytes once the delta is encoded, so no fresh slot is needed.
 
+use super::backend::ZERO_SLOT;
 use super::delta;
 use super::dirty::{fold_into_predecessor, DiffEntry};
-use super::uffd::ZERO_SLOT;
 use super::{Engine, TrackedRegion};
 use crate::mem::{FreeChain, PageState, RawVec};
 
@@ -143,16 +143,12 @@ impl Engine {
         deltas: &mut RawVec<u8>,
         out: &mut RawVec<DiffEntry>,
     ) {
-        out.clear();
-        if !self.is_async() {
-            return;
-        }
         // Each unit is handled while the next one's bytes and base copy are fetched:
         // the units are scattered, and reading them is most of the work.
         let mut pending = None;
         let mut handle = |u: usize| {
             let st = self.table.get(u);
-            if !st.tracked() || !st.uffd() || st.slot().is_some() {
+            if !st.tracked() || !self.unit_guard(st).finds_writes_by_scan() || st.slot().is_some() {
                 return;
             }
             let e = if st.partial() {
@@ -272,7 +268,7 @@ impl Engine {
             // SAFETY: per the function's contract.
             unsafe { self.copy_unit(e.page, st, e.slot, false) };
             self.table.set(e.page, st.clean());
-            if self.async_unit(st) {
+            if self.unit_guard(st).keeps_base_copy() {
                 // The restored bytes are the unit's contents at the checkpoint that is
                 // now the newest: its pre-image becomes its base copy.
                 if let Some(old) = self.rebase(e.page, e.slot) {
@@ -287,7 +283,7 @@ impl Engine {
         // SAFETY: per the function's contract.
         unsafe { self.apply_to_unit(e.page, st, d) };
         self.table.set(e.page, st.clean());
-        if self.async_unit(st) {
+        if self.unit_guard(st).keeps_base_copy() {
             match self.peek_base(e.page) {
                 // The base held the newer bytes, as memory did: it moves back alike.
                 Some(b) => {

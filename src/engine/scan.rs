@@ -116,7 +116,7 @@ impl Engine {
                 cursor = piece.end;
                 // A userfaultfd-guarded piece that is no longer registered was unmapped
                 // and mapped afresh.
-                if !v.private || !v.read || (region.uffd && !self.uffd_piece_registered(piece)) {
+                if !v.private || !v.read || !self.piece_still_guarded(piece, region.uffd) {
                     report(Problem {
                         range: piece,
                         what: FloorReason::Unmapped,
@@ -189,56 +189,12 @@ impl Engine {
         }
     }
 
-    /// Starts tracking `region`: marks its pages and write-protects it.
-    ///
-    /// With a userfaultfd open, the whole snapshot pages inside the region are offered to
-    /// it; a head or tail that shares a snapshot page with other memory stays on mprotect
-    /// (a unit's protection changes as one, through one mechanism).
+    /// Starts tracking `region`: marks its pages and write-protects it, each piece
+    /// through the mechanism that guards it (see `Engine::split_by_guard`).
     pub(super) fn track(&self, function: &str, m: &mut Meta, region: TrackedRegion) {
-        let r = region.range;
-        if self.uffd_mode().is_some() {
-            let lo = crate::mem::round_up(r.start, self.page).unwrap_or(r.end);
-            let hi = r.end & !(self.page - 1);
-            if lo < hi {
-                if r.start < lo {
-                    let head = Range::new(r.start, lo);
-                    self.track_piece(
-                        function,
-                        m,
-                        TrackedRegion {
-                            range: head,
-                            ..region
-                        },
-                        false,
-                    );
-                }
-                let mid = Range::new(lo, hi);
-                let uffd = self.register_region(mid);
-                self.track_piece(
-                    function,
-                    m,
-                    TrackedRegion {
-                        range: mid,
-                        ..region
-                    },
-                    uffd,
-                );
-                if hi < r.end {
-                    let tail = Range::new(hi, r.end);
-                    self.track_piece(
-                        function,
-                        m,
-                        TrackedRegion {
-                            range: tail,
-                            ..region
-                        },
-                        false,
-                    );
-                }
-                return;
-            }
+        for (range, uffd) in self.split_by_guard(region.range).into_iter().flatten() {
+            self.track_piece(function, m, TrackedRegion { range, ..region }, uffd);
         }
-        self.track_piece(function, m, region, false);
     }
 
     /// Tracks one piece of a region, guarded by userfaultfd (`uffd`, registered already)
@@ -247,27 +203,7 @@ impl Engine {
         let region = TrackedRegion { uffd, ..region };
         self.mark(region.range, region.exec, uffd);
         m.insert_region(region);
-        // SAFETY: host memory the engine now owns the protection of.
-        if let Err(e) = unsafe {
-            self.set_access(
-                region.range.start,
-                region.range.len(),
-                region.exec,
-                uffd,
-                false,
-            )
-        } {
-            crate::fatal!(
-                function,
-                "cannot write-protect tracked memory {:#x}-{:#x} (errno {})",
-                region.range.start,
-                region.range.end,
-                e
-            );
-        }
-        if uffd && self.is_async() {
-            self.copy_base(function, region.range);
-        }
+        self.arm_new_region(function, region);
     }
 
     /// Stops tracking the pages of `r` (they are gone): clears their state, keeping any

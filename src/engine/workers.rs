@@ -253,9 +253,7 @@ impl Engine {
             }
             start = end;
         }
-        if self.is_async() && entries.iter().any(|e| self.table.get(e.page).uffd()) {
-            self.rearm_async(function, regions);
-        }
+        self.arm_restored(function, regions, entries);
     }
 
     /// The end of the batch starting at `start`: at most [`RUNS_PER_BATCH`] runs.

@@ -6,7 +6,7 @@ use core::ffi::{c_char, c_void};
 use crate::engine::{self, Mode, Phase};
 use core::sync::atomic::Ordering;
 
-use crate::sys::Backend;
+use crate::engine::Backend;
 
 /// The result of an extension call.
 #[repr(C)]
@@ -304,7 +304,7 @@ pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapSta
         let e = engine::get().ok_or(MemsnapStatus::NotInitialized)?;
         let s = e.stats();
         let backend = match if e.armed() {
-            e.backend()
+            e.active_backend()
         } else {
             Backend::None
         } {
@@ -315,7 +315,7 @@ pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapSta
             Backend::LinuxUffd => MemsnapBackend::LinuxUffd,
             Backend::LinuxUffdAsync => MemsnapBackend::LinuxUffdAsync,
         };
-        let counters = &e.uffd.counters;
+        let counters = e.backend.uffd_counters();
         let record = MemsnapStats {
             struct_size: size,
             backend,
@@ -343,11 +343,11 @@ pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapSta
             total_restore_ns: s.total_restore_ns,
             kernel_page_size: e.sub,
             block_faults: s.block_faults,
-            uffd_tracked_bytes: e.uffd.uffd_bytes.load(Ordering::Relaxed),
+            uffd_tracked_bytes: e.backend.uffd_bytes(),
             base_copy_bytes: e.base_bytes(),
             uffd_server_wakeups: counters.wakeups.load(Ordering::Relaxed),
             uffd_spin_hits: counters.spin_hits.load(Ordering::Relaxed),
-            uffd_user_mode_only: e.backend() == Backend::LinuxUffd
+            uffd_user_mode_only: e.active_backend() == Backend::LinuxUffd
                 && crate::sys::uffd_support().user_mode_only,
             excluded_bytes: s.excluded_bytes,
             eager_pages: s.eager_pages,
@@ -447,7 +447,7 @@ pub extern "C" fn memsnap_set_backend(backend: MemsnapBackendRequestArg) -> Mems
         }
         match engine::get() {
             None => engine::request_backend(choice),
-            Some(e) if e.phase() == Phase::Initialized => e.uffd.set_requested(choice),
+            Some(e) if e.phase() == Phase::Initialized => e.backend.set_requested(choice),
             Some(_) => return Err(MemsnapStatus::AlreadyStarted),
         }
         Ok(())

@@ -309,16 +309,16 @@ pub extern "C" fn DumpTimers() {
         format_args!(
             "backend {:?}, {} snapshots ({:.3}s), {} rewinds ({:.3}s), {} faults, {} KiB tracked by userfaultfd, {} KiB base copy",
             if e.armed() {
-                e.backend()
+                e.active_backend()
             } else {
-                crate::sys::Backend::None
+                crate::engine::Backend::None
             },
             s.checkpoints_taken,
             s.total_snapshot_ns as f64 / 1e9,
             s.rewinds,
             s.total_restore_ns as f64 / 1e9,
             s.faults_handled,
-            e.uffd.uffd_bytes.load(core::sync::atomic::Ordering::Relaxed) >> 10,
+            e.backend.uffd_bytes() >> 10,
             e.base_bytes() >> 10
         ),
     );

@@ -160,7 +160,7 @@ impl SlotPool {
     /// Reserves up to `max_bytes` of copy space (less if the address space is short).
     pub fn new(slot_size: usize, max_bytes: usize) -> Option<Self> {
         // Slots are numbered below SLOT_MASK - 1: that number is the async backend's zero
-        // pre-image, never a real slot (engine::uffd::ZERO_SLOT).
+        // pre-image, never a real slot (engine::backend::ZERO_SLOT).
         let mut cap = (max_bytes / slot_size).min(PageState::SLOT_MASK as usize - 1);
         while cap >= 1024 {
             let bytes = cap * slot_size;

@@ -309,7 +309,7 @@ impl Engine {
                 sys::yield_now();
                 continue;
             }
-            if self.async_unit(cur) {
+            if self.unit_guard(cur).finds_writes_by_scan() {
                 // Nothing to capture: the kernel reports a zapped or replaced page of an
                 // async-registered mapping as written, so the next checkpoint takes its
                 // base copy as its pre-image like any written page's.
@@ -453,7 +453,7 @@ impl Engine {
                 let st = self.table.get(p);
                 let next = self.next_unit(p).min(o.end);
                 if st.tracked() && m.view_at(p).is_none() {
-                    let write = st.slot().is_some() || st.uffd();
+                    let write = st.slot().is_some() || self.unit_guard(st).mapping_stays_writable();
                     // SAFETY: tracked memory back to its tracked default: writable when
                     // dirty or guarded by userfaultfd, read-only when clean.
                     let _ = unsafe {
