@@ -417,7 +417,7 @@ MIRI_TESTS := engine::ranges engine::free engine::dirty engine::delta engine::gr
   sys::linux::threads::tests::decimal_names sys::mach_exc sys::mach_regions sys::mach_serve \
   sys::mach_image \
   mem::pool::tests::page_state_bits \
-  engine::uffd::tests engine::verify::tests engine::budget sys::linux::tests::statm_fields_parse
+  engine::backend::tests engine::backend::uffd_async::tests engine::verify::tests engine::budget sys::linux::tests::statm_fields_parse
 .PHONY: miri
 miri:
 	@rustup component add --toolchain nightly miri rust-src || { echo "make miri: SKIPPED: no nightly toolchain with Miri can be installed here"; exit $(SKIP_STATUS); }; \
