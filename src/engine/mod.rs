@@ -22,12 +22,14 @@ pub mod ranges;
 mod alloc;
 mod backend;
 mod budget;
+mod config;
 mod countdown;
 mod eager;
 mod exclusions;
 mod fault;
 mod fork;
 pub mod host;
+mod init;
 mod lifecycle;
 mod pages;
 mod preimage;
@@ -46,7 +48,9 @@ use dirty::DiffEntry;
 use ranges::{Range, RangeSet};
 
 pub use backend::{unavailable as backend_unavailable, Backend, BackendChoice};
-pub use budget::{parse_bytes, request as request_memory_budget};
+pub use config::{
+    check_page_size, parse_bytes, request_backend, request_memory_budget, request_page_size,
+};
 pub use exclusions::{Exclusion, Reason as ExclusionReason};
 pub use stats::Stats;
 pub use workers::Workers;
@@ -57,6 +61,12 @@ pub const MEMORY_KINDS: usize = 9;
 pub const KIND_TRACKED: usize = 0;
 /// Number of timer kinds (`TimerKind::Count`).
 pub const TIMER_KINDS: usize = 1;
+
+/// The largest user address the page table covers.
+#[cfg(target_arch = "x86_64")]
+pub(super) const ADDRESS_LIMIT: usize = 1 << 47;
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) const ADDRESS_LIMIT: usize = 1 << 48;
 
 /// How much of the process the first snapshot tracks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -285,334 +295,7 @@ pub fn expect(function: &str) -> &'static Engine {
     }
 }
 
-/// A snapshot page size asked for with `memsnap_set_page_size` (0: none).
-static REQUESTED_PAGE: AtomicUsize = AtomicUsize::new(0);
-
-/// Why a snapshot page size cannot be used with kernel pages of `sub` bytes.
-pub fn check_page_size(size: usize, sub: usize) -> Result<(), &'static str> {
-    if !size.is_power_of_two() || size < sub {
-        Err("must be a power of two and a multiple of the kernel page size")
-    } else if size / sub > granule::MAX_SUBPAGES {
-        Err("may span at most 16 kernel pages")
-    } else {
-        Ok(())
-    }
-}
-
-/// Records the snapshot page size for `InitializeMemorySnapshots` to use.
-pub fn request_page_size(size: usize) -> Result<(), &'static str> {
-    if get().is_some() {
-        return Err("InitializeMemorySnapshots has already run");
-    }
-    check_page_size(size, crate::sys::os_page_size())?;
-    REQUESTED_PAGE.store(size, Ordering::Relaxed);
-    Ok(())
-}
-
-/// The snapshot page: the one requested, else `MEMSNAP_PAGE_SIZE` from the environment,
-/// else the kernel's page.
-fn snapshot_page_size(sub: usize) -> Result<usize, &'static str> {
-    let requested = REQUESTED_PAGE.load(Ordering::Relaxed);
-    if requested != 0 {
-        return Ok(requested);
-    }
-    // SAFETY: a NUL-terminated name; getenv neither allocates nor keeps the pointer.
-    let v = unsafe { libc::getenv(c"MEMSNAP_PAGE_SIZE".as_ptr()) };
-    if v.is_null() {
-        return Ok(sub);
-    }
-    // SAFETY: getenv returned a NUL-terminated string that lives as long as the
-    // environment, which nothing changes during initialization.
-    let text = unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes();
-    if text.is_empty() {
-        // Set but empty, as shells leave a variable they clear: unset.
-        return Ok(sub);
-    }
-    let size = parse_size(text).ok_or("not a number of bytes (e.g. 16384 or 16k)")?;
-    check_page_size(size, sub)?;
-    Ok(size)
-}
-
-/// The text of environment variable `name`, if set and not empty.
-fn env(name: &core::ffi::CStr) -> Option<&'static [u8]> {
-    // SAFETY: a NUL-terminated name; getenv neither allocates nor keeps the pointer.
-    let v = unsafe { libc::getenv(name.as_ptr()) };
-    if v.is_null() {
-        return None;
-    }
-    // SAFETY: getenv returned a NUL-terminated string that lives as long as the
-    // environment, which nothing changes during initialization.
-    let text = unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes();
-    (!text.is_empty()).then_some(text)
-}
-
-/// A backend asked for with `memsnap_set_backend` before initialization.
-static REQUESTED_BACKEND: backend::RequestedBackend = backend::RequestedBackend::none();
-
-/// Records the backend for `InitializeMemorySnapshots` to use.
-pub fn request_backend(b: BackendChoice) {
-    REQUESTED_BACKEND.set(b);
-}
-
-/// The backend asked for: by `memsnap_set_backend`, else `MEMSNAP_BACKEND`, else auto.
-fn requested_backend(function: &str) -> BackendChoice {
-    if let Some(asked) = REQUESTED_BACKEND.get() {
-        return asked;
-    }
-    let Some(text) = env(c"MEMSNAP_BACKEND") else {
-        return BackendChoice::Auto;
-    };
-    match BackendChoice::parse(text) {
-        Some(b) => b,
-        None => crate::fatal!(
-            function,
-            "MEMSNAP_BACKEND: expected auto, mprotect, uffd or uffd-async"
-        ),
-    }
-}
-
-/// `MEMSNAP_UFFD_SPIN_US`: how long the sync fault server polls before sleeping.
-fn spin_ns() -> Option<u64> {
-    let text = env(c"MEMSNAP_UFFD_SPIN_US")?;
-    parse_size(text).map(|us| us as u64 * 1000)
-}
-
-/// Parses `16384`, `16k` or `16K`.
-fn parse_size(text: &[u8]) -> Option<usize> {
-    let (digits, scale) = match text.last()? {
-        b'k' | b'K' => (&text[..text.len() - 1], 1024),
-        _ => (text, 1),
-    };
-    if digits.is_empty() {
-        return None;
-    }
-    let mut n = 0usize;
-    for &d in digits {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        n = n.checked_mul(10)?.checked_add((d - b'0') as usize)?;
-    }
-    n.checked_mul(scale)
-}
-
-/// The largest user address the page table covers.
-#[cfg(target_arch = "x86_64")]
-const ADDRESS_LIMIT: usize = 1 << 47;
-#[cfg(not(target_arch = "x86_64"))]
-const ADDRESS_LIMIT: usize = 1 << 48;
-
-/// Copy space the slot pool reserves (address space only; committed as used).
-const POOL_BYTES: usize = 1 << 40;
-
-fn vec<T: Copy>(cap: usize, what: &str) -> RawVec<T> {
-    match RawVec::with_capacity(cap) {
-        Some(v) => v,
-        None => crate::fatal!(
-            "InitializeMemorySnapshots",
-            "cannot reserve address space for the {} table",
-            what
-        ),
-    }
-}
-
 impl Engine {
-    /// Creates the process's engine. Aborts when called twice.
-    pub fn initialize() -> &'static Engine {
-        const F: &str = "InitializeMemorySnapshots";
-        if get().is_some() {
-            crate::fatal!(F, "called twice (the library is already initialized)");
-        }
-        crate::sys::prepare();
-        let sub = crate::sys::os_page_size();
-        let page = match snapshot_page_size(sub) {
-            Ok(p) => p,
-            Err(msg) => crate::fatal!(F, "MEMSNAP_PAGE_SIZE: {}", msg),
-        };
-        let page_shift = page.trailing_zeros();
-        let masks = if page > sub {
-            match PageTable::new(ADDRESS_LIMIT, page_shift) {
-                Some(t) => Some(t),
-                None => crate::fatal!(F, "cannot reserve address space for the partial-page table"),
-            }
-        } else {
-            None
-        };
-        let Some(table) = PageTable::new(ADDRESS_LIMIT, page_shift) else {
-            crate::fatal!(
-                F,
-                "cannot reserve {} GiB of address space for the page-state table (vm.overcommit_memory=2 or a low RLIMIT_AS?)",
-                ((ADDRESS_LIMIT >> page_shift) * 4) >> 30
-            )
-        };
-        let Some(pool) = SlotPool::new(page, POOL_BYTES) else {
-            crate::fatal!(F, "cannot reserve address space for page copies")
-        };
-        let Some(log) = DirtyLog::with_capacity(pool.capacity() as usize) else {
-            crate::fatal!(F, "cannot reserve address space for the dirty-page log")
-        };
-        let slots = pool.capacity() as usize;
-        let meta = Meta {
-            own: vec(4096, "library memory"),
-            untracked: vec(1 << 20, "untracked region"),
-            registered: vec(1 << 20, "registered region"),
-            regions: vec(1 << 20, "tracked region"),
-            allocated: vec(1 << 22, "allocated region"),
-            free: vec(1 << 22, "free region"),
-            checkpoints: vec(1 << 22, "checkpoint"),
-            diffs: vec(slots + 1, "diff"),
-            deltas: vec(POOL_BYTES, "page delta"),
-            free_snapshots: vec(1 << 26, "free-set snapshot"),
-            stacks: vec(1 << 16, "thread stack"),
-            scratch: vec(1 << 26, "scratch"),
-            vmas: vec(1 << 21, "mapping"),
-            work: vec(1 << 21, "work"),
-            work2: vec(1 << 21, "work"),
-            entries: vec(slots + 1, "restore"),
-            sps: vec(1 << 16, "thread"),
-            found: vec(1 << 20, "found region"),
-            exclusions: vec(1 << 16, "exclusion"),
-            exact: vec(1 << 16, "exclusion"),
-            eager: vec(1 << 16, "eager page"),
-            eager_pages: vec(1 << 20, "eager copy"),
-            eager_bytes: vec((1 << 20) * sub, "eager copy"),
-            blocks: vec(1 << 16, "thread descriptor"),
-            views: vec(1 << 20, "host protection range"),
-            read_only: vec(1 << 16, "read-only range"),
-            read_only_next: vec(1 << 16, "read-only range"),
-            journal: vec(1 << 22, "host protection change"),
-            opened: vec(1 << 20, "host protection range"),
-            floor: Floor::default(),
-            rewind_scanned_scope: u64::MAX,
-        };
-        let engine = Engine {
-            page,
-            page_shift,
-            sub,
-            table,
-            masks,
-            pool,
-            log,
-            workers: Workers::new(),
-            meta: spin::Mutex::new(meta),
-            phase: AtomicU32::new(Phase::Initialized as u32),
-            allowed: AtomicBool::new(true),
-            disallower: AtomicU64::new(0),
-            in_flight: AtomicU32::new(0),
-            scope: AtomicU64::new(0),
-            controller: AtomicU64::new(0),
-            owner_pid: AtomicU64::new(crate::sys::pid()),
-            fork_parent: AtomicU64::new(0),
-            mode: AtomicU32::new(0),
-            restore_threads: AtomicUsize::new(crate::sys::cpu_count().clamp(1, 8)),
-            pin_allocator: AtomicBool::new(true),
-            budget: AtomicUsize::new(budget::initial(F)),
-            map_limit: crate::sys::max_map_count().unwrap_or(0),
-            map_budget: AtomicIsize::new(isize::MAX),
-            faults: AtomicU64::new(0),
-            block_faults: AtomicU64::new(0),
-            ahead_next: AtomicUsize::new(0),
-            ahead_units: AtomicUsize::new(1),
-            checkpoints_taken: AtomicU64::new(0),
-            rewinds: AtomicU64::new(0),
-            snapshot_ns: AtomicU64::new(0),
-            last_snapshot_ns: AtomicU64::new(0),
-            restore_ns: AtomicU64::new(0),
-            last_restore_ns: AtomicU64::new(0),
-            balance: Default::default(),
-            timer_hits: Default::default(),
-            timer_ns: Default::default(),
-            start_us: crate::sys::now_us(),
-            countdown: AtomicUsize::new(0),
-            read_only_span: [AtomicUsize::new(0), AtomicUsize::new(0)],
-            countdown_started: AtomicBool::new(false),
-            rseq: crate::sys::rseq_layout(),
-            threads: crate::sys::ThreadLayout::probe(crate::sys::rseq_layout()),
-            backend: backend::BackendState::new(requested_backend(F), page_shift, spin_ns()),
-            verify: verify::Verify::new(F),
-        };
-        let bytes = core::mem::size_of::<Engine>();
-        let Some(block) = crate::sys::reserve(bytes) else {
-            crate::fatal!(F, "cannot map the engine's state block")
-        };
-        let block = block as *mut Engine;
-        // SAFETY: a fresh, suitably aligned (page-aligned) mapping of the right size.
-        unsafe { block.write(engine) };
-        // SAFETY: just written; never freed.
-        let e: &'static Engine = unsafe { &*block };
-        {
-            let mut m = e.meta.lock();
-            let mut own = [Reservation { base: 0, len: 0 }; 40];
-            own[0] = Reservation {
-                base: block as usize,
-                len: bytes,
-            };
-            own[1] = e.table.reservation();
-            own[2..4].copy_from_slice(&e.pool.reservations());
-            own[4] = e.log.reservation();
-            if let Some(t) = &e.masks {
-                own[39] = t.reservation();
-            }
-            if let Some(r) = e.backend.base_reservation() {
-                own[38] = r;
-            }
-            let vecs = [
-                m.own.reservation(),
-                m.untracked.reservation(),
-                m.registered.reservation(),
-                m.regions.reservation(),
-                m.allocated.reservation(),
-                m.free.reservation(),
-                m.checkpoints.reservation(),
-                m.diffs.reservation(),
-                m.deltas.reservation(),
-                m.free_snapshots.reservation(),
-                m.stacks.reservation(),
-                m.scratch.reservation(),
-                m.vmas.reservation(),
-                m.work.reservation(),
-                m.work2.reservation(),
-                m.entries.reservation(),
-                m.sps.reservation(),
-                m.found.reservation(),
-                m.exclusions.reservation(),
-                m.exact.reservation(),
-                m.eager.reservation(),
-                m.eager_pages.reservation(),
-                m.eager_bytes.reservation(),
-                m.blocks.reservation(),
-                m.views.reservation(),
-                m.read_only.reservation(),
-                m.read_only_next.reservation(),
-                m.journal.reservation(),
-                m.opened.reservation(),
-            ];
-            own[5..5 + vecs.len()].copy_from_slice(&vecs);
-            for r in own
-                .iter()
-                .chain(&e.verify.reservations())
-                .filter(|r| r.len > 0)
-            {
-                m.add_own(*r);
-            }
-            // The library's own statics, where it is a shared object of its own: memory
-            // memsnap owns by construction, never protected and never rewound.
-            crate::sys::for_each_own_writable_segment(crate::sys::os_page_size(), |lo, hi| {
-                m.add_own(Reservation {
-                    base: lo,
-                    len: hi - lo,
-                })
-            });
-        }
-        e.balance[1].fetch_add(bytes as isize, Ordering::Relaxed);
-        // As early as possible: memory malloc obtains from now on stays mapped.
-        e.apply_pin();
-        e.bind_exports(F);
-        ENGINE.store(block, Ordering::Release);
-        e.handle_forks(F);
-        e
-    }
-
     /// Binds the host's lazy PLT slots that name memsnap's functions, in objects loaded
     /// since the last call: ld.so's resolver, run by a first call inside a disallow scope,
     /// would write tracked memory (its own data and the caller's GOT). Only while memory
@@ -778,27 +461,5 @@ impl Meta {
 
     pub fn tracked_bytes(&self) -> usize {
         self.regions.iter().map(|r| r.range.len()).sum()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{check_page_size, parse_size};
-
-    #[test]
-    fn page_size_settings() {
-        assert_eq!(parse_size(b"16384"), Some(16384));
-        assert_eq!(parse_size(b"16k"), Some(16384));
-        assert_eq!(parse_size(b"64K"), Some(65536));
-        assert_eq!(parse_size(b"k"), None);
-        assert_eq!(parse_size(b"16 k"), None);
-        assert_eq!(parse_size(b"99999999999999999999999"), None);
-        assert!(check_page_size(16384, 4096).is_ok());
-        assert!(check_page_size(4096, 4096).is_ok());
-        assert!(check_page_size(65536, 4096).is_ok());
-        assert!(check_page_size(1 << 17, 4096).is_err());
-        assert!(check_page_size(2048, 4096).is_err());
-        assert!(check_page_size(12288, 4096).is_err());
-        assert!(check_page_size(16384, 16384).is_ok());
     }
 }

@@ -129,7 +129,7 @@ impl Verify {
     /// Off unless `MEMSNAP_VERIFY` says `1` (`memsnap_set_verify` may change it until the
     /// first snapshot). The tables are reserved either way: address space only.
     pub fn new(function: &str) -> Verify {
-        let on = match super::env(c"MEMSNAP_VERIFY") {
+        let on = match super::config::env(c"MEMSNAP_VERIFY") {
             None | Some(b"0") => false,
             Some(b"1") => true,
             Some(_) => crate::fatal!(function, "MEMSNAP_VERIFY: expected 1 or 0"),
