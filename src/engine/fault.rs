@@ -232,7 +232,7 @@ impl Engine {
                 && self.map_budget.fetch_sub(2, Ordering::Relaxed) <= 2
             {
                 // (userfaultfd protection lives in page-table entries: no mapping splits.)
-                self.block_faults.fetch_add(1, Ordering::Relaxed);
+                self.counters.block_fault();
                 let (lo, hi) = self.bridge(page, block);
                 self.capture_run(function, page, cur, slot, lo, hi)
             } else {
@@ -242,7 +242,7 @@ impl Engine {
                 self.capture_run(function, page, cur, slot, page, hi)
             };
             self.ahead_next.store(end, Ordering::Relaxed);
-            self.faults.fetch_add(1, Ordering::Relaxed);
+            self.counters.fault();
             break true;
         };
         self.leave();

@@ -105,8 +105,7 @@ impl Engine {
             self.push_checkpoint(F, &mut m);
         }
         self.set_phase(Phase::Armed);
-        self.checkpoints_taken.fetch_add(1, Ordering::Relaxed);
-        self.record(t0, &self.last_snapshot_ns, &self.snapshot_ns);
+        self.counters.snapshot(t0);
         self.verify_checkpoint(F);
         self.set_allowed(F, true);
     }
@@ -229,8 +228,7 @@ impl Engine {
             self.close_views(&mut m);
             self.push_checkpoint(F, &mut m);
         }
-        self.checkpoints_taken.fetch_add(1, Ordering::Relaxed);
-        self.record(t0, &self.last_snapshot_ns, &self.snapshot_ns);
+        self.counters.snapshot(t0);
         self.verify_checkpoint(F);
         self.set_allowed(F, true);
     }
@@ -353,8 +351,7 @@ impl Engine {
         self.settle_after_rewind(F, &mut m, newest);
         self.close_views(&mut m);
         drop(m);
-        self.rewinds.fetch_add(1, Ordering::Relaxed);
-        self.record(t0, &self.last_restore_ns, &self.restore_ns);
+        self.counters.rewind(t0);
         self.verify_rewind(F);
     }
 
@@ -463,8 +460,7 @@ impl Engine {
         self.settle_after_rewind(F, &mut m, target);
         self.close_views(&mut m);
         drop(m);
-        self.rewinds.fetch_add(1, Ordering::Relaxed);
-        self.record(t0, &self.last_restore_ns, &self.restore_ns);
+        self.counters.rewind(t0);
         self.verify_rewind(F);
     }
 
@@ -574,16 +570,5 @@ impl Engine {
                 )
             };
         }
-    }
-
-    fn record(
-        &self,
-        t0: f64,
-        last: &core::sync::atomic::AtomicU64,
-        total: &core::sync::atomic::AtomicU64,
-    ) {
-        let ns = ((sys::now_us() - t0) * 1000.0).max(0.0) as u64;
-        last.store(ns, Ordering::Relaxed);
-        total.fetch_add(ns, Ordering::Relaxed);
     }
 }

@@ -24,6 +24,7 @@ mod backend;
 mod budget;
 mod config;
 mod countdown;
+mod counters;
 mod eager;
 mod exclusions;
 mod fault;
@@ -51,6 +52,7 @@ pub use backend::{unavailable as backend_unavailable, Backend, BackendChoice};
 pub use config::{
     check_page_size, parse_bytes, request_backend, request_memory_budget, request_page_size,
 };
+pub use counters::Counters;
 pub use exclusions::{Exclusion, Reason as ExclusionReason};
 pub use stats::Stats;
 pub use workers::Workers;
@@ -247,23 +249,13 @@ pub struct Engine {
     /// Single-page captures left before the fault handler switches to capturing whole
     /// blocks, which keeps the mapping count bounded (see `fault`).
     map_budget: AtomicIsize,
-    pub faults: AtomicU64,
-    /// Faults resolved by capturing a whole block.
-    pub block_faults: AtomicU64,
     /// Where the last capture's writable run ended, and how many units it took: a fault
     /// right there is a sequential writer's (see `fault`).
     ahead_next: AtomicUsize,
     ahead_units: AtomicUsize,
-    pub checkpoints_taken: AtomicU64,
-    pub rewinds: AtomicU64,
-    pub snapshot_ns: AtomicU64,
-    pub last_snapshot_ns: AtomicU64,
-    pub restore_ns: AtomicU64,
-    pub last_restore_ns: AtomicU64,
     pub balance: [AtomicIsize; MEMORY_KINDS],
-    pub timer_hits: [AtomicU64; TIMER_KINDS],
-    pub timer_ns: [AtomicU64; TIMER_KINDS],
-    pub start_us: f64,
+    /// Event counters and timers (see `counters`).
+    counters: counters::CounterCells,
     pub countdown: AtomicUsize,
     /// The span of `Meta::read_only`, `[lo, hi)`, for host calls to check without the lock.
     pub read_only_span: [AtomicUsize; 2],

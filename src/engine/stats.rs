@@ -2,6 +2,7 @@
 
 use core::sync::atomic::Ordering;
 
+use super::counters::Counters;
 use super::Engine;
 
 /// A consistent-enough reading of the engine's counters.
@@ -36,6 +37,7 @@ pub struct Stats {
 
 impl Engine {
     pub fn stats(&self) -> Stats {
+        let c = self.counters();
         let m = self.meta.lock();
         let saved_diffs = m.checkpoints.iter().filter(|c| c.diff_len > 0).count();
         let saved_delta_pages = m.diffs.iter().filter(|e| e.is_delta()).count();
@@ -49,17 +51,17 @@ impl Engine {
             saved_diff_pages: m.diffs.len(),
             saved_delta_pages,
             saved_kept_bytes: (m.diffs.len() - saved_delta_pages) * self.page + m.deltas.len(),
-            faults_handled: self.faults.load(Ordering::Relaxed),
-            block_faults: self.block_faults.load(Ordering::Relaxed),
-            checkpoints_taken: self.checkpoints_taken.load(Ordering::Relaxed),
-            rewinds: self.rewinds.load(Ordering::Relaxed),
+            faults_handled: c.faults,
+            block_faults: c.block_faults,
+            checkpoints_taken: c.checkpoints_taken,
+            rewinds: c.rewinds,
             restore_threads: self.workers.count(),
             copy_slots_in_use: self.pool.in_use(),
             oldest_reachable_checkpoint: m.floor.position,
-            last_snapshot_ns: self.last_snapshot_ns.load(Ordering::Relaxed),
-            last_restore_ns: self.last_restore_ns.load(Ordering::Relaxed),
-            total_snapshot_ns: self.snapshot_ns.load(Ordering::Relaxed),
-            total_restore_ns: self.restore_ns.load(Ordering::Relaxed),
+            last_snapshot_ns: c.last_snapshot_ns,
+            last_restore_ns: c.last_restore_ns,
+            total_snapshot_ns: c.snapshot_ns,
+            total_restore_ns: c.restore_ns,
             excluded_bytes: m.excluded_mapped_bytes(),
             eager_pages: m.eager.len(),
             verify_pages_checked: self.verify.pages_checked(),
@@ -88,9 +90,11 @@ impl Engine {
     }
 
     pub fn timer_record(&self, kind: usize, start_us: f64) {
-        let k = if kind < super::TIMER_KINDS { kind } else { 0 };
-        let ns = ((crate::sys::now_us() - start_us) * 1000.0).max(0.0) as u64;
-        self.timer_hits[k].fetch_add(1, Ordering::Relaxed);
-        self.timer_ns[k].fetch_add(ns, Ordering::Relaxed);
+        self.counters.timer(kind, start_us);
+    }
+
+    /// One reading of the event counters, the source of every report of them.
+    pub fn counters(&self) -> Counters {
+        self.counters.read()
     }
 }

@@ -290,14 +290,14 @@ pub extern "C" fn InitializeCountdownThread() {
 pub extern "C" fn DumpTimers() {
     let Some(e) = engine::get() else { return };
     let now = crate::sys::now_us();
+    let c = e.counters();
     crate::fatal::print_line(
         "DumpTimers",
-        format_args!("Times {:.2}s", (now - e.start_us) / 1e6),
+        format_args!("Times {:.2}s", (now - c.start_us) / 1e6),
     );
     {
         let (name, i) = ("Default", 0usize);
-        let hits = e.timer_hits[i].load(core::sync::atomic::Ordering::Relaxed);
-        let ns = e.timer_ns[i].load(core::sync::atomic::Ordering::Relaxed);
+        let (hits, ns) = (c.timer_hits[i], c.timer_ns[i]);
         crate::fatal::print_line(
             "DumpTimers",
             format_args!("{}: {} hits, {:.2}s", name, hits, ns as f64 / 1e9),
@@ -313,11 +313,11 @@ pub extern "C" fn DumpTimers() {
             } else {
                 crate::engine::Backend::None
             },
-            s.checkpoints_taken,
-            s.total_snapshot_ns as f64 / 1e9,
-            s.rewinds,
-            s.total_restore_ns as f64 / 1e9,
-            s.faults_handled,
+            c.checkpoints_taken,
+            c.snapshot_ns as f64 / 1e9,
+            c.rewinds,
+            c.restore_ns as f64 / 1e9,
+            c.faults,
             e.backend.uffd_bytes() >> 10,
             e.base_bytes() >> 10
         ),
