@@ -34,11 +34,11 @@ use crate::sys;
 impl Engine {
     /// The current disallow scope's number.
     pub(super) fn scope(&self) -> u64 {
-        self.scope.load(Ordering::SeqCst)
+        self.gate.scope.load(Ordering::SeqCst)
     }
 
     pub fn changes_allowed(&self) -> bool {
-        self.allowed.load(Ordering::SeqCst)
+        self.gate.allowed.load(Ordering::SeqCst)
     }
 
     /// `SetMemoryChangesAllowed`: calls must alternate. Disallowing waits until no fault
@@ -46,6 +46,7 @@ impl Engine {
     pub fn set_allowed(&self, function: &str, allowed: bool) {
         if allowed {
             if self
+                .gate
                 .allowed
                 .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
                 .is_err()
@@ -55,11 +56,12 @@ impl Engine {
                     "memory changes are already allowed (SetMemoryChangesAllowed calls must alternate)"
                 );
             }
-            self.disallower.store(0, Ordering::SeqCst);
+            self.gate.disallower.store(0, Ordering::SeqCst);
             return;
         }
         let me = sys::tid();
         if self
+            .gate
             .allowed
             .compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst)
             .is_err()
@@ -69,9 +71,9 @@ impl Engine {
                 "memory changes are already disallowed (SetMemoryChangesAllowed calls must alternate; AutoDisallowMemoryChanges cannot nest)"
             );
         }
-        self.disallower.store(me, Ordering::SeqCst);
-        self.scope.fetch_add(1, Ordering::SeqCst);
-        while self.in_flight.load(Ordering::SeqCst) != 0 {
+        self.gate.disallower.store(me, Ordering::SeqCst);
+        self.gate.scope.fetch_add(1, Ordering::SeqCst);
+        while self.gate.in_flight.load(Ordering::SeqCst) != 0 {
             sys::yield_now();
         }
     }
@@ -85,8 +87,8 @@ impl Engine {
     /// [`Engine::wait_allowed`] for a write by thread `writer` (the sync userfaultfd
     /// server waits on behalf of the thread whose fault it serves).
     fn wait_allowed_for(&self, function: &str, addr: usize, writer: u64) {
-        while !self.allowed.load(Ordering::SeqCst) {
-            if self.disallower.load(Ordering::SeqCst) == writer {
+        while !self.gate.allowed.load(Ordering::SeqCst) {
+            if self.gate.disallower.load(Ordering::SeqCst) == writer {
                 crate::fatal!(
                     function,
                     "the thread that disallowed memory changes wrote tracked memory at {:#x} (writes to tracked memory are forbidden inside AutoDisallowMemoryChanges)",
@@ -108,12 +110,12 @@ impl Engine {
     /// A write by the thread that disallowed changes aborts either way.
     fn try_enter(&self, function: &str, addr: usize, writer: u64, may_wait: bool) -> bool {
         loop {
-            self.in_flight.fetch_add(1, Ordering::SeqCst);
-            if self.allowed.load(Ordering::SeqCst) {
+            self.gate.in_flight.fetch_add(1, Ordering::SeqCst);
+            if self.gate.allowed.load(Ordering::SeqCst) {
                 return true;
             }
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            if !may_wait && self.disallower.load(Ordering::SeqCst) != writer {
+            self.gate.in_flight.fetch_sub(1, Ordering::SeqCst);
+            if !may_wait && self.gate.disallower.load(Ordering::SeqCst) != writer {
                 return false;
             }
             // Aborts when `writer` disallowed changes (and they still are).
@@ -122,7 +124,7 @@ impl Engine {
     }
 
     pub(super) fn leave(&self) {
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.gate.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Resolves a write to `addr`: `true` when the address is tracked and the page is now
@@ -172,8 +174,8 @@ impl Engine {
         }
         if via_uffd
             && st.slot().is_some()
-            && !self.allowed.load(Ordering::SeqCst)
-            && self.disallower.load(Ordering::SeqCst) == writer
+            && !self.gate.allowed.load(Ordering::SeqCst)
+            && self.gate.disallower.load(Ordering::SeqCst) == writer
         {
             // A stale message: the server read the controller's fault together with
             // another thread's on the same unit, and resolving that one woke both. The

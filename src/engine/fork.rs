@@ -62,7 +62,7 @@ impl Engine {
     /// Whether a unit's BUSY holder was left behind by a `fork()`: this is its child, and
     /// the child's fork handler has not run yet (it clears every such bit).
     pub(super) fn claimer_lost_to_fork(&self) -> bool {
-        let parent = self.fork_parent.load(Ordering::Acquire);
+        let parent = self.gate.fork_parent.load(Ordering::Acquire);
         parent != 0 && sys::pid() != parent
     }
 
@@ -71,7 +71,7 @@ impl Engine {
     /// rebuilt as exactly the units that have a pre-image. Nothing to do when no handler
     /// was in flight at the copy.
     fn settle_interrupted_captures(&self, m: &super::Meta) {
-        if self.in_flight.swap(0, Ordering::SeqCst) == 0 {
+        if self.gate.in_flight.swap(0, Ordering::SeqCst) == 0 {
             return;
         }
         // SAFETY: the child's only thread, inside its fork handler: no handler is
@@ -139,14 +139,14 @@ impl Engine {
 extern "C" fn before_fork() {
     let Some(e) = super::get() else { return };
     let m = e.meta.lock();
-    e.fork_parent.store(sys::pid(), Ordering::Release);
+    e.gate.fork_parent.store(sys::pid(), Ordering::Release);
     // Held across fork(); released by both handlers below.
     core::mem::forget(m);
 }
 
 extern "C" fn after_fork_in_parent() {
     let Some(e) = super::get() else { return };
-    e.fork_parent.store(0, Ordering::Release);
+    e.gate.fork_parent.store(0, Ordering::Release);
     // SAFETY: `before_fork` left the lock held, on this thread, across fork().
     unsafe { e.meta.force_unlock() };
 }
@@ -174,7 +174,7 @@ extern "C" fn after_fork_in_child() {
             }
         }
     }
-    e.fork_parent.store(0, Ordering::Release);
+    e.gate.fork_parent.store(0, Ordering::Release);
     e.backend_after_fork_in_child();
     // After the userfaultfd is rebuilt: the inherited descriptor acts on the parent's
     // address space, where unregistering the page would stop tracking it there.

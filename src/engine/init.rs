@@ -3,7 +3,7 @@
 //! nothing allocates after the first snapshot), and records all of it as the library's
 //! own memory, which the region walk never tracks.
 
-use core::sync::atomic::{AtomicBool, AtomicIsize, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicIsize, AtomicU32, AtomicUsize, Ordering};
 
 use super::config::{requested_backend, snapshot_page_size, spin_ns};
 use super::{
@@ -108,13 +108,7 @@ impl Engine {
             workers: Workers::new(),
             meta: spin::Mutex::new(meta),
             phase: AtomicU32::new(Phase::Initialized as u32),
-            allowed: AtomicBool::new(true),
-            disallower: AtomicU64::new(0),
-            in_flight: AtomicU32::new(0),
-            scope: AtomicU64::new(0),
-            controller: AtomicU64::new(0),
-            owner_pid: AtomicU64::new(crate::sys::pid()),
-            fork_parent: AtomicU64::new(0),
+            gate: super::gate::Gate::new(crate::sys::pid()),
             mode: AtomicU32::new(0),
             restore_threads: AtomicUsize::new(crate::sys::cpu_count().clamp(1, 8)),
             pin_allocator: AtomicBool::new(true),

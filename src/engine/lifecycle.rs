@@ -86,8 +86,8 @@ impl Engine {
             );
         }
         let t0 = sys::now_us();
-        self.controller.store(sys::tid(), Ordering::Relaxed);
-        self.owner_pid.store(sys::pid(), Ordering::Relaxed);
+        self.gate.controller.store(sys::tid(), Ordering::Relaxed);
+        self.gate.owner_pid.store(sys::pid(), Ordering::Relaxed);
         self.spawn_workers(F);
         self.choose_backend(F);
         if let Err(e) = sys::install_fault_handler(super::fault::on_write_fault) {

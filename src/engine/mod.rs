@@ -29,6 +29,7 @@ mod eager;
 mod exclusions;
 mod fault;
 mod fork;
+mod gate;
 pub mod host;
 mod init;
 mod lifecycle;
@@ -40,9 +41,7 @@ mod stats;
 mod verify;
 mod workers;
 
-use core::sync::atomic::{
-    AtomicBool, AtomicIsize, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
-};
+use core::sync::atomic::{AtomicBool, AtomicIsize, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 
 use crate::mem::{DirtyLog, PageTable, RawVec, Reservation, SlotPool};
 use dirty::DiffEntry;
@@ -228,15 +227,8 @@ pub struct Engine {
     pub meta: spin::Mutex<Meta>,
 
     phase: AtomicU32,
-    allowed: AtomicBool,
-    disallower: AtomicU64,
-    in_flight: AtomicU32,
-    /// Counts disallow scopes, so a rewind's region walk runs once per scope.
-    scope: AtomicU64,
-    controller: AtomicU64,
-    owner_pid: AtomicU64,
-    /// The pid of a process inside `fork()` (between its fork handlers), else 0.
-    fork_parent: AtomicU64,
+    /// Whether memory changes are allowed, and who controls the snapshots.
+    gate: gate::Gate,
 
     mode: AtomicU32,
     restore_threads: AtomicUsize,
@@ -387,12 +379,12 @@ impl Engine {
     fn check_controller(&self, function: &str) {
         let me = crate::sys::tid();
         let pid = crate::sys::pid();
-        if self.owner_pid.load(Ordering::Relaxed) != pid {
-            self.owner_pid.store(pid, Ordering::Relaxed);
-            self.controller.store(me, Ordering::Relaxed);
+        if self.gate.owner_pid.load(Ordering::Relaxed) != pid {
+            self.gate.owner_pid.store(pid, Ordering::Relaxed);
+            self.gate.controller.store(me, Ordering::Relaxed);
             return;
         }
-        let c = self.controller.load(Ordering::Relaxed);
+        let c = self.gate.controller.load(Ordering::Relaxed);
         if c != 0 && c != me {
             crate::fatal!(
                 function,
@@ -405,7 +397,7 @@ impl Engine {
 
     /// Whether restore work may be handed to the worker threads (they do not survive fork).
     fn workers_usable(&self) -> bool {
-        self.owner_pid.load(Ordering::Relaxed) == self.workers.pid()
+        self.gate.owner_pid.load(Ordering::Relaxed) == self.workers.pid()
     }
 }
 

@@ -175,7 +175,7 @@ impl Engine {
             return;
         }
         let disallower =
-            !self.changes_allowed() && self.disallower.load(Ordering::SeqCst) == sys::tid();
+            !self.changes_allowed() && self.gate.disallower.load(Ordering::SeqCst) == sys::tid();
         if disallower || r.start % self.page != 0 || r.end % self.page != 0 {
             let mut m = self.meta.lock();
             m.forget_read_only(r);

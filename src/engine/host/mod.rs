@@ -189,7 +189,11 @@ impl Engine {
     fn host_enter(&self, function: &str, r: Range) {
         let me = sys::tid();
         if !self.changes_allowed()
-            && self.disallower.load(core::sync::atomic::Ordering::SeqCst) == me
+            && self
+                .gate
+                .disallower
+                .load(core::sync::atomic::Ordering::SeqCst)
+                == me
         {
             crate::fatal!(
                 function,
