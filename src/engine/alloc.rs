@@ -44,21 +44,21 @@ impl Engine {
     /// so that tracked allocations never share a unit with other memory (untracked ones
     /// need no such alignment and honour any kernel-page-aligned hint).
     fn map_units(&self, hint: usize, size: usize) -> Option<*mut u8> {
-        if self.page == self.sub {
+        if self.settings.page == self.settings.sub {
             return sys::map_with_hint(hint, size);
         }
-        if hint != 0 && hint % self.page == 0 {
+        if hint != 0 && hint % self.settings.page == 0 {
             if let Some(p) = sys::map_with_hint(hint, size) {
-                if p as usize % self.page == 0 {
+                if p as usize % self.settings.page == 0 {
                     return Some(p);
                 }
                 // SAFETY: just mapped, nobody else knows it.
                 unsafe { sys::release(p, size) };
             }
         }
-        let slack = self.page - self.sub;
+        let slack = self.settings.page - self.settings.sub;
         let p = sys::map_with_hint(0, size.checked_add(slack)?)? as usize;
-        let start = crate::mem::round_up(p, self.page)?;
+        let start = crate::mem::round_up(p, self.settings.page)?;
         // SAFETY: the head and tail trimmed off were just mapped here and are not used.
         unsafe {
             if start > p {
@@ -168,7 +168,10 @@ impl Engine {
             };
             // AllocateMemory rounded the size up to whole snapshot pages: so does this,
             // unless the memory was registered in smaller pieces.
-            if let Some(w) = r.widen_to_pages(self.page).filter(|&w| handed_out(&m, w)) {
+            if let Some(w) = r
+                .widen_to_pages(self.settings.page)
+                .filter(|&w| handed_out(&m, w))
+            {
                 r = w;
             }
             if !handed_out(&m, r) {
@@ -261,14 +264,14 @@ impl Engine {
 
     /// The first untracked kernel page of `[addr, end)`, if any.
     fn first_untracked(&self, addr: usize, end: usize) -> Option<usize> {
-        let mut p = addr & !(self.sub - 1);
+        let mut p = addr & !(self.settings.sub - 1);
         while p < end {
             let st = self.table.get(p);
             if !st.tracked() || (st.partial() && !self.tracked_at(p)) {
                 return Some(p);
             }
             p = if st.partial() {
-                p + self.sub
+                p + self.settings.sub
             } else {
                 self.next_unit(p)
             };
@@ -321,7 +324,11 @@ impl Engine {
                 // dirty page must be disarmed (sync; async pages are never armed for long).
                 // SAFETY: tracked host memory whose protection the engine owns.
                 let _ = unsafe {
-                    sys::protect(p, self.page, sys::Access::ReadWrite { exec: st.exec() })
+                    sys::protect(
+                        p,
+                        self.settings.page,
+                        sys::Access::ReadWrite { exec: st.exec() },
+                    )
                 };
                 if st.slot().is_some() {
                     let _ = self.protect_unit(p, st, true);
@@ -330,7 +337,7 @@ impl Engine {
                 // A dirty tracked unit is writable by design.
                 let _ = self.protect_unit(p, st, true);
             }
-            p += self.page;
+            p += self.settings.page;
         }
     }
 }

@@ -27,20 +27,21 @@ impl Engine {
         if self.phase() != super::Phase::Initialized {
             return false;
         }
-        self.budget
+        self.settings
+            .budget
             .store(if bytes == 0 { NONE } else { bytes }, Ordering::Relaxed);
         true
     }
 
     /// The budget in bytes, if one is set.
     pub fn memory_budget(&self) -> Option<usize> {
-        let b = self.budget.load(Ordering::Relaxed);
+        let b = self.settings.budget.load(Ordering::Relaxed);
         (b != NONE).then_some(b)
     }
 
     /// Whether the async mode's base copy would fit the budget (see the module comment).
     pub(super) fn async_fits_budget(&self) -> bool {
-        let budget = self.budget.load(Ordering::Relaxed);
+        let budget = self.settings.budget.load(Ordering::Relaxed);
         if budget == NONE {
             return true;
         }

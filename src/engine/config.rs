@@ -3,7 +3,7 @@
 //! `MEMSNAP_BACKEND`, `MEMSNAP_MEMORY_BUDGET`, `MEMSNAP_UFFD_SPIN_US`, `MEMSNAP_VERIFY`),
 //! and the pure parsing of their values. Every environment read goes through [`env`].
 
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use super::backend::{BackendChoice, RequestedBackend};
 use super::budget::NONE as NO_BUDGET;
@@ -167,6 +167,28 @@ pub fn parse_bytes(text: &[u8]) -> Option<usize> {
         n = n.checked_mul(10)?.checked_add((d - b'0') as usize)?;
     }
     n.checked_mul(scale)
+}
+
+/// The engine's settings: sizes and layouts fixed at initialization, and the choices the
+/// host may change until the first snapshot (the atomics).
+pub struct Settings {
+    /// The snapshot page: the unit of tracking, copying and restoring.
+    pub page: usize,
+    pub page_shift: u32,
+    /// The kernel's page, which may be smaller than the snapshot page (see `granule`).
+    pub sub: usize,
+    /// How much of the process is tracked (0: whole process, 1: registered only).
+    pub(super) mode: AtomicU32,
+    pub(super) restore_threads: AtomicUsize,
+    pub(super) pin_allocator: AtomicBool,
+    /// The memory budget in bytes (`usize::MAX`: none; see `budget`).
+    pub(super) budget: AtomicUsize,
+    /// Mappings the process may have before `mprotect` fails (0: no limit).
+    pub(super) map_limit: usize,
+    /// glibc's rseq layout, looked up at initialization.
+    pub(super) rseq: Option<(isize, usize)>,
+    /// Where glibc keeps its thread descriptors (`None`: not glibc 2.34+, or not Linux).
+    pub threads: Option<crate::sys::ThreadLayout>,
 }
 
 #[cfg(test)]

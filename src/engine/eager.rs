@@ -39,15 +39,15 @@ impl Engine {
                 crate::fatal!(function, "out of room for eagerly copied pages");
             }
             let at = m.eager_bytes.len();
-            if at + self.sub > m.eager_bytes.capacity() {
+            if at + self.settings.sub > m.eager_bytes.capacity() {
                 crate::fatal!(function, "out of room for eagerly copied pages");
             }
             // SAFETY: the page is mapped, readable and writable (checked by the scan that
             // built `m.eager` in this same call), and the spare capacity holds a page.
             unsafe {
                 let dst = m.eager_bytes.spare().as_mut_ptr().add(at);
-                core::ptr::copy_nonoverlapping(p as *const u8, dst, self.sub);
-                m.eager_bytes.set_len(at + self.sub);
+                core::ptr::copy_nonoverlapping(p as *const u8, dst, self.settings.sub);
+                m.eager_bytes.set_len(at + self.settings.sub);
             }
         }
         (start, m.eager_pages.len() - start)
@@ -63,8 +63,8 @@ impl Engine {
             if m.eager.binary_search(&p).is_err() {
                 continue;
             }
-            let saved = &m.eager_bytes[i * self.sub..(i + 1) * self.sub];
-            RangeSet::for_each_gap(&m.exact, Range::new(p, p + self.sub), |gap| {
+            let saved = &m.eager_bytes[i * self.settings.sub..(i + 1) * self.settings.sub];
+            RangeSet::for_each_gap(&m.exact, Range::new(p, p + self.settings.sub), |gap| {
                 // SAFETY: an eager page, mapped and writable (this scope's scan), never
                 // write-protected; `gap` lies inside it and `saved` is its copy.
                 unsafe {
@@ -81,13 +81,13 @@ impl Engine {
     /// Drops the eager copies of every checkpoint from `from_index` of the copy stack up.
     pub(super) fn truncate_eager(&self, m: &mut Meta, from_index: usize) {
         m.eager_pages.truncate(from_index);
-        m.eager_bytes.truncate(from_index * self.sub);
+        m.eager_bytes.truncate(from_index * self.settings.sub);
     }
 
     /// Removes the eager copies `[start, start + len)`, moving later ones down.
     pub(super) fn remove_eager(&self, m: &mut Meta, start: usize, len: usize) {
         let total = m.eager_pages.len();
-        let sub = self.sub;
+        let sub = self.settings.sub;
         // SAFETY: plain data; both ranges lie within the initialized length.
         unsafe {
             m.eager_pages.spare().copy_within(start + len..total, start);

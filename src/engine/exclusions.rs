@@ -219,7 +219,7 @@ impl Engine {
         let me = sys::tid();
         let mut controller_seen = false;
         m.blocks.clear();
-        if let Some(layout) = &self.threads {
+        if let Some(layout) = &self.settings.threads {
             // A descriptor read while its thread is being created or torn down (the
             // protocol wants other threads idle, but a thread may still be finishing its
             // exit) can hold half-written fields: read the lists again, a bounded number
@@ -332,7 +332,7 @@ impl Engine {
             {
                 Self::exclude(function, m, stack, Reason::MappedStack, me as u32);
             }
-            if let Some((at, len)) = sys::current_rseq_area(self.rseq) {
+            if let Some((at, len)) = sys::current_rseq_area(self.settings.rseq) {
                 Self::exclude(
                     function,
                     m,
@@ -365,7 +365,10 @@ impl Engine {
         for i in 0..m.exclusions.len() {
             let r = m.exclusions[i].range;
             if !RangeSet::insert(&mut m.exact, r)
-                || !RangeSet::insert(&mut m.work2, r.widen_to_pages(self.sub).unwrap_or(r))
+                || !RangeSet::insert(
+                    &mut m.work2,
+                    r.widen_to_pages(self.settings.sub).unwrap_or(r),
+                )
             {
                 crate::fatal!(function, "too many excluded ranges");
             }
@@ -380,7 +383,7 @@ impl Engine {
                 ..
             } = &mut *m;
             let mut overflow = false;
-            super::eager::partly_covered_pages(exact, self.sub, |p| {
+            super::eager::partly_covered_pages(exact, self.settings.sub, |p| {
                 let i = vmas.partition_point(|v| v.end <= p);
                 let ok = vmas.get(i).is_some_and(|v| {
                     v.start <= p
@@ -388,7 +391,7 @@ impl Engine {
                         && v.write
                         && v.private
                         && v.kind != RegionKind::Kernel
-                        && p + self.sub <= self.table.limit()
+                        && p + self.settings.sub <= self.table.limit()
                 }) && !RangeSet::contains(own, p);
                 if ok && eager.last() != Some(&p) {
                     overflow |= eager.push(p).is_err();
@@ -414,7 +417,7 @@ impl Engine {
             if matches!(e.reason, Reason::Own | Reason::Untracked) {
                 continue;
             }
-            let r = e.range.widen_to_pages(self.sub).unwrap_or(e.range);
+            let r = e.range.widen_to_pages(self.settings.sub).unwrap_or(e.range);
             let Some(t) = m.region_overlapping(r) else {
                 continue;
             };

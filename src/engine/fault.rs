@@ -220,7 +220,7 @@ impl Engine {
                 continue;
             }
             let slot = self.capture(function, page, cur);
-            let block = BLOCK_PAGES * self.page;
+            let block = BLOCK_PAGES * self.settings.page;
             let ahead = self.ahead_window(page);
             let end = if cur.partial() {
                 // Published before it is made writable: a unit still BUSY is then still
@@ -229,7 +229,7 @@ impl Engine {
                 if let Err(e) = self.protect_unit(page, cur, true) {
                     Self::unprotect_failed(function, e);
                 }
-                page + self.page
+                page + self.settings.page
             } else if self.unit_guard(st).splits_mappings()
                 && self.map_budget.fetch_sub(2, Ordering::Relaxed) <= 2
             {
@@ -240,7 +240,7 @@ impl Engine {
             } else {
                 // Sequential writers get the pages ahead of them captured with this one
                 // (1, 2, 4, ... up to a block): one signal and one mprotect for many.
-                let hi = page.saturating_add(ahead * self.page);
+                let hi = page.saturating_add(ahead * self.settings.page);
                 self.capture_run(function, page, cur, slot, page, hi)
             };
             self.ahead_next.store(end, Ordering::Relaxed);
@@ -302,25 +302,25 @@ impl Engine {
         let mut left = None;
         let mut u = page;
         while u > base {
-            u -= self.page;
+            u -= self.settings.page;
             if captured(u) {
                 left = Some(u);
                 break;
             }
         }
         let mut right = None;
-        let mut u = page + self.page;
+        let mut u = page + self.settings.page;
         while u < top {
             if captured(u) {
                 right = Some(u);
                 break;
             }
-            u += self.page;
+            u += self.settings.page;
         }
         match (left, right) {
-            (Some(l), Some(r)) if page - l <= r - page => (l, page + self.page),
-            (_, Some(r)) => (page, r + self.page),
-            (Some(l), None) => (l, page + self.page),
+            (Some(l), Some(r)) if page - l <= r - page => (l, page + self.settings.page),
+            (_, Some(r)) => (page, r + self.settings.page),
+            (Some(l), None) => (l, page + self.settings.page),
             (None, None) => (base, top),
         }
     }
@@ -384,13 +384,13 @@ impl Engine {
                 }
             }
         };
-        let mut end = page + self.page;
+        let mut end = page + self.settings.page;
         while end < hi && take(end) {
-            end += self.page;
+            end += self.settings.page;
         }
         let mut start = page;
-        while start > lo && take(start - self.page) {
-            start -= self.page;
+        while start > lo && take(start - self.settings.page) {
+            start -= self.settings.page;
         }
         // Published before the run is made writable, so no unit is writable while still
         // BUSY: a fork child inherits an interrupted capture as clean, unwritten units
@@ -412,18 +412,18 @@ impl Engine {
     /// `reprotected` dirty units were write-protected again, which merges the mappings
     /// their faults split.
     pub(super) fn reset_map_budget(&self, vmas: usize, reprotected: usize) {
-        if self.map_limit == 0 {
+        if self.settings.map_limit == 0 {
             return;
         }
         let now = vmas.saturating_sub(2 * reprotected);
-        let budget = (self.map_limit / 2) as isize - now as isize;
+        let budget = (self.settings.map_limit / 2) as isize - now as isize;
         self.map_budget.store(budget, Ordering::Relaxed);
     }
 
     /// `memsnap_prepare_write`: captures every clean tracked page of `[start, end)` now, so
     /// that a system call may write the range (the kernel cannot fault into our handler).
     pub fn prepare_write(&self, start: usize, end: usize) {
-        let mut p = start & !(self.sub - 1);
+        let mut p = start & !(self.settings.sub - 1);
         while p < end {
             let st = self.table.get(p);
             if st.slot().is_some() || self.unit_guard(st).finds_writes_by_scan() {
@@ -437,7 +437,7 @@ impl Engine {
                 // The whole unit is captured now; skip the rest of it.
                 p = self.next_unit(p);
             } else {
-                p += self.sub;
+                p += self.settings.sub;
             }
         }
     }

@@ -86,7 +86,7 @@ impl Engine {
                     last = unit;
                     self.settle_unit(unit);
                 }
-                unit += self.page;
+                unit += self.settings.page;
             }
         }
     }
@@ -99,7 +99,7 @@ impl Engine {
     fn release_errno_of_new_controller(&self, m: &mut super::Meta) {
         let errno = sys::current_errno_location();
         let r = super::ranges::Range::new(errno, errno + 4);
-        let r = r.widen_to_pages(self.sub).unwrap_or(r);
+        let r = r.widen_to_pages(self.settings.sub).unwrap_or(r);
         let Some(t) = m.region_overlapping(r) else {
             return;
         };

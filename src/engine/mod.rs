@@ -212,11 +212,8 @@ pub struct Meta {
 
 /// The one engine of the process.
 pub struct Engine {
-    /// The snapshot page: the unit of tracking, copying and restoring.
-    pub page: usize,
-    pub page_shift: u32,
-    /// The kernel's page, which may be smaller than the snapshot page (see `granule`).
-    pub sub: usize,
+    /// Page sizes, mode and the other settings (see `config`).
+    pub settings: config::Settings,
     pub table: PageTable,
     /// Which kernel pages of each partly tracked unit are tracked; only when
     /// `page > sub`.
@@ -230,14 +227,6 @@ pub struct Engine {
     /// Whether memory changes are allowed, and who controls the snapshots.
     gate: gate::Gate,
 
-    mode: AtomicU32,
-    restore_threads: AtomicUsize,
-    pin_allocator: AtomicBool,
-    /// The memory budget in bytes (`usize::MAX`: none; see `budget`).
-    budget: AtomicUsize,
-
-    /// Mappings the process may have before `mprotect` fails (0: no limit).
-    map_limit: usize,
     /// Single-page captures left before the fault handler switches to capturing whole
     /// blocks, which keeps the mapping count bounded (see `fault`).
     map_budget: AtomicIsize,
@@ -252,10 +241,6 @@ pub struct Engine {
     /// The span of `Meta::read_only`, `[lo, hi)`, for host calls to check without the lock.
     pub read_only_span: [AtomicUsize; 2],
     pub countdown_started: AtomicBool,
-    /// glibc's rseq layout, looked up at initialization.
-    pub rseq: Option<(isize, usize)>,
-    /// Where glibc keeps its thread descriptors (`None`: not glibc 2.34+, or not Linux).
-    pub threads: Option<crate::sys::ThreadLayout>,
     /// The write-tracking backend's state (see `backend`).
     pub backend: backend::BackendState,
     /// The verifying mode's switch and page hashes.
@@ -307,7 +292,7 @@ impl Engine {
     }
 
     pub fn mode(&self) -> Mode {
-        if self.mode.load(Ordering::Relaxed) == 0 {
+        if self.settings.mode.load(Ordering::Relaxed) == 0 {
             Mode::WholeProcess
         } else {
             Mode::Registered
@@ -319,7 +304,7 @@ impl Engine {
         if self.phase() != Phase::Initialized {
             return false;
         }
-        self.mode.store(
+        self.settings.mode.store(
             match mode {
                 Mode::WholeProcess => 0,
                 Mode::Registered => 1,
@@ -334,19 +319,19 @@ impl Engine {
         if self.phase() != Phase::Initialized || n > 64 {
             return false;
         }
-        self.restore_threads.store(n, Ordering::Relaxed);
+        self.settings.restore_threads.store(n, Ordering::Relaxed);
         true
     }
 
     pub fn restore_threads(&self) -> usize {
-        self.restore_threads.load(Ordering::Relaxed)
+        self.settings.restore_threads.load(Ordering::Relaxed)
     }
 
     pub fn set_pin_allocator(&self, on: bool) -> bool {
         if self.phase() != Phase::Initialized {
             return false;
         }
-        self.pin_allocator.store(on, Ordering::Relaxed);
+        self.settings.pin_allocator.store(on, Ordering::Relaxed);
         self.apply_pin();
         true
     }
@@ -354,24 +339,25 @@ impl Engine {
     /// Pins glibc malloc in whole-process mode unless the host opted out.
     fn apply_pin(&self) {
         crate::sys::pin_allocator(
-            self.mode() == Mode::WholeProcess && self.pin_allocator.load(Ordering::Relaxed),
+            self.mode() == Mode::WholeProcess
+                && self.settings.pin_allocator.load(Ordering::Relaxed),
         );
     }
 
     /// The snapshot page containing `addr`.
     pub fn page_base(&self, addr: usize) -> usize {
-        addr & !(self.page - 1)
+        addr & !(self.settings.page - 1)
     }
 
     /// Whether `addr` is aligned to the kernel page, the alignment the host's own
     /// mappings have (and all the original asks of addresses it is given).
     pub fn is_aligned(&self, addr: usize) -> bool {
-        addr & (self.sub - 1) == 0
+        addr & (self.settings.sub - 1) == 0
     }
 
     /// Rounds `size` up to whole pages; `None` on overflow.
     pub fn round_pages(&self, size: usize) -> Option<usize> {
-        crate::mem::round_up(size, self.page)
+        crate::mem::round_up(size, self.settings.page)
     }
 
     /// The checking done by every snapshot or restore call: the caller must be the thread

@@ -30,7 +30,7 @@ impl Engine {
 
     /// How many kernel pages one snapshot page spans.
     pub(super) fn subpages(&self) -> usize {
-        self.page / self.sub
+        self.settings.page / self.settings.sub
     }
 
     /// Calls `f(addr, len, exec)` for each tracked span of the unit at `unit`: the whole
@@ -44,9 +44,9 @@ impl Engine {
     ) {
         if st.partial() {
             self.mask(unit, st)
-                .for_each_span(self.sub, |off, len, exec| f(unit + off, len, exec));
+                .for_each_span(self.settings.sub, |off, len, exec| f(unit + off, len, exec));
         } else {
-            f(unit, self.page, st.exec());
+            f(unit, self.settings.page, st.exec());
         }
     }
 
@@ -57,13 +57,13 @@ impl Engine {
             return st.tracked();
         }
         let unit = self.page_base(addr);
-        let bit = (addr - unit) / self.sub;
+        let bit = (addr - unit) / self.settings.sub;
         self.mask(unit, st).tracked() & (1 << bit) != 0
     }
 
     /// The first address at or after `p` that starts the next unit.
     pub(super) fn next_unit(&self, p: usize) -> usize {
-        self.page_base(p) + self.page
+        self.page_base(p) + self.settings.page
     }
 
     /// Marks every kernel page of `r` (kernel-page aligned) tracked, with execute bit
@@ -85,7 +85,7 @@ impl Engine {
         let n = self.subpages();
         let mut unit = self.page_base(r.start);
         while unit < r.end {
-            let bits = bits_in(unit, self.page, self.sub, r.start, r.end);
+            let bits = bits_in(unit, self.settings.page, self.settings.sub, r.start, r.end);
             if let Some(word) = self.table.word(unit) {
                 // A fault handler may be copying a neighbouring part of a partial unit:
                 // wait for it, then swap the state in one step.
@@ -123,7 +123,7 @@ impl Engine {
                     }
                     let added = new.tracked() & !old.tracked();
                     if let (Some(slot), true) = (cur.slot(), added != 0) {
-                        Mask(added).for_each_span(self.sub, |off, len, _| {
+                        Mask(added).for_each_span(self.settings.sub, |off, len, _| {
                             // SAFETY: the slot is this unit's pre-image, a whole unit
                             // long; the newly tracked pages are mapped and readable.
                             unsafe {
@@ -139,7 +139,7 @@ impl Engine {
                     break;
                 }
             }
-            unit += self.page;
+            unit += self.settings.page;
         }
     }
 
@@ -297,7 +297,7 @@ impl Engine {
                 last = unit(i);
                 i += 1;
             }
-            let stop = (last + self.page).min(end);
+            let stop = (last + self.settings.page).min(end);
             if !uffd && (walked || self.no_clean_writable(u, stop)) {
                 protect(u, stop, exec, false)?;
                 continue;
@@ -306,10 +306,15 @@ impl Engine {
             let mut a = first;
             while a < i {
                 let mut b = a + 1;
-                while b < i && unit(b) == unit(b - 1) + self.page {
+                while b < i && unit(b) == unit(b - 1) + self.settings.page {
                     b += 1;
                 }
-                protect(unit(a), (unit(b - 1) + self.page).min(end), exec, uffd)?;
+                protect(
+                    unit(a),
+                    (unit(b - 1) + self.settings.page).min(end),
+                    exec,
+                    uffd,
+                )?;
                 a = b;
             }
         }
@@ -325,7 +330,7 @@ impl Engine {
             while p < b && !clean {
                 let st = self.table.get(p);
                 clean = st.tracked() && st.slot().is_none();
-                p += self.page;
+                p += self.settings.page;
             }
         });
         known && !clean

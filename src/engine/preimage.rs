@@ -47,7 +47,7 @@ impl Engine {
     /// The unit is mapped and readable, and nothing writes it while the slice lives.
     unsafe fn unit_words<'a>(&self, unit: usize) -> &'a [u64] {
         // SAFETY: per the function's contract; units are page-aligned and whole.
-        unsafe { core::slice::from_raw_parts(unit as *const u64, self.page / 8) }
+        unsafe { core::slice::from_raw_parts(unit as *const u64, self.settings.page / 8) }
     }
 
     /// The words of a copy slot.
@@ -78,7 +78,7 @@ impl Engine {
         let top = deltas.len();
         // SAFETY: bytes are plain data; only the room above the top is written.
         let spare = unsafe { deltas.spare() };
-        let end = (top + self.page / 2).min(spare.len());
+        let end = (top + self.settings.page / 2).min(spare.len());
         let room = &mut spare[top..end];
         // SAFETY: per the function's contract.
         let now = unsafe { self.unit_words(unit) };
@@ -183,7 +183,7 @@ impl Engine {
     /// Asks the CPU to start loading the first lines of a unit and of its base copy.
     fn prefetch_unit(&self, u: usize) {
         let base = self.peek_base(u).map(|s| self.pool.slot_addr(s));
-        for line in (0..PREFETCH_BYTES.min(self.page)).step_by(64) {
+        for line in (0..PREFETCH_BYTES.min(self.settings.page)).step_by(64) {
             prefetch(u + line);
             if let Some(b) = base {
                 prefetch(b + line);
@@ -311,13 +311,15 @@ impl Engine {
     unsafe fn apply_to_unit(&self, unit: usize, st: PageState, d: &[u8]) {
         if !st.partial() {
             // SAFETY: per the function's contract, the whole unit is writable.
-            let words = unsafe { core::slice::from_raw_parts_mut(unit as *mut u64, self.page / 8) };
+            let words = unsafe {
+                core::slice::from_raw_parts_mut(unit as *mut u64, self.settings.page / 8)
+            };
             let ok = delta::apply(d, words);
             debug_assert!(ok);
             return;
         }
         let mask = self.mask(unit, st).tracked();
-        let per_sub = self.sub / 8;
+        let per_sub = self.settings.sub / 8;
         delta::for_each_change(d, |i, x| {
             if mask & (1 << (i / per_sub)) != 0 {
                 // SAFETY: a word of a tracked, writable kernel page of the unit.
@@ -349,7 +351,7 @@ impl Engine {
         let (old_bytes, spare_bytes) = bytes.split_at_mut(byte_top);
         let (older, newer) = live[older_start..].split_at(older_len);
         let (mut k, mut b) = (0usize, 0usize);
-        let words = self.page / 8;
+        let words = self.settings.page / 8;
         let ok = fold_into_predecessor(older, newer, |o, n| {
             if k == spare.len() {
                 return false;

@@ -176,7 +176,7 @@ impl Engine {
         }
         let disallower =
             !self.changes_allowed() && self.gate.disallower.load(Ordering::SeqCst) == sys::tid();
-        if disallower || r.start % self.page != 0 || r.end % self.page != 0 {
+        if disallower || r.start % self.settings.page != 0 || r.end % self.settings.page != 0 {
             let mut m = self.meta.lock();
             m.forget_read_only(r);
             self.publish_read_only(&m);
@@ -201,7 +201,10 @@ impl Engine {
             let i = read_only.partition_point(|e| e.range.end <= r.start);
             for e in read_only[i..].iter().take_while(|e| e.range.start < r.end) {
                 let piece = e.range.intersection(&r);
-                if e.born > newest || piece.start % self.page != 0 || piece.end % self.page != 0 {
+                if e.born > newest
+                    || piece.start % self.settings.page != 0
+                    || piece.end % self.settings.page != 0
+                {
                     continue;
                 }
                 // (born, prot) ride in the scratch list's first field.

@@ -170,8 +170,8 @@ impl Engine {
             if !(v.write && v.read && v.private) || v.kind == RegionKind::Kernel {
                 continue;
             }
-            let start = crate::mem::round_up(v.start, self.sub).unwrap_or(v.end);
-            let end = v.end & !(self.sub - 1);
+            let start = crate::mem::round_up(v.start, self.settings.sub).unwrap_or(v.end);
+            let end = v.end & !(self.settings.sub - 1);
             if start >= end || end > self.table.limit() {
                 continue;
             }
@@ -265,7 +265,7 @@ impl Engine {
                 let r = m.found[i];
                 self.track(function, m, r);
             }
-            m.record_read_only(0, self.page);
+            m.record_read_only(0, self.settings.page);
             self.publish_read_only(m);
         }
     }
@@ -328,7 +328,7 @@ impl Engine {
                 };
                 self.track(function, m, r);
             }
-            m.record_read_only(position, self.page);
+            m.record_read_only(position, self.settings.page);
             self.publish_read_only(m);
         }
     }

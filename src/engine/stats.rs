@@ -42,7 +42,7 @@ impl Engine {
         let saved_diffs = m.checkpoints.iter().filter(|c| c.diff_len > 0).count();
         let saved_delta_pages = m.diffs.iter().filter(|e| e.is_delta()).count();
         Stats {
-            page_size: self.page,
+            page_size: self.settings.page,
             tracked_bytes: m.tracked_bytes(),
             tracked_regions: m.regions.len(),
             active_dirty_pages: self.log.len(),
@@ -50,7 +50,8 @@ impl Engine {
             saved_diffs,
             saved_diff_pages: m.diffs.len(),
             saved_delta_pages,
-            saved_kept_bytes: (m.diffs.len() - saved_delta_pages) * self.page + m.deltas.len(),
+            saved_kept_bytes: (m.diffs.len() - saved_delta_pages) * self.settings.page
+                + m.deltas.len(),
             faults_handled: c.faults,
             block_faults: c.block_faults,
             checkpoints_taken: c.checkpoints_taken,
@@ -83,7 +84,7 @@ impl Engine {
                 m.diffs.len() * core::mem::size_of::<super::dirty::DiffEntry>() + m.deltas.len()
             }
             6 => self.log.len() * core::mem::size_of::<usize>(),
-            7 => self.pool.in_use() * self.page,
+            7 => self.pool.in_use() * self.settings.page,
             _ => 0,
         };
         balance + internal

@@ -261,7 +261,7 @@ impl Engine {
         let mut runs = 1;
         let mut i = start + 1;
         while i < entries.len() {
-            if entries[i].page != entries[i - 1].page + self.page {
+            if entries[i].page != entries[i - 1].page + self.settings.page {
                 runs += 1;
                 if runs > RUNS_PER_BATCH {
                     break;
@@ -310,7 +310,7 @@ impl Engine {
     fn unprotect_runs(&self, function: &str, entries: &[DiffEntry]) {
         for_each_run(
             entries.len(),
-            self.page,
+            self.settings.page,
             |i| entries[i].page,
             |i| {
                 let st = self.table.get(entries[i].page);
@@ -323,7 +323,7 @@ impl Engine {
             |first, count| {
                 let start = entries[first].page;
                 let st = self.table.get(start);
-                let len = count * self.page;
+                let len = count * self.settings.page;
                 let result = if st.partial() {
                     self.protect_unit(start, st, true)
                 } else {

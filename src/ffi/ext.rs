@@ -210,7 +210,7 @@ pub extern "C" fn memsnap_track_region(addr: *mut c_void, size: usize) -> Memsna
     status((|| {
         let e = engine_before_start()?;
         let r = crate::engine::ranges::Range::from_len(addr as usize, size)
-            .and_then(|r| r.widen_to_pages(e.sub))
+            .and_then(|r| r.widen_to_pages(e.settings.sub))
             .filter(|r| !r.is_empty() && r.start != 0)
             .ok_or(MemsnapStatus::InvalidArgument)?;
         e.add_tracked("memsnap_track_region", r, false);
@@ -227,7 +227,7 @@ pub extern "C" fn memsnap_untrack_region(addr: *mut c_void, size: usize) -> Mems
     status((|| {
         let e = engine_before_start()?;
         let r = crate::engine::ranges::Range::from_len(addr as usize, size)
-            .and_then(|r| r.widen_to_pages(e.sub))
+            .and_then(|r| r.widen_to_pages(e.settings.sub))
             .filter(|r| !r.is_empty())
             .ok_or(MemsnapStatus::InvalidArgument)?;
         e.add_untracked("memsnap_untrack_region", r);
@@ -341,7 +341,7 @@ pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapSta
             last_restore_ns: s.last_restore_ns,
             total_snapshot_ns: s.total_snapshot_ns,
             total_restore_ns: s.total_restore_ns,
-            kernel_page_size: e.sub,
+            kernel_page_size: e.settings.sub,
             block_faults: s.block_faults,
             uffd_tracked_bytes: e.backend.uffd_bytes(),
             base_copy_bytes: e.base_bytes(),
@@ -351,7 +351,7 @@ pub unsafe extern "C" fn memsnap_get_stats(out: *mut MemsnapStats) -> MemsnapSta
                 && crate::sys::uffd_support().user_mode_only,
             excluded_bytes: s.excluded_bytes,
             eager_pages: s.eager_pages,
-            thread_descriptors: e.threads.is_some(),
+            thread_descriptors: e.settings.threads.is_some(),
             verify_pages_checked: s.verify_pages_checked,
             saved_delta_pages: s.saved_delta_pages,
             saved_kept_bytes: s.saved_kept_bytes,
@@ -459,7 +459,7 @@ pub extern "C" fn memsnap_set_backend(backend: MemsnapBackendRequestArg) -> Mems
 /// initialization.
 #[no_mangle]
 pub extern "C" fn memsnap_page_size() -> usize {
-    engine::get().map(|e| e.page).unwrap_or(0)
+    engine::get().map(|e| e.settings.page).unwrap_or(0)
 }
 
 /// Sets the snapshot page size: a power of two, a multiple of the kernel's page and at

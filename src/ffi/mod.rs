@@ -76,7 +76,7 @@ pub(crate) fn aligned_range(e: &Engine, function: &str, addr: usize, size: usize
             "range {:#x} + {:#x} is not page-aligned (page size {:#x})",
             addr,
             size,
-            e.sub
+            e.settings.sub
         );
     }
     range(function, addr, size)

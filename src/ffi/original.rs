@@ -186,11 +186,11 @@ pub extern "C" fn DeallocateMemory(aAddress: *mut c_void, aSize: usize, aKind: M
             "range {:#x} + {:#x} is not page-aligned (page size {:#x})",
             aAddress as usize,
             aSize,
-            e.sub
+            e.settings.sub
         );
     }
     let r = range(F, aAddress as usize, aSize);
-    let Some(w) = r.widen_to_pages(e.sub) else {
+    let Some(w) = r.widen_to_pages(e.settings.sub) else {
         crate::fatal!(
             F,
             "range {:#x} + {:#x} wraps around the address space",
@@ -230,7 +230,7 @@ pub extern "C" fn AddInitialUntrackedMemoryRegion(aBase: *mut u8, aSize: usize) 
         crate::fatal!(F, "base {:#x} is not page-aligned", aBase as usize);
     }
     let r = range(F, aBase as usize, aSize);
-    let Some(r) = r.widen_to_pages(e.sub) else {
+    let Some(r) = r.widen_to_pages(e.settings.sub) else {
         crate::fatal!(
             F,
             "range {:#x} + {:#x} wraps around the address space",
@@ -257,7 +257,7 @@ pub extern "C" fn AddInitialTrackedMemoryRegions(
         crate::fatal!(F, "called after the first snapshot");
     }
     let r = range(F, aAddress as usize, aSize);
-    let Some(r) = r.widen_to_pages(e.sub) else {
+    let Some(r) = r.widen_to_pages(e.settings.sub) else {
         crate::fatal!(
             F,
             "range {:#x} + {:#x} wraps around the address space",

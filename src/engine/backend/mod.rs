@@ -347,8 +347,8 @@ impl Engine {
     /// userfaultfd refuses.
     pub(super) fn split_by_guard(&self, r: Range) -> [Option<(Range, bool)>; 3] {
         if self.active_backend().uses_uffd() {
-            let lo = crate::mem::round_up(r.start, self.page).unwrap_or(r.end);
-            let hi = r.end & !(self.page - 1);
+            let lo = crate::mem::round_up(r.start, self.settings.page).unwrap_or(r.end);
+            let hi = r.end & !(self.settings.page - 1);
             if lo < hi {
                 let mid = Range::new(lo, hi);
                 let head = Range::new(r.start, lo);
@@ -368,8 +368,8 @@ impl Engine {
     /// a mapping type the mode accepts. `false` leaves it to mprotect.
     fn register_region(&self, r: Range) -> bool {
         if !self.active_backend().uses_uffd()
-            || r.start % self.page != 0
-            || r.end % self.page != 0
+            || r.start % self.settings.page != 0
+            || r.end % self.settings.page != 0
             || r.is_empty()
         {
             return false;
@@ -535,7 +535,7 @@ impl Engine {
 
     /// Bytes held by the async mode's base copy.
     pub fn base_bytes(&self) -> usize {
-        self.backend.base.units() * self.page
+        self.backend.base.units() * self.settings.page
     }
 }
 

@@ -116,7 +116,7 @@ impl Engine {
                     base.units.fetch_sub(1, Ordering::Relaxed);
                 }
             }
-            u += self.page;
+            u += self.settings.page;
         }
     }
 
@@ -145,7 +145,7 @@ impl Engine {
                         self.set_base(u, Some(slot));
                     }
                 }
-                u += self.page;
+                u += self.settings.page;
             }
         });
         if let Err(e) = res {
@@ -244,7 +244,7 @@ impl Engine {
                         last = u;
                         f(u);
                     }
-                    u += self.page;
+                    u += self.settings.page;
                 }
             });
             if let Err(e) = res {
@@ -315,7 +315,7 @@ impl Engine {
     /// refuses to scan unregistered memory, so one page of it is scanned.
     pub(super) fn async_piece_registered(&self, piece: Range) -> bool {
         let pm = self.backend.base.pagemap();
-        let probe = piece.start + self.sub;
+        let probe = piece.start + self.settings.sub;
         sys::scan_written(pm, piece.start, probe.min(piece.end), false, |_, _| {})
             != Err(libc::EPERM)
     }
@@ -348,7 +348,7 @@ impl Engine {
                         last = u;
                         self.mark_unit_if_changed(u);
                     }
-                    u += self.page;
+                    u += self.settings.page;
                 }
             });
             if let Err(e) = res {
@@ -387,7 +387,7 @@ impl Engine {
                     let b = core::ptr::read_volatile(p as *const u8);
                     core::ptr::write_volatile(p as *mut u8, b);
                 }
-                p += self.sub;
+                p += self.settings.sub;
             }
         });
     }

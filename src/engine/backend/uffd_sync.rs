@@ -127,9 +127,10 @@ impl Engine {
             let st = self.table.get(u);
             if st.tracked() && st.slot().is_none() && !st.busy() {
                 // SAFETY: a clean tracked unit, armed already (arming it is a no-op).
-                return unsafe { sys::uffd_protect(fd, u, self.page, true) } != Err(libc::ENOENT);
+                return unsafe { sys::uffd_protect(fd, u, self.settings.page, true) }
+                    != Err(libc::ENOENT);
             }
-            u += self.page;
+            u += self.settings.page;
         }
         true
     }
@@ -152,9 +153,9 @@ impl Engine {
         while u < r.end {
             if self.table.get(u).slot().is_some() {
                 // SAFETY: a dirty unit: its pre-image is saved.
-                let _ = unsafe { sys::uffd_protect(fd, u, self.page, false) };
+                let _ = unsafe { sys::uffd_protect(fd, u, self.settings.page, false) };
             }
-            u += self.page;
+            u += self.settings.page;
         }
     }
 }

@@ -40,7 +40,7 @@ impl Engine {
         let mut u = self.page_base(r.start);
         while u < r.end {
             self.capture_now(F, &m, u);
-            u += self.page;
+            u += self.settings.page;
         }
         let ret = call();
         drop(m);
@@ -171,9 +171,9 @@ impl Engine {
                 let mut a = piece.start;
                 while a < piece.end {
                     let k = kernel(a);
-                    let mut b = a + self.sub;
+                    let mut b = a + self.settings.sub;
                     while b < piece.end && kernel(b) == k {
-                        b += self.sub;
+                        b += self.settings.sub;
                     }
                     set(a, b, k);
                     a = b;
@@ -230,7 +230,7 @@ impl Engine {
         let mut u = self.page_base(r.start);
         while u < r.end {
             self.capture_now(F, &m, u);
-            u += self.page;
+            u += self.settings.page;
         }
         let ret = call();
         if ret >= 0 {
@@ -281,7 +281,8 @@ impl Engine {
         let Some(r) = self.host_range(old, old_len) else {
             return call();
         };
-        let Some(new_len) = crate::mem::round_up(new_len, self.sub).filter(|&n| n > 0) else {
+        let Some(new_len) = crate::mem::round_up(new_len, self.settings.sub).filter(|&n| n > 0)
+        else {
             return call();
         };
         self.adopt_for_host_call(F, r);

@@ -170,7 +170,7 @@ impl Engine {
             if self.table.get(u).tracked() {
                 return true;
             }
-            u += self.page;
+            u += self.settings.page;
         }
         false
     }
@@ -181,7 +181,7 @@ impl Engine {
         if !self.is_aligned(addr) || len == 0 {
             return None;
         }
-        let len = crate::mem::round_up(len, self.sub)?;
+        let len = crate::mem::round_up(len, self.settings.sub)?;
         Range::from_len(addr, len)
     }
 
@@ -208,7 +208,7 @@ impl Engine {
     /// Each tracked unit of a host change must change as a whole: a snapshot page larger
     /// than the kernel's is protected and restored as one.
     fn require_whole_units(&self, function: &str, r: Range) {
-        if self.page == self.sub {
+        if self.settings.page == self.settings.sub {
             return;
         }
         let any_tracked = |from: usize, to: usize| {
@@ -217,7 +217,7 @@ impl Engine {
                 if self.tracked_at(p) {
                     return Some(p);
                 }
-                p += self.sub;
+                p += self.settings.sub;
             }
             None
         };
@@ -226,29 +226,29 @@ impl Engine {
         // mapping the kernel placed right after a partly tracked unit) changes nothing
         // memsnap tracks.
         let check = |unit: usize| {
-            let inside = Range::new(r.start.max(unit), r.end.min(unit + self.page));
+            let inside = Range::new(r.start.max(unit), r.end.min(unit + self.settings.page));
             if any_tracked(inside.start, inside.end).is_none() {
                 return;
             }
             let outside = any_tracked(unit, inside.start)
-                .or_else(|| any_tracked(inside.end, unit + self.page));
+                .or_else(|| any_tracked(inside.end, unit + self.settings.page));
             if let Some(p) = outside {
                 crate::fatal!(
                     function,
                     "{:#x}-{:#x} covers part of a tracked {}-byte snapshot page (at {:#x}); with MEMSNAP_PAGE_SIZE above the kernel page, unmapping and protection changes of tracked memory must cover whole snapshot pages",
                     r.start,
                     r.end,
-                    self.page,
+                    self.settings.page,
                     self.page_base(p)
                 );
             }
         };
         let head = self.page_base(r.start);
         let tail = self.page_base(r.end - 1);
-        if head < r.start || (head == tail && r.end < tail + self.page) {
+        if head < r.start || (head == tail && r.end < tail + self.settings.page) {
             check(head);
         }
-        if tail != head && r.end < tail + self.page {
+        if tail != head && r.end < tail + self.settings.page {
             check(tail);
         }
     }
@@ -285,7 +285,7 @@ impl Engine {
                     }
                 }
             }
-            u += self.page;
+            u += self.settings.page;
         }
     }
 

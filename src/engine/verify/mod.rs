@@ -281,7 +281,8 @@ impl Engine {
         let mut full = false;
         self.verify_exclusions(m, |r, _| {
             full |= !RangeSet::insert(&mut l.exact, r);
-            full |= !RangeSet::insert(&mut l.widened, r.widen_to_pages(self.sub).unwrap_or(r));
+            let widened = r.widen_to_pages(self.settings.sub).unwrap_or(r);
+            full |= !RangeSet::insert(&mut l.widened, widened);
         });
         l.declared.clear();
         if self.mode() == Mode::Registered {
@@ -305,7 +306,7 @@ impl Engine {
             ..
         } = l;
         let registered = self.mode() == Mode::Registered;
-        let sub = self.sub;
+        let sub = self.settings.sub;
         let mut add = |r: Range, vma: usize, managed: bool| {
             let mut push = |range: Range, masked: bool| {
                 let piece = Piece {
@@ -408,7 +409,8 @@ impl Engine {
         page: usize,
         masked: bool,
     ) -> (u64, bool) {
-        let words = self.sub / 8;
+        let sub = self.settings.sub;
+        let words = sub / 8;
         if !masked {
             // SAFETY: per the contract; a kernel page is u64-aligned.
             return hash_words(unsafe { core::slice::from_raw_parts(page as *const u64, words) });
@@ -418,10 +420,10 @@ impl Engine {
         // SAFETY: per the contract; a plain byte copy, so a concurrent kernel write to
         // the excluded bytes only changes bytes zeroed right after.
         unsafe {
-            core::ptr::copy_nonoverlapping(page as *const u8, buf.as_mut_ptr() as *mut u8, self.sub)
+            core::ptr::copy_nonoverlapping(page as *const u8, buf.as_mut_ptr() as *mut u8, sub)
         };
         let bytes = buf.as_mut_ptr() as *mut u8;
-        RangeSet::for_each_overlap(exact, Range::new(page, page + self.sub), |x| {
+        RangeSet::for_each_overlap(exact, Range::new(page, page + sub), |x| {
             // SAFETY: `x` lies inside the page, which `buf` holds.
             unsafe { core::ptr::write_bytes(bytes.add(x.start - page), 0, x.len()) };
         });
@@ -450,6 +452,7 @@ impl Engine {
         if l.starts.push(start).is_err() {
             crate::fatal!(function, "verify: out of room for checkpoints");
         }
+        let sub = self.settings.sub;
         for k in 0..l.pieces.len() {
             let Piece {
                 range: piece,
@@ -464,7 +467,7 @@ impl Engine {
                 let (hash, zero) = unsafe { self.hash_page(&l.exact, &mut l.masked, p, masked) };
                 let last = l.hashes.len().checked_sub(1).map(|i| (i, l.hashes[i]));
                 match last {
-                    Some((i, e)) if zero && e.at & ZERO_RUN != 0 && e.end(self.sub) == p => {
+                    Some((i, e)) if zero && e.at & ZERO_RUN != 0 && e.end(sub) == p => {
                         l.hashes[i].value += 1;
                     }
                     _ if zero => l.push(
@@ -476,7 +479,7 @@ impl Engine {
                     ),
                     _ => l.push(function, Entry { at: p, value: hash }),
                 }
-                p += self.sub;
+                p += sub;
             }
         }
     }
@@ -500,7 +503,7 @@ impl Engine {
         let saved = &l.hashes[lo..];
         let mut cursor = 0usize;
         let mut expected = |p: usize| {
-            while cursor < saved.len() && saved[cursor].end(self.sub) <= p {
+            while cursor < saved.len() && saved[cursor].end(self.settings.sub) <= p {
                 cursor += 1;
             }
             match saved.get(cursor) {
@@ -523,7 +526,7 @@ impl Engine {
             let mut p = piece.start;
             while p < piece.end {
                 let page = p;
-                p += self.sub;
+                p += self.settings.sub;
                 let want = expected(page);
                 if want == Expected::Absent
                     && (file || !managed || RangeSet::contains(&m.free, page))
@@ -549,7 +552,7 @@ impl Engine {
                 match &mut first {
                     None => {
                         first = Some(Mismatch {
-                            range: Range::new(page, page + self.sub),
+                            range: Range::new(page, page + self.settings.sub),
                             vma,
                             seen,
                             masked,
@@ -561,7 +564,7 @@ impl Engine {
                             && f.seen == seen
                             && f.masked == masked =>
                     {
-                        f.range.end = page + self.sub;
+                        f.range.end = page + self.settings.sub;
                     }
                     Some(_) => {}
                 }

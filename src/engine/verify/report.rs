@@ -67,7 +67,7 @@ impl Engine {
             "verify: {:#x}-{:#x} ({} of {} mismatching pages) {} checkpoint {}; mapping {:#x}-{:#x} {} {}; {}",
             r.start,
             r.end,
-            r.len() / self.sub,
+            r.len() / self.settings.sub,
             bad_pages,
             if f.seen {
                 "differs from"
