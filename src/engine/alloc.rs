@@ -104,9 +104,13 @@ impl Engine {
                 self.wait_allowed(function, base);
                 let mut m = self.meta.lock();
                 let born = m.checkpoints.len();
-                m.work.clear();
+                m.scratch.work.clear();
                 {
-                    let Meta { regions, work, .. } = &mut *m;
+                    let Meta {
+                        regions,
+                        scratch: super::Scratch { work, .. },
+                        ..
+                    } = &mut *m;
                     let mut cursor = r.start;
                     let mut i = regions.partition_point(|x| x.range.end <= r.start);
                     while cursor < r.end {
@@ -122,8 +126,8 @@ impl Engine {
                         i += 1;
                     }
                 }
-                for j in 0..m.work.len() {
-                    let piece = m.work[j];
+                for j in 0..m.scratch.work.len() {
+                    let piece = m.scratch.work[j];
                     self.track(
                         function,
                         &mut m,

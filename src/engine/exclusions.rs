@@ -178,13 +178,21 @@ impl Engine {
     }
 
     /// Builds every exclusion: `m.exclusions` (exact, with reasons), `m.exact` (their
-    /// union), `m.work2` (the union widened to kernel pages: what tracking never covers)
+    /// union), `m.scratch.work2` (the union widened to kernel pages: what tracking never covers)
     /// and, in whole-process mode, `m.eager` (the writable pages it covers only partly).
-    /// Runs the thread probe (`m.sps`) and the region walk (`m.vmas`) first.
+    /// Runs the thread probe (`m.scratch.sps`) and the region walk (`m.vmas`) first.
     pub(super) fn build_exclusions(&self, function: &str, m: &mut Meta) {
-        m.sps.clear();
+        m.scratch.sps.clear();
         {
-            let Meta { scratch, sps, .. } = &mut *m;
+            let Meta {
+                scratch:
+                    super::Scratch {
+                        bytes: scratch,
+                        sps,
+                        ..
+                    },
+                ..
+            } = &mut *m;
             // SAFETY: u8 accepts any bit pattern.
             let buf = unsafe { scratch.spare() };
             // The controller and the library's own threads need no probe (and probing a
@@ -218,7 +226,7 @@ impl Engine {
         }
         let me = sys::tid();
         let mut controller_seen = false;
-        m.blocks.clear();
+        m.scratch.blocks.clear();
         if let Some(layout) = &self.settings.threads {
             // A descriptor read while its thread is being created or torn down (the
             // protocol wants other threads idle, but a thread may still be finishing its
@@ -226,7 +234,11 @@ impl Engine {
             // of times, before giving up with a message.
             let mut last = Ok(());
             for _ in 0..1000 {
-                let Meta { blocks, vmas, .. } = &mut *m;
+                let Meta {
+                    scratch: super::Scratch { blocks, .. },
+                    vmas,
+                    ..
+                } = &mut *m;
                 blocks.clear();
                 let mut overflow = false;
                 last = layout.for_each_block(
@@ -250,8 +262,8 @@ impl Engine {
                 crate::fatal!(function, "cannot read glibc's thread list: {}", why);
             }
         }
-        for i in 0..m.blocks.len() {
-            let b = m.blocks[i];
+        for i in 0..m.scratch.blocks.len() {
+            let b = m.scratch.blocks[i];
             if RangeSet::contains(&m.own, b.pd) {
                 continue; // memsnap's own threads: all theirs is own memory
             }
@@ -284,9 +296,13 @@ impl Engine {
         }
         // Threads glibc does not know (raw clones), or every thread when glibc's layout
         // is unknown: their stacks are bounded by the mapping around the stack pointer.
-        for i in 0..m.sps.len() {
-            let (tid, r) = m.sps[i];
-            if m.blocks.iter().any(|b| b.tid as u64 == tid && !b.cached) {
+        for i in 0..m.scratch.sps.len() {
+            let (tid, r) = m.scratch.sps[i];
+            if m.scratch
+                .blocks
+                .iter()
+                .any(|b| b.tid as u64 == tid && !b.cached)
+            {
                 continue;
             }
             let stack = if r.start != 0 {
@@ -361,12 +377,12 @@ impl Engine {
         );
 
         m.exact.clear();
-        m.work2.clear();
+        m.scratch.work2.clear();
         for i in 0..m.exclusions.len() {
             let r = m.exclusions[i].range;
             if !RangeSet::insert(&mut m.exact, r)
                 || !RangeSet::insert(
-                    &mut m.work2,
+                    &mut m.scratch.work2,
                     r.widen_to_pages(self.settings.sub).unwrap_or(r),
                 )
             {
@@ -411,7 +427,7 @@ impl Engine {
     /// over tracked memory (a signal stack or a thread stack placed there after the first
     /// snapshot) is refused: its earlier contents would silently stop being restored.
     pub(super) fn apply_new_exclusions(&self, function: &str, m: &mut Meta) {
-        m.found.clear();
+        m.scratch.found.clear();
         for i in 0..m.exclusions.len() {
             let e = m.exclusions[i];
             if matches!(e.reason, Reason::Own | Reason::Untracked) {
@@ -440,14 +456,14 @@ impl Engine {
                     range: x.range.intersection(&r),
                     ..x
                 };
-                if m.found.push(piece).is_err() {
+                if m.scratch.found.push(piece).is_err() {
                     crate::fatal!(function, "too many tracked pieces under cached stacks");
                 }
                 j += 1;
             }
         }
-        for i in 0..m.found.len() {
-            let piece = m.found[i];
+        for i in 0..m.scratch.found.len() {
+            let piece = m.scratch.found[i];
             self.untrack(m, piece.range);
             if !piece.uffd {
                 // SAFETY: dead memory of an exited thread, no longer tracked; glibc will
@@ -461,7 +477,7 @@ impl Engine {
                 };
             }
         }
-        m.found.clear();
+        m.scratch.found.clear();
     }
 
     /// Calls `f` for every exclusion of the last scan, for reports.

@@ -7,7 +7,8 @@ use core::sync::atomic::{AtomicBool, AtomicIsize, AtomicU32, AtomicUsize, Orderi
 
 use super::config::{requested_backend, snapshot_page_size, spin_ns};
 use super::{
-    backend, config, get, verify, Engine, Floor, Meta, Phase, Workers, ADDRESS_LIMIT, ENGINE,
+    backend, config, get, verify, Engine, Floor, Meta, Phase, Scratch, Workers, ADDRESS_LIMIT,
+    ENGINE,
 };
 use crate::mem::{DirtyLog, PageTable, RawVec, Reservation, SlotPool};
 
@@ -76,19 +77,12 @@ impl Engine {
             deltas: vec(POOL_BYTES, "page delta"),
             free_snapshots: vec(1 << 26, "free-set snapshot"),
             stacks: vec(1 << 16, "thread stack"),
-            scratch: vec(1 << 26, "scratch"),
             vmas: vec(1 << 21, "mapping"),
-            work: vec(1 << 21, "work"),
-            work2: vec(1 << 21, "work"),
-            entries: vec(slots + 1, "restore"),
-            sps: vec(1 << 16, "thread"),
-            found: vec(1 << 20, "found region"),
             exclusions: vec(1 << 16, "exclusion"),
             exact: vec(1 << 16, "exclusion"),
             eager: vec(1 << 16, "eager page"),
             eager_pages: vec(1 << 20, "eager copy"),
             eager_bytes: vec((1 << 20) * sub, "eager copy"),
-            blocks: vec(1 << 16, "thread descriptor"),
             views: vec(1 << 20, "host protection range"),
             read_only: vec(1 << 16, "read-only range"),
             read_only_next: vec(1 << 16, "read-only range"),
@@ -96,6 +90,15 @@ impl Engine {
             opened: vec(1 << 20, "host protection range"),
             floor: Floor::default(),
             rewind_scanned_scope: u64::MAX,
+            scratch: Scratch {
+                bytes: vec(1 << 26, "scratch"),
+                work: vec(1 << 21, "work"),
+                work2: vec(1 << 21, "work"),
+                entries: vec(slots + 1, "restore"),
+                sps: vec(1 << 16, "thread"),
+                found: vec(1 << 20, "found region"),
+                blocks: vec(1 << 16, "thread descriptor"),
+            },
         };
         let engine = Engine {
             settings: config::Settings {
@@ -196,19 +199,19 @@ impl Meta {
             self.deltas.reservation(),
             self.free_snapshots.reservation(),
             self.stacks.reservation(),
-            self.scratch.reservation(),
+            self.scratch.bytes.reservation(),
             self.vmas.reservation(),
-            self.work.reservation(),
-            self.work2.reservation(),
-            self.entries.reservation(),
-            self.sps.reservation(),
-            self.found.reservation(),
+            self.scratch.work.reservation(),
+            self.scratch.work2.reservation(),
+            self.scratch.entries.reservation(),
+            self.scratch.sps.reservation(),
+            self.scratch.found.reservation(),
             self.exclusions.reservation(),
             self.exact.reservation(),
             self.eager.reservation(),
             self.eager_pages.reservation(),
             self.eager_bytes.reservation(),
-            self.blocks.reservation(),
+            self.scratch.blocks.reservation(),
             self.views.reservation(),
             self.read_only.reservation(),
             self.read_only_next.reservation(),

@@ -157,7 +157,7 @@ impl Engine {
                 };
             self.scan_checkpoint(F, &mut m, newest + 1);
             // Async units written since the newest checkpoint get their pre-images from
-            // the base copy (into `m.entries`) and are armed again. After the scan, which
+            // the base copy (into `m.scratch.entries`) and are armed again. After the scan, which
             // has untracked any part the program unmapped and mapped afresh.
             let diff_start = m.diffs.len();
             let delta_start = m.deltas.len();
@@ -165,7 +165,7 @@ impl Engine {
                 let Meta {
                     regions,
                     deltas,
-                    entries,
+                    scratch: super::Scratch { entries, .. },
                     ..
                 } = &mut *m;
                 self.collect_unseen_writes(F, regions, deltas, entries);
@@ -177,7 +177,7 @@ impl Engine {
                 let Meta {
                     diffs,
                     deltas,
-                    entries,
+                    scratch: super::Scratch { entries, .. },
                     ..
                 } = &mut *m;
                 // Both lists are in address order, and no unit is in both: merge them.
@@ -327,27 +327,29 @@ impl Engine {
         self.undo_views(F, &mut m, newest);
         // SAFETY: changes are disallowed; no handler is in flight.
         let pages = unsafe { self.log.quiescent_slice() };
-        m.entries.clear();
+        m.scratch.entries.clear();
         for &page in pages.iter() {
             let st = self.table.get(page);
             if let Some(slot) = st.slot() {
-                let _ = m.entries.push(DiffEntry::full(page, slot));
+                let _ = m.scratch.entries.push(DiffEntry::full(page, slot));
             }
         }
         // SAFETY: as above.
         unsafe { self.log.clear() };
-        m.entries.sort_unstable_by_key(|e| e.page);
+        m.scratch.entries.sort_unstable_by_key(|e| e.page);
         {
             let Meta {
-                entries, regions, ..
+                scratch: super::Scratch { entries, .. },
+                regions,
+                ..
             } = &*m;
             // The active dirty set: its pages are writable already.
             self.restore_entries(F, entries, &[], regions, true);
             self.restore_unseen_writes(F, regions);
         }
         self.restore_eager(&m, newest);
-        self.reset_map_budget(m.vmas.len(), m.entries.len());
-        m.entries.clear();
+        self.reset_map_budget(m.vmas.len(), m.scratch.entries.len());
+        m.scratch.entries.clear();
         self.settle_after_rewind(F, &mut m, newest);
         self.close_views(&mut m);
         drop(m);

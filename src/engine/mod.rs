@@ -173,15 +173,7 @@ pub struct Meta {
     pub free_snapshots: RawVec<Range>,
     /// Thread stacks found by the last walk: `(tid, range)`.
     pub stacks: RawVec<(u64, Range)>,
-    pub scratch: RawVec<u8>,
     pub vmas: RawVec<crate::sys::Region>,
-    pub work: RawVec<Range>,
-    pub work2: RawVec<Range>,
-    pub entries: RawVec<DiffEntry>,
-    /// Stack pointers of other threads, then their stack ranges (scan scratch).
-    pub sps: RawVec<(u64, Range)>,
-    /// Regions found by a scan, before they are applied (scan scratch).
-    pub found: RawVec<TrackedRegion>,
     /// Every range the last scan left out, with its reason (see `exclusions`).
     pub exclusions: RawVec<exclusions::Exclusion>,
     /// Their union, exact to the byte.
@@ -193,8 +185,6 @@ pub struct Meta {
     /// (one kernel page each, in the same order).
     pub eager_pages: RawVec<usize>,
     pub eager_bytes: RawVec<u8>,
-    /// glibc's thread descriptors (scan scratch).
-    pub blocks: RawVec<crate::sys::ThreadBlock>,
     /// The host's protection of tracked memory where it lacks write, and every change
     /// of it since the oldest checkpoint (see `host`); `opened`: views a checkpoint or
     /// rewind made accessible for its duration.
@@ -208,6 +198,23 @@ pub struct Meta {
     pub floor: Floor,
     /// The disallow scope whose rewind already reconciled the mappings.
     pub rewind_scanned_scope: u64,
+    /// Working space of the scan, snapshot and restore paths (see [`Scratch`]).
+    pub scratch: Scratch,
+}
+
+/// Working space the snapshot, scan and restore paths reuse instead of allocating.
+pub struct Scratch {
+    pub bytes: RawVec<u8>,
+    pub work: RawVec<Range>,
+    pub work2: RawVec<Range>,
+    /// A restore's pages, sorted.
+    pub entries: RawVec<DiffEntry>,
+    /// Stack pointers of other threads, then their stack ranges (scan scratch).
+    pub sps: RawVec<(u64, Range)>,
+    /// Regions found by a scan, before they are applied (scan scratch).
+    pub found: RawVec<TrackedRegion>,
+    /// glibc's thread descriptors (scan scratch).
+    pub blocks: RawVec<crate::sys::ThreadBlock>,
 }
 
 /// The one engine of the process.
@@ -419,14 +426,14 @@ impl Meta {
     /// and the CPU time used so far by threads that have exited.
     /// `own` lists the library's threads, which the probe skipped.
     pub fn thread_fingerprint(&mut self, own: &Workers) -> (usize, u64, (i64, i64)) {
-        self.sps.sort_unstable_by_key(|s| s.0);
+        self.scratch.sps.sort_unstable_by_key(|s| s.0);
         let mut h = 0xcbf2_9ce4_8422_2325u64;
-        for s in self.sps.iter() {
+        for s in self.scratch.sps.iter() {
             h = (h ^ s.0).wrapping_mul(0x0100_0000_01b3);
         }
-        let others = self.sps.iter().map(|s| s.0).chain(own.own_tids());
+        let others = self.scratch.sps.iter().map(|s| s.0).chain(own.own_tids());
         let exited = crate::sys::exited_threads_cpu_ns(others);
-        (self.sps.len(), h, exited)
+        (self.scratch.sps.len(), h, exited)
     }
 
     pub fn tracked_bytes(&self) -> usize {

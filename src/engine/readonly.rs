@@ -195,9 +195,13 @@ impl Engine {
     /// new protection to `r` as to any tracked memory, which journals the change.
     pub(super) fn adopt_read_only(&self, function: &str, m: &mut Meta, r: Range) {
         let newest = m.checkpoints.len() - 1;
-        m.sps.clear();
+        m.scratch.sps.clear();
         {
-            let Meta { read_only, sps, .. } = &mut *m;
+            let Meta {
+                read_only,
+                scratch: super::Scratch { sps, .. },
+                ..
+            } = &mut *m;
             let i = read_only.partition_point(|e| e.range.end <= r.start);
             for e in read_only[i..].iter().take_while(|e| e.range.start < r.end) {
                 let piece = e.range.intersection(&r);
@@ -215,8 +219,8 @@ impl Engine {
             }
         }
         m.forget_read_only(r);
-        for k in 0..m.sps.len() {
-            let (tag, piece) = m.sps[k];
+        for k in 0..m.scratch.sps.len() {
+            let (tag, piece) = m.scratch.sps[k];
             let (born, prot) = ((tag >> 32) as usize, tag as u32 as i32);
             let region = TrackedRegion {
                 range: piece,

@@ -20,7 +20,11 @@ pub(super) struct Problem {
 impl Engine {
     /// Fills `m.vmas` from the region walk.
     pub(super) fn walk(&self, function: &str, m: &mut Meta) {
-        let Meta { scratch, vmas, .. } = m;
+        let Meta {
+            scratch: super::Scratch { bytes: scratch, .. },
+            vmas,
+            ..
+        } = m;
         vmas.clear();
         // SAFETY: u8 accepts any bit pattern.
         let buf = unsafe { scratch.spare() };
@@ -150,20 +154,20 @@ impl Engine {
         }
     }
 
-    /// Collects into `m.found` every piece of writable private memory that is neither
+    /// Collects into `m.scratch.found` every piece of writable private memory that is neither
     /// tracked nor excluded (expects `build_exclusions` to have run).
     fn find_new(&self, m: &mut Meta) {
-        m.found.clear();
-        m.work.clear();
+        m.scratch.found.clear();
+        m.scratch.work.clear();
         for i in 0..m.regions.len() {
             let r = m.regions[i].range;
-            RangeSet::insert(&mut m.work, r);
+            RangeSet::insert(&mut m.scratch.work, r);
         }
         let Meta {
             vmas,
-            work,
-            work2,
-            found,
+            scratch: super::Scratch {
+                work, work2, found, ..
+            },
             ..
         } = &mut *m;
         for v in vmas.iter() {
@@ -240,12 +244,11 @@ impl Engine {
         // Registered ranges are carved by the exclusions too (the original's rule).
         for i in 0..m.registered.len() {
             let r = m.registered[i];
-            m.work.clear();
+            m.scratch.work.clear();
             {
                 let Meta {
-                    work2,
                     regions,
-                    work,
+                    scratch: super::Scratch { work, work2, .. },
                     ..
                 } = &mut *m;
                 RangeSet::for_each_gap(work2, r.range, |piece| {
@@ -254,15 +257,15 @@ impl Engine {
                     }
                 });
             }
-            for j in 0..m.work.len() {
-                let piece = m.work[j];
+            for j in 0..m.scratch.work.len() {
+                let piece = m.scratch.work[j];
                 self.track(function, m, TrackedRegion { range: piece, ..r });
             }
         }
         if self.mode() == Mode::WholeProcess {
             self.find_new(m);
-            for i in 0..m.found.len() {
-                let r = m.found[i];
+            for i in 0..m.scratch.found.len() {
+                let r = m.scratch.found[i];
                 self.track(function, m, r);
             }
             m.record_read_only(0, self.settings.page);
@@ -284,7 +287,7 @@ impl Engine {
             let Meta {
                 regions,
                 vmas,
-                work,
+                scratch: super::Scratch { work, .. },
                 views,
                 ..
             } = &mut *m;
@@ -301,8 +304,8 @@ impl Engine {
                 }
             });
         }
-        for i in 0..m.work.len() {
-            let r = m.work[i];
+        for i in 0..m.scratch.work.len() {
+            let r = m.scratch.work[i];
             let range = Range::new(r.start & !1, r.end);
             if r.start & 1 == 1 {
                 self.untrack(m, range);
@@ -321,10 +324,10 @@ impl Engine {
         }
         if self.mode() == Mode::WholeProcess {
             self.find_new(m);
-            for i in 0..m.found.len() {
+            for i in 0..m.scratch.found.len() {
                 let r = TrackedRegion {
                     born: position,
-                    ..m.found[i]
+                    ..m.scratch.found[i]
                 };
                 self.track(function, m, r);
             }
@@ -364,8 +367,8 @@ impl Engine {
         });
         if self.mode() == Mode::WholeProcess {
             self.find_new(m);
-            for i in 0..m.found.len() {
-                let r = m.found[i].range;
+            for i in 0..m.scratch.found.len() {
+                let r = m.scratch.found[i].range;
                 // SAFETY: memory the program obtained after the checkpoint being restored;
                 // the rewound program holds no reference to it.
                 let _ = unsafe { sys::discard(r.start, r.len()) };

@@ -351,9 +351,13 @@ impl Engine {
     /// page-state bits; the kernel's protection is the caller's).
     fn change_view(&self, function: &str, m: &mut Meta, r: Range, host: Option<Host>) {
         let position = m.checkpoints.len() - 1;
-        m.work.clear();
+        m.scratch.work.clear();
         {
-            let Meta { regions, work, .. } = &mut *m;
+            let Meta {
+                regions,
+                scratch: super::Scratch { work, .. },
+                ..
+            } = &mut *m;
             let mut cursor = r.start;
             let mut i = regions.partition_point(|x| x.range.end <= r.start);
             while i < regions.len() && regions[i].range.start < r.end {
@@ -368,8 +372,8 @@ impl Engine {
                 i += 1;
             }
         }
-        for k in 0..m.work.len() {
-            let piece = m.work[k];
+        for k in 0..m.scratch.work.len() {
+            let piece = m.scratch.work[k];
             let Meta { views, journal, .. } = &mut *m;
             let mut failed = false;
             view_pieces(views, piece, |p, prev| {

@@ -266,7 +266,7 @@ impl Engine {
         {
             let vmas = &mut l.vmas;
             // SAFETY: u8 accepts any bit pattern.
-            let buf = unsafe { m.scratch.spare() };
+            let buf = unsafe { m.scratch.bytes.spare() };
             let walked = sys::walk_regions(buf, |r| {
                 if vmas.push(r).is_err() {
                     overflow = true;
