@@ -155,80 +155,80 @@ pub enum FloorReason {
 /// The state behind the metadata lock.
 pub struct Meta {
     /// Memory this library mapped for itself.
-    pub own: RawVec<Range>,
+    own: RawVec<Range>,
     /// Memory the host declared untracked.
-    pub untracked: RawVec<Range>,
+    untracked: RawVec<Range>,
     /// Ranges registered for tracking before the first snapshot.
-    pub registered: RawVec<TrackedRegion>,
+    registered: RawVec<TrackedRegion>,
     /// Tracked regions, sorted and disjoint.
-    pub regions: RawVec<TrackedRegion>,
+    regions: RawVec<TrackedRegion>,
     /// Allocated tracked regions, in allocation order.
-    pub allocated: RawVec<Range>,
+    allocated: RawVec<Range>,
     /// The tracked free set (sorted, coalesced).
-    pub free: RawVec<Range>,
-    pub checkpoints: RawVec<Checkpoint>,
-    pub diffs: RawVec<DiffEntry>,
+    free: RawVec<Range>,
+    checkpoints: RawVec<Checkpoint>,
+    diffs: RawVec<DiffEntry>,
     /// The saved diffs' deltas, a stack like theirs (see `preimage`).
-    pub deltas: RawVec<u8>,
-    pub free_snapshots: RawVec<Range>,
+    deltas: RawVec<u8>,
+    free_snapshots: RawVec<Range>,
     /// Thread stacks found by the last walk: `(tid, range)`.
-    pub stacks: RawVec<(u64, Range)>,
-    pub vmas: RawVec<crate::sys::Region>,
+    stacks: RawVec<(u64, Range)>,
+    vmas: RawVec<crate::sys::Region>,
     /// Every range the last scan left out, with its reason (see `exclusions`).
-    pub exclusions: RawVec<exclusions::Exclusion>,
+    exclusions: RawVec<exclusions::Exclusion>,
     /// Their union, exact to the byte.
-    pub exact: RawVec<Range>,
+    exact: RawVec<Range>,
     /// Writable pages that exclusions cover only partly (sorted): copied at every
     /// checkpoint instead of write-protected.
-    pub eager: RawVec<usize>,
+    eager: RawVec<usize>,
     /// The eager pages saved by every checkpoint, a stack like the diffs, and their bytes
     /// (one kernel page each, in the same order).
-    pub eager_pages: RawVec<usize>,
-    pub eager_bytes: RawVec<u8>,
+    eager_pages: RawVec<usize>,
+    eager_bytes: RawVec<u8>,
     /// The host's protection of tracked memory where it lacks write, and every change
     /// of it since the oldest checkpoint (see `host`); `opened`: views a checkpoint or
     /// rewind made accessible for its duration.
-    pub views: RawVec<host::View>,
+    views: RawVec<host::View>,
     /// Read-only anonymous memory nobody tracks, with the checkpoint since which it has
     /// been there (see `readonly`); `read_only_next` is the scan's scratch for it.
-    pub read_only: RawVec<readonly::ReadOnly>,
-    pub read_only_next: RawVec<readonly::ReadOnly>,
-    pub journal: RawVec<host::Change>,
-    pub opened: RawVec<Range>,
-    pub floor: Floor,
+    read_only: RawVec<readonly::ReadOnly>,
+    read_only_next: RawVec<readonly::ReadOnly>,
+    journal: RawVec<host::Change>,
+    opened: RawVec<Range>,
+    floor: Floor,
     /// The disallow scope whose rewind already reconciled the mappings.
-    pub rewind_scanned_scope: u64,
+    rewind_scanned_scope: u64,
     /// Working space of the scan, snapshot and restore paths (see [`Scratch`]).
-    pub scratch: Scratch,
+    scratch: Scratch,
 }
 
 /// Working space the snapshot, scan and restore paths reuse instead of allocating.
 pub struct Scratch {
-    pub bytes: RawVec<u8>,
-    pub work: RawVec<Range>,
-    pub work2: RawVec<Range>,
+    bytes: RawVec<u8>,
+    work: RawVec<Range>,
+    work2: RawVec<Range>,
     /// A restore's pages, sorted.
-    pub entries: RawVec<DiffEntry>,
+    entries: RawVec<DiffEntry>,
     /// Stack pointers of other threads, then their stack ranges (scan scratch).
-    pub sps: RawVec<(u64, Range)>,
+    sps: RawVec<(u64, Range)>,
     /// Regions found by a scan, before they are applied (scan scratch).
-    pub found: RawVec<TrackedRegion>,
+    found: RawVec<TrackedRegion>,
     /// glibc's thread descriptors (scan scratch).
-    pub blocks: RawVec<crate::sys::ThreadBlock>,
+    blocks: RawVec<crate::sys::ThreadBlock>,
 }
 
 /// The one engine of the process.
 pub struct Engine {
     /// Page sizes, mode and the other settings (see `config`).
     pub settings: config::Settings,
-    pub table: PageTable,
+    table: PageTable,
     /// Which kernel pages of each partly tracked unit are tracked; only when
     /// `page > sub`.
     masks: Option<PageTable>,
-    pub pool: SlotPool,
-    pub log: DirtyLog,
-    pub workers: Workers,
-    pub meta: spin::Mutex<Meta>,
+    pool: SlotPool,
+    log: DirtyLog,
+    workers: Workers,
+    meta: spin::Mutex<Meta>,
 
     phase: AtomicU32,
     /// Whether memory changes are allowed, and who controls the snapshots.
@@ -241,13 +241,13 @@ pub struct Engine {
     /// right there is a sequential writer's (see `fault`).
     ahead_next: AtomicUsize,
     ahead_units: AtomicUsize,
-    pub balance: [AtomicIsize; MEMORY_KINDS],
+    balance: [AtomicIsize; MEMORY_KINDS],
     /// Event counters and timers (see `counters`).
     counters: counters::CounterCells,
     pub countdown: AtomicUsize,
     /// The span of `Meta::read_only`, `[lo, hi)`, for host calls to check without the lock.
-    pub read_only_span: [AtomicUsize; 2],
-    pub countdown_started: AtomicBool,
+    read_only_span: [AtomicUsize; 2],
+    countdown_started: AtomicBool,
     /// The write-tracking backend's state (see `backend`).
     pub backend: backend::BackendState,
     /// The verifying mode's switch and page hashes.
