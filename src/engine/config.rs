@@ -40,18 +40,10 @@ pub(super) fn snapshot_page_size(sub: usize) -> Result<usize, &'static str> {
     if requested != 0 {
         return Ok(requested);
     }
-    // SAFETY: a NUL-terminated name; getenv neither allocates nor keeps the pointer.
-    let v = unsafe { libc::getenv(c"MEMSNAP_PAGE_SIZE".as_ptr()) };
-    if v.is_null() {
+    // Set but empty, as shells leave a variable they clear, counts as unset.
+    let Some(text) = env(c"MEMSNAP_PAGE_SIZE") else {
         return Ok(sub);
-    }
-    // SAFETY: getenv returned a NUL-terminated string that lives as long as the
-    // environment, which nothing changes during initialization.
-    let text = unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes();
-    if text.is_empty() {
-        // Set but empty, as shells leave a variable they clear: unset.
-        return Ok(sub);
-    }
+    };
     let size = parse_size(text).ok_or("not a number of bytes (e.g. 16384 or 16k)")?;
     check_page_size(size, sub)?;
     Ok(size)
@@ -133,7 +125,7 @@ pub fn request_memory_budget(bytes: usize) {
 
 /// The budget set by `memsnap_set_memory_budget`, else `MEMSNAP_MEMORY_BUDGET` (bytes,
 /// or with a k, m or g suffix), else none.
-pub(super) fn memory_budget(function: &str) -> usize {
+pub(super) fn initial_memory_budget(function: &str) -> usize {
     let asked = REQUESTED_BUDGET.load(Ordering::Relaxed);
     if asked != NO_BUDGET {
         return asked;

@@ -108,7 +108,7 @@ impl Engine {
                 mode: AtomicU32::new(0),
                 restore_threads: AtomicUsize::new(crate::sys::cpu_count().clamp(1, 8)),
                 pin_allocator: AtomicBool::new(true),
-                budget: AtomicUsize::new(config::memory_budget(F)),
+                budget: AtomicUsize::new(config::initial_memory_budget(F)),
                 map_limit: crate::sys::max_map_count().unwrap_or(0),
                 rseq: crate::sys::rseq_layout(),
                 threads: crate::sys::ThreadLayout::probe(crate::sys::rseq_layout()),
