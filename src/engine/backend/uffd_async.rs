@@ -334,21 +334,23 @@ impl Engine {
     }
 
     /// In a fork child once its memory is armed again: writes back, unchanged, one byte
-    /// of every kernel page of each populated unit that differs from its base copy, so
-    /// that the next checkpoint's scan lists it (see `fork`'s module comment: the child's
-    /// page tables forgot which units were written since the newest checkpoint).
+    /// of every populated tracked kernel page that differs from its unit's base copy (or
+    /// from zero, without one), so that the next checkpoint's scan lists it (see `fork`'s
+    /// module comment: the child's page tables forgot which units were written since the
+    /// newest checkpoint).
+    ///
+    /// Page by page, never unit by unit: with snapshot pages larger than the kernel's,
+    /// the rest of a unit may no longer be mapped (a heap trimmed mid-unit, which the next
+    /// scan reports), and reading it would fault.
     pub(super) fn mark_units_changed_since_base(&self, function: &str, m: &Meta) {
         let pagemap = self.backend.base.pagemap();
-        let mut last = usize::MAX;
+        let sub = self.settings.sub;
         for r in m.regions.iter().filter(|r| r.uffd) {
             let res = sys::scan_populated(pagemap, r.range.start, r.range.end, |a, b| {
-                let mut u = self.page_base(a).max(self.page_base(r.range.start));
-                while u < b && u < r.range.end {
-                    if u != last {
-                        last = u;
-                        self.mark_unit_if_changed(u);
-                    }
-                    u += self.settings.page;
+                let mut p = a.max(r.range.start) & !(sub - 1);
+                while p < b.min(r.range.end) {
+                    self.mark_page_if_changed(p);
+                    p += sub;
                 }
             });
             if let Err(e) = res {
@@ -363,33 +365,30 @@ impl Engine {
         }
     }
 
-    fn mark_unit_if_changed(&self, unit: usize) {
-        let st = self.table.get(unit);
-        if !st.tracked() {
+    fn mark_page_if_changed(&self, p: usize) {
+        if !self.tracked_at(p) {
             return;
         }
+        let sub = self.settings.sub;
+        let unit = self.page_base(p);
+        // SAFETY: a tracked kernel page the pagemap reports populated: mapped and readable
+        // (this child's only thread is here, nothing unmaps it meanwhile).
+        let now = unsafe { core::slice::from_raw_parts(p as *const u8, sub) };
         let changed = match self.peek_base(unit) {
-            // SAFETY: a tracked unit the pagemap reports populated: its tracked spans are
-            // mapped and readable; the slot holds its base copy.
-            Some(slot) => !unsafe { self.unit_matches(unit, st, slot) },
-            // SAFETY: as above.
-            None => !unsafe { self.unit_is_zero(unit, st) },
-        };
-        if !changed {
-            return;
-        }
-        self.for_each_span(unit, st, |addr, len, _| {
-            let mut p = addr;
-            while p < addr + len {
-                // SAFETY: tracked, mapped, writable memory of the child's only thread;
-                // the byte is written back unchanged.
-                unsafe {
-                    let b = core::ptr::read_volatile(p as *const u8);
-                    core::ptr::write_volatile(p as *mut u8, b);
-                }
-                p += self.settings.sub;
+            Some(slot) => {
+                // SAFETY: the slot holds the unit's base copy, one unit long; only read.
+                let base = unsafe { self.pool.bytes(slot) };
+                now != &base[p - unit..p - unit + sub]
             }
-        });
+            None => now.iter().any(|&b| b != 0),
+        };
+        if changed {
+            // SAFETY: as above, and writable: the byte is written back unchanged.
+            unsafe {
+                let b = core::ptr::read_volatile(p as *const u8);
+                core::ptr::write_volatile(p as *mut u8, b);
+            }
+        }
     }
 }
 
