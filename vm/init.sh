@@ -14,9 +14,9 @@ mount -t tmpfs tmp /tmp
 for m in $(cat /modules/order); do
   insmod "/modules/$m.ko" || echo "init: insmod $m failed"
 done
-run=""
+run="" repo=""
 for arg in $(cat /proc/cmdline); do
-  case $arg in ms.run=*) run=${arg#ms.run=} ;; esac
+  case $arg in ms.run=*) run=${arg#ms.run=} ;; ms.repo=*) repo=${arg#ms.repo=} ;; esac
 done
 status=1
 if [ -n "$run" ]; then
@@ -31,6 +31,12 @@ if [ -n "$run" ]; then
   mount -t 9p -o trans=virtio,version=9p2000.L results /newroot/tmp/results || {
     echo "init: cannot mount the host's root or the results share"; echo "ms-exit: 1"; poweroff -f; }
   mkdir -p /newroot/dev/shm && mount -t tmpfs shm /newroot/dev/shm
+  # A checkout under /tmp is hidden by the fresh /tmp: mount its own share there.
+  case $repo in /tmp/*)
+    mkdir -p "/newroot$repo" &&
+    mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose repo "/newroot$repo" ||
+      echo "init: cannot mount the checkout at $repo" ;;
+  esac
   chroot /newroot /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/root /bin/bash "$run" /tmp/results
   status=$?

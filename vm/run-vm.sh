@@ -41,9 +41,14 @@ boot() {
 }
 
 if [ "$arch" = x86_64 ]; then
-  append="console=ttyS0 panic=-1 quiet no_timer_check ms.run=$script"
+  # The guest mounts a fresh tmpfs on /tmp, which would hide a checkout under /tmp (as
+  # CI's clean clone may be): the checkout (this directory) is shared on its own as well,
+  # and init mounts it at the same path when it lies there.
+  repo=$(pwd)
+  append="console=ttyS0 panic=-1 quiet no_timer_check ms.run=$script ms.repo=$repo"
   common=(qemu-system-x86_64 -append "$append"
-    -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap")
+    -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
+    -virtfs "local,path=$repo,mount_tag=repo,security_model=none,readonly=on,multidevs=remap")
   # PVM (kvm_pvm, a KVM that runs guests without hardware virtualization, as nested
   # cloud machines offer) boots only guest kernels built for it: Debian's stop in its
   # instruction emulator ("KVM internal error ... emulation failure"), or hang silently.
