@@ -413,7 +413,7 @@ soak:
 # they are filtered out by name; a new syscall test in these modules needs
 # #[cfg_attr(miri, ignore)].
 MIRI_TESTS := engine::ranges engine::free engine::dirty engine::delta engine::granule engine::eager engine::tests \
-  sys::linux::maps sys::linux::threads::tests::syscall_file_formats \
+  sys::linux::maps sys::linux::threads::tests::syscall_file_formats sys::linux::threads::tests::stat_flags_parse \
   sys::linux::threads::tests::decimal_names sys::mach_exc sys::mach_regions sys::mach_serve \
   sys::mach_image \
   mem::pool::tests::page_state_bits \

@@ -120,6 +120,58 @@ pub fn in_exit_syscall(text: &[u8]) -> bool {
     nr.and_then(parse_decimal) == Some(libc::SYS_exit as u64)
 }
 
+/// `/proc/self/task/TID/LEAF` (`leaf` NUL-terminated) into `path`; returns its length.
+fn task_path(tid: u64, leaf: &[u8], path: &mut [u8; 64]) -> usize {
+    let prefix = b"/proc/self/task/";
+    path[..prefix.len()].copy_from_slice(prefix);
+    let mut p = prefix.len();
+    let mut digits = [0u8; 20];
+    let mut d = digits.len();
+    let mut v = tid;
+    loop {
+        d -= 1;
+        digits[d] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for part in [&digits[d..], b"/", leaf] {
+        path[p..p + part.len()].copy_from_slice(part);
+        p += part.len();
+    }
+    p
+}
+
+/// The kernel's flags word of a task, from its `stat` text: the 9th field, the 7th
+/// after the parenthesized command name (which may itself hold spaces and parentheses).
+pub fn stat_flags(text: &[u8]) -> Option<u64> {
+    let close = text.iter().rposition(|&c| c == b')')?;
+    text[close + 1..]
+        .split(|&c| c == b' ')
+        .filter(|f| !f.is_empty())
+        .nth(6)
+        .and_then(parse_decimal)
+}
+
+/// The kernel sets `PF_EXITING` as a task enters `do_exit`.
+const PF_EXITING: u64 = 0x4;
+
+/// Whether thread `tid` is inside `do_exit` (its `stat` flags carry `PF_EXITING`).
+fn task_exiting(tid: u64) -> bool {
+    let mut path = [0u8; 64];
+    let p = task_path(tid, b"stat\0", &mut path);
+    let mut text = [0u8; 512];
+    let Ok(fd) = raw::check(raw::open(&path[..p], 0)) else {
+        return false;
+    };
+    let got = raw::check(raw::read(fd as i32, &mut text));
+    raw::close(fd as i32);
+    got.ok()
+        .and_then(|n| stat_flags(&text[..n]))
+        .is_some_and(|f| f & PF_EXITING != 0)
+}
+
 /// How often `for_each_thread_sp` reads a thread that stays `running` again.
 const RUNNING_RETRIES: u32 = 50;
 /// How many 1 ms waits `for_each_thread_sp` gives a thread inside exit(2) to vanish.
@@ -145,24 +197,7 @@ fn for_each_task_file(
             return;
         }
         let mut path = [0u8; 64];
-        let prefix = b"/proc/self/task/";
-        path[..prefix.len()].copy_from_slice(prefix);
-        let mut p = prefix.len();
-        let mut digits = [0u8; 20];
-        let mut d = digits.len();
-        let mut v = tid;
-        loop {
-            d -= 1;
-            digits[d] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        for part in [&digits[d..], b"/", leaf] {
-            path[p..p + part.len()].copy_from_slice(part);
-            p += part.len();
-        }
+        let p = task_path(tid, leaf, &mut path);
         for _attempt in 0..=EXIT_WAITS {
             let got = match raw::check(raw::open(&path[..p], 0)) {
                 Ok(fd) => {
@@ -260,6 +295,14 @@ pub fn for_each_thread_sp(
         if sp.is_none() && attempts < RUNNING_RETRIES {
             return true;
         }
+        // Still `running`: a thread past the point where the kernel woke `pthread_join`
+        // (it cleared the tid word) runs on through do_exit, where its syscall file shows
+        // nothing but `running`. The kernel's PF_EXITING flag says so exactly: wait for
+        // it to vanish as above.
+        if sp.is_none() && attempts < EXIT_WAITS && task_exiting(tid) {
+            raw::sleep_ns(1_000_000);
+            return true;
+        }
         f(tid, sp.unwrap_or(0));
         attempts = 0;
         false
@@ -316,6 +359,18 @@ fn thread_cpu_clock(tid: u64) -> libc::clockid_t {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_flags_parse() {
+        // A command name with spaces and a parenthesis; flags 0x404044 (PF_EXITING set).
+        let exiting = b"4242 (a b) c) R 1 4240 4240 0 -1 4212804 0 0 0 0 1 2 0 0 20 0 1 0\n";
+        assert_eq!(stat_flags(exiting), Some(4212804));
+        assert_ne!(stat_flags(exiting).unwrap() & PF_EXITING, 0);
+        let live = b"4243 (worker) S 1 4240 4240 0 -1 4210752 0 0 0 0\n";
+        assert_eq!(stat_flags(live).map(|f| f & PF_EXITING), Some(0));
+        assert_eq!(stat_flags(b"4244 (x"), None);
+        assert_eq!(stat_flags(b"4245 (x) R 1 2"), None);
+    }
 
     #[test]
     fn syscall_file_formats() {
